@@ -1,0 +1,64 @@
+/* SPDX-License-Identifier: (LGPL-2.1 OR BSD-2-Clause) */
+/*
+ * The one definition of the record socktap's BPF program writes to its ring
+ * buffer. Rust reads it through the skeleton's generated `types` module; it is
+ * never mirrored by hand.
+ */
+#ifndef SOCKTAP_EVENT_H
+#define SOCKTAP_EVENT_H
+
+#define SOCKTAP_COMM_LEN 16
+
+/* socktap_event.kind */
+enum socktap_event_kind {
+	SOCKTAP_KIND_SEND = 1,
+	SOCKTAP_KIND_RECV = 2,
+};
+
+/* socktap_event.mode: which programs produced the event. */
+enum socktap_attach_mode {
+	SOCKTAP_MODE_FENTRY = 1,
+	SOCKTAP_MODE_KPROBE = 2,
+	SOCKTAP_MODE_TRACEPOINT = 3,
+};
+
+/*
+ * One send or receive call on a TCP socket. Fields are ordered largest first
+ * so the record has no padding holes; 104 bytes.
+ */
+struct socktap_event {
+	__u64 seq;          /* kernel sequence number, one per attempted event */
+	__u64 ts_ns;        /* bpf_ktime_get_ns(): CLOCK_MONOTONIC */
+	__u64 cookie;       /* bpf_get_socket_cookie(sk), == SO_COOKIE */
+	__u64 cgroup_id;    /* cgroup v2 id of the calling task */
+	__u8 saddr[16];     /* local address: IPv4 in the first 4 bytes, or IPv6 */
+	__u8 daddr[16];     /* remote address, same layout */
+	__s32 ret;          /* the call's return value: bytes (>= 0) or -errno */
+	__u32 pid;          /* tgid */
+	__u32 tid;          /* kernel pid of the thread */
+	__u32 uid;
+	__u32 netns;        /* network namespace inode number */
+	__u32 cpu;
+	__u16 sport;        /* local port, host byte order */
+	__u16 dport;        /* remote port, host byte order */
+	__u16 family;       /* AF_INET or AF_INET6 */
+	__u8 kind;          /* enum socktap_event_kind */
+	__u8 mode;          /* enum socktap_attach_mode */
+	char comm[SOCKTAP_COMM_LEN];
+};
+
+/* The single entry of the `control` array map, written by userspace. */
+struct socktap_control {
+	/* 0: nobody wants events, write nothing; 1: emit events */
+	__u32 enabled;
+	/* wake the reader when this many ns have passed since the last wakeup */
+	__u32 wakeup_interval_ns;
+};
+
+/* The single entry of the `counters` array map. */
+struct socktap_counters {
+	__u64 next_seq;        /* events attempted so far (== next sequence number) */
+	__u64 last_wakeup_ns;  /* ts of the last forced ring-buffer wakeup */
+};
+
+#endif /* SOCKTAP_EVENT_H */

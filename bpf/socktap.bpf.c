@@ -1,0 +1,252 @@
+// SPDX-License-Identifier: (LGPL-2.1 OR BSD-2-Clause)
+/*
+ * socktap's kernel side: one event per TCP send/recv call, tagged with the
+ * socket cookie, written to a ring buffer.
+ *
+ * Three attach modes share one event builder; userspace loads the programs of
+ * exactly one mode (fentry, then kprobe, then tracepoint):
+ *   fentry:     fexit on tcp_sendmsg / tcp_recvmsg (BPF trampolines)
+ *   kprobe:     kprobe + kretprobe on the same functions
+ *   tracepoint: tp_btf sock_send_length / sock_recv_length, TCP only
+ */
+#include "kernel.h"
+#include <bpf/bpf_helpers.h>
+#include <bpf/bpf_tracing.h>
+#include <bpf/bpf_core_read.h>
+#include "event.h"
+
+char LICENSE[] SEC("license") = "Dual BSD/GPL";
+
+/* Makes the event record and its enums part of the object's BTF, so the
+ * skeleton's generated `types` module carries them for the Rust decoder. */
+struct socktap_event socktap_event_layout = {};
+enum socktap_event_kind socktap_kind_layout = SOCKTAP_KIND_SEND;
+enum socktap_attach_mode socktap_mode_layout = SOCKTAP_MODE_FENTRY;
+
+struct {
+	__uint(type, BPF_MAP_TYPE_RINGBUF);
+	__uint(max_entries, 4 * 1024 * 1024); /* resized by userspace before load */
+} events SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_ARRAY);
+	__uint(max_entries, 1);
+	__type(key, __u32);
+	__type(value, struct socktap_control);
+} control SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_ARRAY);
+	__uint(max_entries, 1);
+	__type(key, __u32);
+	__type(value, struct socktap_counters);
+} counters SEC(".maps");
+
+/* Ring buffer reservations that failed (ring full), per CPU. */
+struct {
+	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
+	__uint(max_entries, 1);
+	__type(key, __u32);
+	__type(value, __u64);
+} drops SEC(".maps");
+
+/* kprobe mode only: the socket and flags of a call in flight, by thread. */
+struct call_args {
+	struct sock *sk;
+	int flags;
+};
+
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, 16384);
+	__type(key, __u64);
+	__type(value, struct call_args);
+} inflight SEC(".maps");
+
+/* Set by userspace before load (kprobe mode): index of tcp_recvmsg's `flags`
+ * argument; 3 since Linux 5.19, 4 before (a `nonblock` argument preceded it). */
+const volatile int recvmsg_flags_arg = 3;
+
+static __always_inline bool is_tcp(struct sock *sk)
+{
+	__u16 family = BPF_CORE_READ(sk, __sk_common.skc_family);
+
+	if (family != AF_INET && family != AF_INET6)
+		return false;
+	return BPF_CORE_READ(sk, sk_protocol) == IPPROTO_TCP &&
+	       BPF_CORE_READ(sk, sk_type) == SOCK_STREAM;
+}
+
+static __always_inline void emit(struct sock *sk, int ret, __u8 kind, __u8 mode, __u64 cookie)
+{
+	__u32 zero = 0;
+	struct socktap_control *cfg = bpf_map_lookup_elem(&control, &zero);
+	struct socktap_counters *st;
+	struct socktap_event *e;
+	__u64 seq, now, flags = BPF_RB_NO_WAKEUP;
+
+	if (!cfg || !cfg->enabled)
+		return;
+	st = bpf_map_lookup_elem(&counters, &zero);
+	if (!st)
+		return;
+	seq = __sync_fetch_and_add(&st->next_seq, 1);
+
+	e = bpf_ringbuf_reserve(&events, sizeof(*e), 0);
+	if (!e) {
+		__u64 *d = bpf_map_lookup_elem(&drops, &zero);
+
+		if (d)
+			*d += 1; /* per-CPU slot: no other writer */
+		return;
+	}
+
+	now = bpf_ktime_get_ns();
+	e->seq = seq;
+	e->ts_ns = now;
+	e->cookie = cookie;
+	e->cgroup_id = bpf_get_current_cgroup_id();
+	e->ret = ret;
+	__u64 pid_tgid = bpf_get_current_pid_tgid();
+	e->pid = pid_tgid >> 32;
+	e->tid = (__u32)pid_tgid;
+	e->uid = (__u32)bpf_get_current_uid_gid();
+	e->netns = BPF_CORE_READ(sk, __sk_common.skc_net.net, ns.inum);
+	e->cpu = bpf_get_smp_processor_id();
+	e->sport = BPF_CORE_READ(sk, __sk_common.skc_num);
+	e->dport = __builtin_bswap16(BPF_CORE_READ(sk, __sk_common.skc_dport));
+	e->family = BPF_CORE_READ(sk, __sk_common.skc_family);
+	e->kind = kind;
+	e->mode = mode;
+	bpf_get_current_comm(e->comm, sizeof(e->comm));
+	if (e->family == AF_INET) {
+		__builtin_memset(e->saddr, 0, sizeof(e->saddr));
+		__builtin_memset(e->daddr, 0, sizeof(e->daddr));
+		BPF_CORE_READ_INTO((__u32 *)e->saddr, sk, __sk_common.skc_rcv_saddr);
+		BPF_CORE_READ_INTO((__u32 *)e->daddr, sk, __sk_common.skc_daddr);
+	} else if (bpf_core_field_exists(sk->__sk_common.skc_v6_daddr)) {
+		bpf_core_read(e->saddr, sizeof(e->saddr), &sk->__sk_common.skc_v6_rcv_saddr);
+		bpf_core_read(e->daddr, sizeof(e->daddr), &sk->__sk_common.skc_v6_daddr);
+	} else {
+		__builtin_memset(e->saddr, 0, sizeof(e->saddr));
+		__builtin_memset(e->daddr, 0, sizeof(e->daddr));
+	}
+
+	/*
+	 * Batched wakeups: wake the reader at most once per wakeup interval.
+	 * At low rates every event wakes it (low latency); at high rates the
+	 * reader is woken a bounded number of times per second and drains
+	 * many events per wakeup, and its timed poll picks up the tail.
+	 */
+	if (now - st->last_wakeup_ns >= cfg->wakeup_interval_ns) {
+		st->last_wakeup_ns = now;
+		flags = BPF_RB_FORCE_WAKEUP;
+	}
+	bpf_ringbuf_submit(e, flags);
+}
+
+/* ---- fentry mode ---- */
+
+SEC("fexit/tcp_sendmsg")
+int BPF_PROG(st_fexit_send, struct sock *sk)
+{
+	__u64 ret = 0;
+
+	bpf_get_func_ret(ctx, &ret);
+	emit(sk, (int)ret, SOCKTAP_KIND_SEND, SOCKTAP_MODE_FENTRY, bpf_get_socket_cookie(sk));
+	return 0;
+}
+
+SEC("fexit/tcp_recvmsg")
+int BPF_PROG(st_fexit_recv, struct sock *sk)
+{
+	__u64 ret = 0, flags = 0;
+
+	/* tcp_recvmsg(sk, msg, len, [nonblock,] flags, addr_len) */
+	bpf_get_func_arg(ctx, bpf_get_func_arg_cnt(ctx) == 6 ? 4 : 3, &flags);
+	if (flags & MSG_PEEK)
+		return 0;
+	bpf_get_func_ret(ctx, &ret);
+	emit(sk, (int)ret, SOCKTAP_KIND_RECV, SOCKTAP_MODE_FENTRY, bpf_get_socket_cookie(sk));
+	return 0;
+}
+
+/* ---- kprobe mode ---- */
+
+static __always_inline int remember(struct sock *sk, int flags)
+{
+	__u64 id = bpf_get_current_pid_tgid();
+	struct call_args args = { .sk = sk, .flags = flags };
+
+	bpf_map_update_elem(&inflight, &id, &args, BPF_ANY);
+	return 0;
+}
+
+static __always_inline int finish(int ret, __u8 kind)
+{
+	__u64 id = bpf_get_current_pid_tgid();
+	struct call_args *args = bpf_map_lookup_elem(&inflight, &id);
+	struct sock *sk;
+
+	if (!args)
+		return 0;
+	sk = args->sk;
+	if (!(args->flags & MSG_PEEK)) {
+		/* kprobe programs may not call bpf_get_socket_cookie(): read the
+		 * cookie the socket holds. It is 0 until something (SO_COOKIE,
+		 * sock_diag, a BPF program) has asked for it. */
+		__u64 cookie = BPF_CORE_READ(sk, __sk_common.skc_cookie.counter);
+
+		emit(sk, ret, kind, SOCKTAP_MODE_KPROBE, cookie);
+	}
+	bpf_map_delete_elem(&inflight, &id);
+	return 0;
+}
+
+SEC("kprobe/tcp_sendmsg")
+int BPF_KPROBE(st_kp_send, struct sock *sk)
+{
+	return remember(sk, 0);
+}
+
+SEC("kretprobe/tcp_sendmsg")
+int BPF_KRETPROBE(st_kret_send, int ret)
+{
+	return finish(ret, SOCKTAP_KIND_SEND);
+}
+
+SEC("kprobe/tcp_recvmsg")
+int BPF_KPROBE(st_kp_recv, struct sock *sk)
+{
+	/* Load both candidate registers as fixed ctx offsets: the verifier
+	 * refuses a ctx access through a computed offset. */
+	long parm4 = PT_REGS_PARM4(ctx), parm5 = PT_REGS_PARM5(ctx);
+
+	barrier_var(parm4);
+	barrier_var(parm5);
+	return remember(sk, (int)(recvmsg_flags_arg == 4 ? parm5 : parm4));
+}
+
+SEC("kretprobe/tcp_recvmsg")
+int BPF_KRETPROBE(st_kret_recv, int ret)
+{
+	return finish(ret, SOCKTAP_KIND_RECV);
+}
+
+/* ---- tracepoint mode ---- */
+
+SEC("tp_btf/sock_send_length")
+int BPF_PROG(st_tp_send, struct sock *sk, int ret, int flags)
+{
+	if (is_tcp(sk))
+		emit(sk, ret, SOCKTAP_KIND_SEND, SOCKTAP_MODE_TRACEPOINT, bpf_get_socket_cookie(sk));
+	return 0;
+}
+
+SEC("tp_btf/sock_recv_length")
+int BPF_PROG(st_tp_recv, struct sock *sk, int ret, int flags)
+{
+	if (!(flags & MSG_PEEK) && is_tcp(sk))
+		emit(sk, ret, SOCKTAP_KIND_RECV, SOCKTAP_MODE_TRACEPOINT, bpf_get_socket_cookie(sk));
+	return 0;
+}

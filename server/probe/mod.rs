@@ -1,0 +1,416 @@
+//! The kernel probe: loads socktap's BPF programs in the best attach mode
+//! the kernel accepts, and delivers decoded events to Rust code on a channel.
+//!
+//! The ring buffer is read on a thread of its own, which owns the BPF
+//! objects; dropping the [`Probe`] stops that thread and detaches and
+//! unloads every program and map.
+
+mod error;
+mod loader;
+mod reader;
+pub mod skel;
+
+use std::fmt;
+use std::mem::MaybeUninit;
+use std::os::fd::{AsFd, FromRawFd, OwnedFd};
+use std::str::FromStr;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Once};
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+use libbpf_rs::skel::Skel;
+use libbpf_rs::{MapCore, MapFlags, MapHandle, PrintLevel};
+use tokio::sync::mpsc;
+
+pub use error::{errno_name, ModeRefusal, ProbeError, Stage};
+pub use loader::kernel_release;
+
+use crate::event::{AttachMode, Event};
+use skel::types;
+
+/// Which attach mode to use.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub enum ModeRequest {
+    /// Try fentry, then kprobe, then tracepoint; use the first that works.
+    #[default]
+    Auto,
+    /// Use this mode or fail.
+    Only(AttachMode),
+}
+
+impl FromStr for ModeRequest {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "auto" => Ok(ModeRequest::Auto),
+            "fentry" => Ok(ModeRequest::Only(AttachMode::Fentry)),
+            "kprobe" => Ok(ModeRequest::Only(AttachMode::Kprobe)),
+            "tracepoint" => Ok(ModeRequest::Only(AttachMode::Tracepoint)),
+            other => Err(format!(
+                "unknown attach mode {other:?}: expected auto, fentry, kprobe or tracepoint"
+            )),
+        }
+    }
+}
+
+impl fmt::Display for ModeRequest {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            ModeRequest::Auto => f.write_str("auto"),
+            ModeRequest::Only(m) => m.fmt(f),
+        }
+    }
+}
+
+/// How to start the probe.
+#[derive(Clone, Debug)]
+pub struct ProbeOptions {
+    /// Attach mode; `auto` by default.
+    pub mode: ModeRequest,
+    /// Kernel ring buffer size in bytes: a power of two, at least one page.
+    pub ring_buffer_bytes: u32,
+    /// The kernel wakes the reader at most once per this interval; events
+    /// in between are picked up by the same wakeup or the next timed poll.
+    pub wakeup_interval: Duration,
+    /// How long the reader waits for a wakeup before draining anyway.
+    pub poll_interval: Duration,
+    /// Capacity, in batches, of the channel to the consumer. When it is
+    /// full the reader waits and the kernel ring absorbs, then drops.
+    pub channel_batches: usize,
+    /// Whether events flow from the start (see [`ProbeControl::set_enabled`]).
+    pub enabled: bool,
+    /// Turn on the kernel's BPF run-time statistics (BPF_ENABLE_STATS) while
+    /// the probe lives. Costs two clock reads per program run.
+    pub bpf_stats: bool,
+}
+
+impl Default for ProbeOptions {
+    fn default() -> Self {
+        ProbeOptions {
+            mode: ModeRequest::Auto,
+            ring_buffer_bytes: 8 << 20,
+            wakeup_interval: Duration::from_micros(50),
+            poll_interval: Duration::from_millis(1),
+            channel_batches: 256,
+            enabled: true,
+            bpf_stats: false,
+        }
+    }
+}
+
+impl ProbeOptions {
+    fn validate(&self) -> Result<(), ProbeError> {
+        let page = page_size();
+        let rb = self.ring_buffer_bytes;
+        if !rb.is_power_of_two() || rb < page {
+            return Err(ProbeError::InvalidOption {
+                option: "ring_buffer_bytes",
+                reason: format!("{rb} is not a power of two of at least the page size ({page})"),
+            });
+        }
+        if self.channel_batches == 0 {
+            return Err(ProbeError::InvalidOption {
+                option: "channel_batches",
+                reason: "must be at least 1".into(),
+            });
+        }
+        if self.wakeup_interval.as_nanos() > u32::MAX as u128 {
+            return Err(ProbeError::InvalidOption {
+                option: "wakeup_interval",
+                reason: "must be below 4.29 s".into(),
+            });
+        }
+        Ok(())
+    }
+}
+
+fn page_size() -> u32 {
+    // SAFETY: sysconf has no preconditions.
+    let v = unsafe { libc::sysconf(libc::_SC_PAGESIZE) };
+    if v > 0 {
+        v as u32
+    } else {
+        4096
+    }
+}
+
+/// A chunk of events read in one pass over the ring buffer, in sequence order.
+#[derive(Debug, Default, Clone)]
+pub struct Batch {
+    /// The decoded events.
+    pub events: Vec<Event>,
+    /// Events the kernel dropped (ring buffer full) since the previous batch.
+    pub kernel_drops: u64,
+}
+
+/// Counters shared between the reader thread and everyone else.
+#[derive(Default, Debug)]
+pub(crate) struct Shared {
+    stop: AtomicBool,
+    enabled: AtomicBool,
+    events_read: AtomicU64,
+    kernel_drops: AtomicU64,
+    decode_errors: AtomicU64,
+}
+
+/// A snapshot of the probe's counters.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ProbeCounters {
+    /// Events the kernel tried to emit (the next sequence number).
+    pub produced: u64,
+    /// Events read from the ring buffer and decoded.
+    pub events_read: u64,
+    /// Events the kernel dropped because the ring buffer was full.
+    pub kernel_drops: u64,
+    /// Records that could not be decoded (never expected).
+    pub decode_errors: u64,
+}
+
+/// Run statistics of one loaded BPF program.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ProgramStats {
+    /// The program's name.
+    pub name: String,
+    /// The kernel's program id.
+    pub id: u32,
+    /// Total run time in ns (0 unless BPF stats are enabled).
+    pub run_time_ns: u64,
+    /// Number of runs (0 unless BPF stats are enabled).
+    pub run_count: u64,
+}
+
+/// A cloneable handle to a running probe's controls and counters, for use
+/// from other threads (the hub keeps one to gate the kernel side).
+#[derive(Clone)]
+pub struct ProbeControl {
+    control: Arc<MapHandle>,
+    counters: Arc<MapHandle>,
+    shared: Arc<Shared>,
+    wakeup_interval_ns: u32,
+    program_ids: Arc<[u32]>,
+}
+
+impl fmt::Debug for ProbeControl {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("ProbeControl")
+            .field("program_ids", &self.program_ids)
+            .finish_non_exhaustive()
+    }
+}
+
+impl ProbeControl {
+    /// Opens or closes the gate in the kernel: while closed, the programs
+    /// return before writing anything to the ring buffer.
+    pub fn set_enabled(&self, enabled: bool) -> Result<(), ProbeError> {
+        let value = types::socktap_control {
+            enabled: enabled.into(),
+            wakeup_interval_ns: self.wakeup_interval_ns,
+        };
+        // SAFETY: socktap_control is Plain (see skel.rs): no padding.
+        let bytes = unsafe { plain::as_bytes(&value) };
+        self.control
+            .update(&0u32.to_ne_bytes(), bytes, MapFlags::ANY)
+            .map_err(|e| ProbeError::Setup(format!("updating the control map: {e:#}")))?;
+        self.shared.enabled.store(enabled, Ordering::Relaxed);
+        Ok(())
+    }
+
+    /// Whether the kernel side currently emits events.
+    pub fn is_enabled(&self) -> bool {
+        self.shared.enabled.load(Ordering::Relaxed)
+    }
+
+    /// The probe's counters now.
+    pub fn counters(&self) -> ProbeCounters {
+        let mut c = types::socktap_counters::default();
+        if let Ok(Some(bytes)) = self.counters.lookup(&0u32.to_ne_bytes(), MapFlags::ANY) {
+            let _ = plain::copy_from_bytes(&mut c, &bytes);
+        }
+        ProbeCounters {
+            produced: c.next_seq,
+            events_read: self.shared.events_read.load(Ordering::Relaxed),
+            kernel_drops: self.shared.kernel_drops.load(Ordering::Relaxed),
+            decode_errors: self.shared.decode_errors.load(Ordering::Relaxed),
+        }
+    }
+
+    /// The kernel's run statistics for the probe's programs.
+    pub fn program_stats(&self) -> Vec<ProgramStats> {
+        libbpf_rs::query::ProgInfoIter::default()
+            .filter(|p| self.program_ids.contains(&p.id))
+            .map(|p| ProgramStats {
+                name: p.name.to_string_lossy().into_owned(),
+                id: p.id,
+                run_time_ns: p.run_time_ns,
+                run_count: p.run_cnt,
+            })
+            .collect()
+    }
+
+    /// The kernel ids of the loaded programs.
+    pub fn program_ids(&self) -> &[u32] {
+        &self.program_ids
+    }
+}
+
+/// The running probe. Dropping it detaches and unloads everything.
+pub struct Probe {
+    mode: AttachMode,
+    refused: Vec<ModeRefusal>,
+    control: ProbeControl,
+    receiver: Option<mpsc::Receiver<Batch>>,
+    thread: Option<JoinHandle<()>>,
+    _stats: Option<OwnedFd>,
+}
+
+struct Started {
+    mode: AttachMode,
+    refused: Vec<ModeRefusal>,
+    control: ProbeControl,
+}
+
+impl Probe {
+    /// Loads and attaches the programs and starts the reader thread.
+    pub fn start(opts: ProbeOptions) -> Result<Probe, ProbeError> {
+        route_libbpf_logs();
+        opts.validate()?;
+        loader::preflight()?;
+        let stats = if opts.bpf_stats { enable_bpf_stats() } else { None };
+
+        let shared = Arc::new(Shared::default());
+        let (tx, rx) = mpsc::channel(opts.channel_batches);
+        let (ready_tx, ready_rx) = std::sync::mpsc::sync_channel::<Result<Started, ProbeError>>(1);
+        let thread_shared = shared.clone();
+        let thread = std::thread::Builder::new()
+            .name("socktap-reader".into())
+            .spawn(move || {
+                let mut storage = [const { MaybeUninit::uninit() }; 3];
+                let loaded = match loader::load(&opts, &mut storage) {
+                    Ok(l) => l,
+                    Err(e) => {
+                        let _ = ready_tx.send(Err(e));
+                        return;
+                    }
+                };
+                let started = control_of(&loaded.skel, &thread_shared, &opts).and_then(|control| {
+                    control.set_enabled(opts.enabled)?;
+                    Ok(Started {
+                        mode: loaded.mode,
+                        refused: loaded.refused,
+                        control,
+                    })
+                });
+                let ok = started.is_ok();
+                let _ = ready_tx.send(started);
+                if ok {
+                    reader::run(&loaded.skel, &thread_shared, tx, opts.poll_interval);
+                }
+            })
+            .map_err(|e| ProbeError::Setup(format!("spawning the reader thread: {e}")))?;
+
+        let started = ready_rx
+            .recv()
+            .map_err(|_| ProbeError::Setup("the reader thread died while loading".into()))?;
+        match started {
+            Ok(s) => Ok(Probe {
+                mode: s.mode,
+                refused: s.refused,
+                control: s.control,
+                receiver: Some(rx),
+                thread: Some(thread),
+                _stats: stats,
+            }),
+            Err(e) => {
+                let _ = thread.join();
+                Err(e)
+            }
+        }
+    }
+
+    /// The attach mode in use.
+    pub fn mode(&self) -> AttachMode {
+        self.mode
+    }
+
+    /// The modes tried before the one in use, and why each was refused.
+    pub fn refused_modes(&self) -> &[ModeRefusal] {
+        &self.refused
+    }
+
+    /// Takes the channel the batches arrive on (once).
+    pub fn take_receiver(&mut self) -> Option<mpsc::Receiver<Batch>> {
+        self.receiver.take()
+    }
+
+    /// A cloneable handle to the probe's gate and counters.
+    pub fn control(&self) -> &ProbeControl {
+        &self.control
+    }
+
+    /// The probe's counters now.
+    pub fn counters(&self) -> ProbeCounters {
+        self.control.counters()
+    }
+}
+
+impl Drop for Probe {
+    fn drop(&mut self) {
+        self.control.shared.stop.store(true, Ordering::Release);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+fn control_of(
+    skel: &skel::SocktapSkel<'_>,
+    shared: &Arc<Shared>,
+    opts: &ProbeOptions,
+) -> Result<ProbeControl, ProbeError> {
+    let handle = |m: &libbpf_rs::MapMut<'_>, what: &str| {
+        MapHandle::try_from(m).map_err(|e| ProbeError::Setup(format!("duplicating the {what} map: {e:#}")))
+    };
+    let program_ids = skel
+        .object()
+        .progs()
+        .filter(|p| p.autoload())
+        .filter_map(|p| libbpf_rs::Program::id_from_fd(p.as_fd()).ok())
+        .collect::<Vec<_>>();
+    Ok(ProbeControl {
+        control: Arc::new(handle(&skel.maps.control, "control")?),
+        counters: Arc::new(handle(&skel.maps.counters, "counters")?),
+        shared: shared.clone(),
+        wakeup_interval_ns: opts.wakeup_interval.as_nanos() as u32,
+        program_ids: program_ids.into(),
+    })
+}
+
+fn enable_bpf_stats() -> Option<OwnedFd> {
+    // SAFETY: plain FFI call; it returns a new fd we own, or a negative error.
+    let fd = unsafe { libbpf_rs::libbpf_sys::bpf_enable_stats(libbpf_rs::libbpf_sys::BPF_STATS_RUN_TIME) };
+    if fd < 0 {
+        tracing::warn!(
+            "BPF_ENABLE_STATS failed ({}); program run times stay 0",
+            std::io::Error::from_raw_os_error(-fd)
+        );
+        return None;
+    }
+    // SAFETY: `fd` is a fresh descriptor returned by the kernel to us alone.
+    Some(unsafe { OwnedFd::from_raw_fd(fd) })
+}
+
+/// Sends libbpf's own messages to `tracing` (target `libbpf`).
+fn route_libbpf_logs() {
+    static ONCE: Once = Once::new();
+    ONCE.call_once(|| {
+        libbpf_rs::set_print(Some((PrintLevel::Debug, |level, msg| {
+            let msg = msg.trim_end();
+            match level {
+                PrintLevel::Warn => tracing::warn!(target: "libbpf", "{msg}"),
+                PrintLevel::Info => tracing::info!(target: "libbpf", "{msg}"),
+                PrintLevel::Debug => tracing::debug!(target: "libbpf", "{msg}"),
+            }
+        })));
+    });
+}

@@ -1,0 +1,126 @@
+//! The ring buffer reader: runs on its own thread, owns the skeleton (and so
+//! the attached programs), and hands decoded batches to the consumer.
+
+use std::cell::RefCell;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::Duration;
+
+use libbpf_rs::{MapCore, MapFlags, RingBufferBuilder};
+use tokio::sync::mpsc::error::TrySendError;
+use tokio::sync::mpsc::Sender;
+use tracing::{debug, warn};
+
+use super::skel::SocktapSkel;
+use super::{Batch, Shared};
+use crate::event::Event;
+
+/// How long the reader sleeps between polls while the gate is closed and
+/// nothing can arrive.
+const IDLE_POLL: Duration = Duration::from_millis(200);
+/// How long to wait before retrying a hand-off to a full consumer channel.
+const BACKOFF: Duration = Duration::from_micros(200);
+
+/// Reads until `shared.stop` is set. Returns when the skeleton may be dropped.
+pub(crate) fn run(skel: &SocktapSkel<'_>, shared: &Arc<Shared>, tx: Sender<Batch>, poll: Duration) {
+    let pending: RefCell<Vec<Event>> = RefCell::new(Vec::with_capacity(4096));
+    let mut builder = RingBufferBuilder::new();
+    let added = builder.add(&skel.maps.events, |data: &[u8]| {
+        match Event::decode(data) {
+            Ok(e) => pending.borrow_mut().push(e),
+            Err(e) => {
+                shared.decode_errors.fetch_add(1, Ordering::Relaxed);
+                warn!("dropping undecodable ring buffer record: {e}");
+            }
+        }
+        0
+    });
+    let ring = match added.map(|_| ()).and_then(|()| builder.build()) {
+        Ok(r) => r,
+        Err(e) => {
+            warn!("cannot read the ring buffer: {e:#}");
+            return;
+        }
+    };
+
+    let mut drops_seen = 0u64;
+    let mut consumer_gone = false;
+    while !shared.stop.load(Ordering::Acquire) {
+        let timeout = if shared.enabled.load(Ordering::Relaxed) {
+            poll
+        } else {
+            IDLE_POLL
+        };
+        if let Err(e) = ring.poll(timeout) {
+            if e.kind() != libbpf_rs::ErrorKind::Interrupted {
+                warn!("ring buffer poll failed: {e:#}");
+            }
+        }
+        // Wakeups are batched in the kernel, so records may be waiting
+        // without having woken us: always drain after the timed poll.
+        if let Err(e) = ring.consume() {
+            warn!("ring buffer consume failed: {e:#}");
+        }
+
+        let drops_total = read_drops(skel);
+        let new_drops = drops_total.saturating_sub(drops_seen);
+        drops_seen = drops_total;
+        shared.kernel_drops.store(drops_total, Ordering::Relaxed);
+
+        let mut events = std::mem::take(&mut *pending.borrow_mut());
+        if events.is_empty() && new_drops == 0 {
+            continue;
+        }
+        // Records from different CPUs can be committed slightly out of
+        // order; hand them on in sequence order (cheap: nearly sorted).
+        events.sort_by_key(|e| e.seq);
+        shared.events_read.fetch_add(events.len() as u64, Ordering::Relaxed);
+        if consumer_gone {
+            continue;
+        }
+        let mut batch = Batch {
+            events,
+            kernel_drops: new_drops,
+        };
+        loop {
+            match tx.try_send(batch) {
+                Ok(()) => break,
+                Err(TrySendError::Closed(_)) => {
+                    debug!("probe consumer went away; discarding events from now on");
+                    consumer_gone = true;
+                    break;
+                }
+                Err(TrySendError::Full(b)) => {
+                    // The consumer is behind: wait for it. Meanwhile the
+                    // kernel ring fills, and what it cannot hold is counted
+                    // there as drops.
+                    if shared.stop.load(Ordering::Acquire) {
+                        break;
+                    }
+                    batch = b;
+                    std::thread::sleep(BACKOFF);
+                }
+            }
+        }
+        pending.borrow_mut().reserve(4096);
+    }
+}
+
+fn read_drops(skel: &SocktapSkel<'_>) -> u64 {
+    match skel.maps.drops.lookup_percpu(&0u32.to_ne_bytes(), MapFlags::ANY) {
+        Ok(Some(per_cpu)) => per_cpu.iter().map(|v| u64_of(v)).sum(),
+        Ok(None) => 0,
+        Err(e) => {
+            warn!("reading the drop counter failed: {e:#}");
+            0
+        }
+    }
+}
+
+pub(crate) fn u64_of(bytes: &[u8]) -> u64 {
+    bytes
+        .get(..8)
+        .and_then(|b| b.try_into().ok())
+        .map(u64::from_ne_bytes)
+        .unwrap_or(0)
+}

@@ -1,0 +1,161 @@
+//! Helpers shared by the privileged tests: capability gating, socket
+//! introspection (SO_COOKIE, tcp_info) and event collection.
+#![allow(dead_code)]
+
+use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr, TcpListener, TcpStream};
+use std::os::fd::AsRawFd;
+use std::time::{Duration, Instant};
+
+use socktap::event::Event;
+use socktap::probe::{Batch, ModeRequest, Probe, ProbeOptions};
+use tokio::sync::mpsc::Receiver;
+
+/// True when this process may load BPF tracing programs. Outside CI a
+/// missing capability skips the test with a printed reason; under CI=true it
+/// fails it, since CI runs as root.
+pub fn bpf_available(test: &str) -> bool {
+    init_logging();
+    let reason = if !std::path::Path::new("/sys/kernel/btf/vmlinux").exists() {
+        Some("no kernel BTF at /sys/kernel/btf/vmlinux")
+    } else if !has_bpf_caps() {
+        Some("needs root or CAP_BPF+CAP_PERFMON")
+    } else {
+        None
+    };
+    match reason {
+        None => true,
+        Some(r) if std::env::var("CI").as_deref() == Ok("true") => {
+            panic!("{test}: {r}, and CI=true: privileged tests must run in CI")
+        }
+        Some(r) => {
+            eprintln!("SKIPPED {test}: {r}");
+            false
+        }
+    }
+}
+
+fn has_bpf_caps() -> bool {
+    let eff = std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find_map(|l| l.strip_prefix("CapEff:"))
+                .and_then(|v| u64::from_str_radix(v.trim(), 16).ok())
+        })
+        .unwrap_or(0);
+    let has = |c: u32| eff & (1 << c) != 0;
+    has(21) || (has(38) && has(39))
+}
+
+/// The attach mode under test: `SOCKTAP_TEST_MODE` (the VM harness forces
+/// each mode through it), `auto` otherwise.
+pub fn test_mode() -> ModeRequest {
+    std::env::var("SOCKTAP_TEST_MODE")
+        .ok()
+        .map(|m| m.parse().expect("SOCKTAP_TEST_MODE"))
+        .unwrap_or(ModeRequest::Auto)
+}
+
+/// Starts a probe in the mode under test.
+pub fn start_probe(opts: ProbeOptions) -> Probe {
+    let opts = ProbeOptions {
+        mode: test_mode(),
+        ..opts
+    };
+    Probe::start(opts).unwrap_or_else(|e| panic!("probe failed to start: {e}"))
+}
+
+/// `getsockopt(SO_COOKIE)`.
+pub fn so_cookie(s: &impl AsRawFd) -> u64 {
+    let mut cookie = 0u64;
+    let mut len = std::mem::size_of::<u64>() as libc::socklen_t;
+    // SAFETY: FFI; the pointers reference live locals of the sizes given.
+    let rc = unsafe {
+        libc::getsockopt(
+            s.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_COOKIE,
+            (&mut cookie as *mut u64).cast(),
+            &mut len,
+        )
+    };
+    assert_eq!(rc, 0, "SO_COOKIE: {}", std::io::Error::last_os_error());
+    cookie
+}
+
+/// `getsockopt(TCP_INFO)`.
+pub fn tcp_info(s: &impl AsRawFd) -> libc::tcp_info {
+    // SAFETY: tcp_info is plain old data; all zeroes is a valid value.
+    let mut info: libc::tcp_info = unsafe { std::mem::zeroed() };
+    let mut len = std::mem::size_of::<libc::tcp_info>() as libc::socklen_t;
+    // SAFETY: FFI; the pointers reference live locals of the sizes given.
+    let rc = unsafe {
+        libc::getsockopt(
+            s.as_raw_fd(),
+            libc::IPPROTO_TCP,
+            libc::TCP_INFO,
+            (&mut info as *mut libc::tcp_info).cast(),
+            &mut len,
+        )
+    };
+    assert_eq!(rc, 0, "TCP_INFO: {}", std::io::Error::last_os_error());
+    info
+}
+
+/// A connected loopback pair: (client, server).
+pub fn tcp_pair(v6: bool) -> (TcpStream, TcpStream) {
+    let addr: SocketAddr = if v6 {
+        (Ipv6Addr::LOCALHOST, 0).into()
+    } else {
+        (Ipv4Addr::LOCALHOST, 0).into()
+    };
+    let listener = TcpListener::bind(addr).expect("bind loopback");
+    let client = TcpStream::connect(listener.local_addr().unwrap()).expect("connect");
+    let (server, _) = listener.accept().expect("accept");
+    (client, server)
+}
+
+/// The calling thread's kernel tid.
+pub fn gettid() -> u32 {
+    // SAFETY: gettid has no preconditions.
+    unsafe { libc::gettid() as u32 }
+}
+
+/// Gathers events matching `keep` from the probe's channel until `done`
+/// says so or `timeout` passes, then keeps draining for `settle` so that
+/// any surplus event would be seen too.
+pub fn collect(
+    rx: &mut Receiver<Batch>,
+    keep: impl Fn(&Event) -> bool,
+    done: impl Fn(&[Event]) -> bool,
+    timeout: Duration,
+    settle: Duration,
+) -> Vec<Event> {
+    let mut out = Vec::new();
+    let deadline = Instant::now() + timeout;
+    let mut settle_until: Option<Instant> = None;
+    loop {
+        match rx.try_recv() {
+            Ok(batch) => out.extend(batch.events.into_iter().filter(|e| keep(e))),
+            Err(tokio::sync::mpsc::error::TryRecvError::Empty) => std::thread::sleep(Duration::from_millis(1)),
+            Err(e) => panic!("probe channel: {e}"),
+        }
+        let now = Instant::now();
+        match settle_until {
+            Some(t) if now >= t => return out,
+            Some(_) => {}
+            None if done(&out) => settle_until = Some(now + settle),
+            None if now >= deadline => return out,
+            None => {}
+        }
+    }
+}
+
+/// Routes `tracing` (and so libbpf's messages) to the test output, filtered
+/// by RUST_LOG.
+pub fn init_logging() {
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
+        .with_test_writer()
+        .try_init();
+}

@@ -1,0 +1,322 @@
+//! The probe against the real kernel: cookies, bytes, identity, errors,
+//! socket types, overflow accounting. Needs root (CI is root).
+
+mod common;
+
+use std::collections::HashSet;
+use std::io::{ErrorKind, Read, Write};
+use std::net::{TcpStream, UdpSocket};
+use std::os::unix::net::{UnixDatagram, UnixStream};
+use std::time::Duration;
+
+use common::*;
+use socktap::event::{Event, EventKind};
+use socktap::probe::ProbeOptions;
+
+const WAIT: Duration = Duration::from_secs(10);
+const SETTLE: Duration = Duration::from_millis(100);
+
+fn sum(events: &[Event], cookie: u64, kind: EventKind) -> u64 {
+    events
+        .iter()
+        .filter(|e| e.cookie == cookie && e.kind == kind)
+        .map(|e| e.bytes as u64)
+        .sum()
+}
+
+struct Side {
+    cookie: u64,
+    local: std::net::SocketAddr,
+    peer: std::net::SocketAddr,
+    sent: u64,
+    read: u64,
+    bytes_acked: u64,
+    bytes_received: u64,
+}
+
+fn side(s: &TcpStream, sent: u64, read: u64) -> Side {
+    Side {
+        cookie: so_cookie(s),
+        local: s.local_addr().unwrap(),
+        peer: s.peer_addr().unwrap(),
+        sent,
+        read,
+        bytes_acked: 0,
+        bytes_received: 0,
+    }
+}
+
+/// Waits until the peer has acked everything this socket sent, then
+/// records tcp_info's byte counters.
+fn settle_tcp_info(s: &TcpStream, side: &mut Side) {
+    for _ in 0..1000 {
+        let info = tcp_info(s);
+        if info.tcpi_bytes_acked >= side.sent {
+            side.bytes_acked = info.tcpi_bytes_acked;
+            side.bytes_received = info.tcpi_bytes_received;
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(2));
+    }
+    panic!("peer never acked {} bytes", side.sent);
+}
+
+fn exchange_is_exact(v6: bool) {
+    let name = if v6 { "st-exch-v6" } else { "st-exch-v4" };
+    if !bpf_available(name) {
+        return;
+    }
+    let mut probe = start_probe(ProbeOptions::default());
+    let mut rx = probe.take_receiver().unwrap();
+    let sizes = [1usize, 17, 100, 1448, 4096, 65536, 3, 1_000_000];
+    let reply = 999usize;
+
+    let (client, server, tid) = std::thread::Builder::new()
+        .name(name.into())
+        .spawn(move || {
+            let (mut c, mut s) = tcp_pair(v6);
+            let total: usize = sizes.iter().sum();
+            let mut client = side(&c, total as u64, reply as u64);
+            let mut server = side(&s, reply as u64, total as u64);
+            for n in sizes {
+                c.write_all(&vec![7u8; n]).unwrap();
+                let mut buf = vec![0u8; n];
+                s.read_exact(&mut buf).unwrap();
+            }
+            s.write_all(&vec![1u8; reply]).unwrap();
+            let mut buf = vec![0u8; reply];
+            c.read_exact(&mut buf).unwrap();
+            settle_tcp_info(&c, &mut client);
+            settle_tcp_info(&s, &mut server);
+            (client, server, gettid())
+        })
+        .unwrap()
+        .join()
+        .unwrap();
+
+    let cookies = [client.cookie, server.cookie];
+    let events = collect(
+        &mut rx,
+        |e| cookies.contains(&e.cookie),
+        |ev| {
+            sum(ev, client.cookie, EventKind::Send) >= client.sent
+                && sum(ev, server.cookie, EventKind::Recv) >= server.read
+                && sum(ev, server.cookie, EventKind::Send) >= server.sent
+                && sum(ev, client.cookie, EventKind::Recv) >= client.read
+        },
+        WAIT,
+        SETTLE,
+    );
+    assert!(!events.is_empty(), "no event for cookies {cookies:?}");
+
+    for s in [&client, &server] {
+        assert_eq!(
+            sum(&events, s.cookie, EventKind::Send),
+            s.sent,
+            "send bytes of cookie {}",
+            s.cookie
+        );
+        assert_eq!(
+            sum(&events, s.cookie, EventKind::Recv),
+            s.read,
+            "recv bytes of cookie {}",
+            s.cookie
+        );
+        // The active opener's tcpi_bytes_acked also counts its SYN, which
+        // takes one sequence number; the passive side's is exactly the data.
+        let syn = u64::from(s.cookie == client.cookie);
+        assert_eq!(s.sent + syn, s.bytes_acked, "tcpi_bytes_acked of cookie {}", s.cookie);
+        assert_eq!(s.read, s.bytes_received, "tcpi_bytes_received of cookie {}", s.cookie);
+    }
+    for e in &events {
+        let s = if e.cookie == client.cookie { &client } else { &server };
+        assert_eq!(e.local, s.local, "local address (getsockname) of {e:?}");
+        assert_eq!(e.remote, s.peer, "remote address (getpeername) of {e:?}");
+        assert_eq!(e.pid, std::process::id(), "pid of {e:?}");
+        assert_eq!(e.tid, tid, "tid of {e:?}");
+        assert_eq!(e.comm.to_string(), name, "comm of {e:?}");
+        assert_eq!(e.errno, 0, "no failed call expected: {e:?}");
+        assert_eq!(e.mode, probe.mode());
+        assert!(e.timestamp_ns > 0 && e.cgroup_id > 0 && e.netns > 0, "{e:?}");
+    }
+    let seqs: HashSet<u64> = events.iter().map(|e| e.seq).collect();
+    assert_eq!(seqs.len(), events.len(), "sequence numbers are unique");
+}
+
+#[test]
+fn ipv4_cookies_bytes_and_identity_are_exact() {
+    exchange_is_exact(false);
+}
+
+#[test]
+fn ipv6_cookies_bytes_and_identity_are_exact() {
+    exchange_is_exact(true);
+}
+
+#[test]
+fn eagain_on_nonblocking_recv_is_an_error_event() {
+    if !bpf_available("eagain") {
+        return;
+    }
+    let mut probe = start_probe(ProbeOptions::default());
+    let mut rx = probe.take_receiver().unwrap();
+    let (_c, mut s) = tcp_pair(false);
+    let cookie = so_cookie(&s);
+    s.set_nonblocking(true).unwrap();
+    let err = s.read(&mut [0u8; 16]).unwrap_err();
+    assert_eq!(err.kind(), ErrorKind::WouldBlock);
+
+    let events = collect(&mut rx, |e| e.cookie == cookie, |ev| !ev.is_empty(), WAIT, SETTLE);
+    assert_eq!(events.len(), 1, "{events:?}");
+    let e = &events[0];
+    assert_eq!((e.kind, e.errno, e.bytes), (EventKind::Recv, libc::EAGAIN as u32, 0));
+    assert!(e.is_error());
+}
+
+#[test]
+fn udp_and_unix_sockets_produce_no_event() {
+    if !bpf_available("udp_unix") {
+        return;
+    }
+    let mut probe = start_probe(ProbeOptions::default());
+    let mut rx = probe.take_receiver().unwrap();
+    let (tid, fence) = std::thread::Builder::new()
+        .name("st-not-tcp".into())
+        .spawn(|| {
+            let a = UdpSocket::bind("127.0.0.1:0").unwrap();
+            let b = UdpSocket::bind("127.0.0.1:0").unwrap();
+            a.connect(b.local_addr().unwrap()).unwrap();
+            let mut buf = [0u8; 64];
+            for _ in 0..3 {
+                a.send(b"datagram").unwrap();
+                b.recv(&mut buf).unwrap();
+            }
+            let (mut u1, mut u2) = UnixStream::pair().unwrap();
+            u1.write_all(b"unix stream").unwrap();
+            u2.read_exact(&mut buf[..11]).unwrap();
+            let (d1, d2) = UnixDatagram::pair().unwrap();
+            d1.send(b"unix dgram").unwrap();
+            d2.recv(&mut buf).unwrap();
+            // The fence: TCP traffic from the same thread, after the rest.
+            let (mut c, mut s) = tcp_pair(false);
+            c.write_all(b"fence").unwrap();
+            s.read_exact(&mut buf[..5]).unwrap();
+            (gettid(), [so_cookie(&c), so_cookie(&s)])
+        })
+        .unwrap()
+        .join()
+        .unwrap();
+
+    let events = collect(
+        &mut rx,
+        |e| e.tid == tid,
+        |ev| ev.iter().any(|e| e.cookie == fence[1] && e.kind == EventKind::Recv),
+        WAIT,
+        SETTLE,
+    );
+    assert!(
+        events.iter().any(|e| e.cookie == fence[0]),
+        "the TCP fence was seen: {events:?}"
+    );
+    let strays: Vec<_> = events.iter().filter(|e| !fence.contains(&e.cookie)).collect();
+    assert!(strays.is_empty(), "non-TCP traffic produced events: {strays:?}");
+}
+
+#[test]
+fn ring_buffer_overflow_is_counted_exactly() {
+    if !bpf_available("overflow") {
+        return;
+    }
+    // One page of ring and a consumer that does not read: the kernel must
+    // drop, and count every drop.
+    let page = 4096;
+    let mut probe = start_probe(ProbeOptions {
+        ring_buffer_bytes: page,
+        channel_batches: 1,
+        ..Default::default()
+    });
+    let mut rx = probe.take_receiver().unwrap();
+    let (mut c, mut s) = tcp_pair(false);
+    let mut b = [0u8; 1];
+    for _ in 0..3000 {
+        c.write_all(&[1]).unwrap();
+        s.read_exact(&mut b).unwrap();
+    }
+    // Stop production, then let the consumer catch up.
+    probe.control().set_enabled(false).unwrap();
+    let mut seqs = HashSet::new();
+    let mut notified_drops = 0u64;
+    let mut idle = 0;
+    while idle < 200 {
+        match rx.try_recv() {
+            Ok(batch) => {
+                idle = 0;
+                notified_drops += batch.kernel_drops;
+                for e in batch.events {
+                    assert!(seqs.insert(e.seq), "sequence number {} delivered twice", e.seq);
+                }
+            }
+            Err(_) => {
+                idle += 1;
+                std::thread::sleep(Duration::from_millis(2));
+            }
+        }
+    }
+    let k = probe.counters();
+    let delivered = seqs.len() as u64;
+    assert!(
+        k.kernel_drops > 0,
+        "a one-page ring with a stalled consumer must overflow: {k:?}"
+    );
+    assert_eq!(
+        k.produced,
+        delivered + k.kernel_drops,
+        "produced == delivered + dropped: {k:?}"
+    );
+    assert_eq!(k.events_read, delivered, "{k:?}");
+    assert_eq!(notified_drops, k.kernel_drops, "every drop is reported in a batch");
+    let gaps = (0..k.produced).filter(|s| !seqs.contains(s)).count() as u64;
+    assert_eq!(gaps, k.kernel_drops, "sequence gaps equal the drop count");
+}
+
+#[test]
+fn ten_megabytes_lose_nothing_and_sum_exactly() {
+    if !bpf_available("ten_mb") {
+        return;
+    }
+    let mut probe = start_probe(ProbeOptions::default());
+    let mut rx = probe.take_receiver().unwrap();
+    const TOTAL: u64 = 10 * 1024 * 1024;
+    let (cc, sc) = std::thread::spawn(|| {
+        let (mut c, mut s) = tcp_pair(false);
+        let cookies = (so_cookie(&c), so_cookie(&s));
+        let reader = std::thread::spawn(move || {
+            let mut buf = vec![0u8; 65536];
+            let mut got = 0u64;
+            while got < TOTAL {
+                got += s.read(&mut buf).unwrap() as u64;
+            }
+        });
+        let chunk = vec![3u8; 65536];
+        let mut sent = 0u64;
+        while sent < TOTAL {
+            let n = (TOTAL - sent).min(chunk.len() as u64) as usize;
+            c.write_all(&chunk[..n]).unwrap();
+            sent += n as u64;
+        }
+        reader.join().unwrap();
+        cookies
+    })
+    .join()
+    .unwrap();
+    let events = collect(
+        &mut rx,
+        |e| e.cookie == cc || e.cookie == sc,
+        |ev| sum(ev, cc, EventKind::Send) >= TOTAL && sum(ev, sc, EventKind::Recv) >= TOTAL,
+        WAIT,
+        SETTLE,
+    );
+    assert_eq!(sum(&events, cc, EventKind::Send), TOTAL);
+    assert_eq!(sum(&events, sc, EventKind::Recv), TOTAL);
+    assert_eq!(probe.counters().kernel_drops, 0, "nothing dropped");
+}

@@ -1,0 +1,167 @@
+//! Attach-mode selection, startup errors and clean detach, against the real
+//! kernel. These tests load and unload programs, so they run one at a time.
+
+mod common;
+
+use std::collections::HashSet;
+use std::sync::Mutex;
+
+use common::*;
+use libbpf_rs::query::{LinkInfoIter, ProgInfoIter};
+use socktap::event::AttachMode;
+use socktap::probe::{ModeRequest, Probe, ProbeError, ProbeOptions};
+
+static SERIAL: Mutex<()> = Mutex::new(());
+
+fn our_programs() -> HashSet<u32> {
+    ProgInfoIter::default()
+        .filter(|p| p.name.to_string_lossy().starts_with("st_"))
+        .map(|p| p.id)
+        .collect()
+}
+
+fn links_to(ids: &HashSet<u32>) -> Vec<u32> {
+    LinkInfoIter::default()
+        .filter(|l| ids.contains(&l.prog_id))
+        .map(|l| l.id)
+        .collect()
+}
+
+#[test]
+fn auto_picks_the_first_mode_the_kernel_accepts_and_says_why() {
+    if !bpf_available("auto_mode") {
+        return;
+    }
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    // What each mode does when forced.
+    let forced: Vec<(AttachMode, Result<(), ProbeError>)> = AttachMode::ALL
+        .iter()
+        .map(|&m| {
+            (
+                m,
+                Probe::start(ProbeOptions {
+                    mode: ModeRequest::Only(m),
+                    ..Default::default()
+                })
+                .map(drop),
+            )
+        })
+        .collect();
+    for (m, r) in &forced {
+        eprintln!(
+            "{m}: {}",
+            r.as_ref().map(|_| "ok".to_owned()).unwrap_or_else(|e| e.to_string())
+        );
+    }
+    let first_ok = forced
+        .iter()
+        .find(|(_, r)| r.is_ok())
+        .map(|(m, _)| *m)
+        .expect("some mode works");
+
+    let probe = Probe::start(ProbeOptions::default()).expect("auto starts");
+    assert_eq!(
+        probe.mode(),
+        first_ok,
+        "auto takes the first mode that works when forced"
+    );
+    let refused: Vec<AttachMode> = probe.refused_modes().iter().map(|r| r.mode).collect();
+    let expected: Vec<AttachMode> = AttachMode::ALL.iter().copied().take_while(|&m| m != first_ok).collect();
+    assert_eq!(refused, expected, "auto reports every mode it passed over");
+    for r in probe.refused_modes() {
+        assert!(r.errno.is_some(), "a refusal carries the kernel's errno: {r}");
+        assert!(r.to_string().contains("hint: "), "{r}");
+    }
+    // On the CI host the kernel is known: fentry EPERM, no kprobes.
+    if let Ok(want) = std::env::var("SOCKTAP_EXPECT_AUTO_MODE") {
+        assert_eq!(probe.mode().as_str(), want, "SOCKTAP_EXPECT_AUTO_MODE");
+        if want == "tracepoint" {
+            assert_eq!(
+                probe.refused_modes()[0].errno,
+                Some(libc::EPERM),
+                "fentry is refused with EPERM here"
+            );
+        }
+    }
+}
+
+#[test]
+fn a_forced_unavailable_mode_is_a_clear_error() {
+    if !bpf_available("forced_mode_error") {
+        return;
+    }
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let mut refused_any = false;
+    for m in AttachMode::ALL {
+        if let Err(e) = Probe::start(ProbeOptions {
+            mode: ModeRequest::Only(m),
+            ..Default::default()
+        }) {
+            refused_any = true;
+            let ProbeError::ModeUnavailable(r) = &e else {
+                panic!("unexpected error for {m}: {e}")
+            };
+            assert_eq!(r.mode, m);
+            let text = e.to_string();
+            assert!(text.starts_with(&format!("{m} mode: ")), "{text}");
+            assert!(
+                text.contains(" with E") && text.contains("hint: "),
+                "names errno and hint: {text}"
+            );
+        }
+    }
+    if std::env::var("SOCKTAP_EXPECT_AUTO_MODE").as_deref() == Ok("tracepoint") {
+        assert!(refused_any, "this kernel refuses fentry");
+    }
+}
+
+#[test]
+fn bad_options_are_rejected_before_loading() {
+    let e = Probe::start(ProbeOptions {
+        ring_buffer_bytes: 5000,
+        ..Default::default()
+    })
+    .err()
+    .expect("rejected");
+    assert!(e.to_string().contains("ring_buffer_bytes"), "{e}");
+    assert!("bogus".parse::<ModeRequest>().unwrap_err().contains("bogus"));
+}
+
+#[test]
+fn dropping_the_probe_leaves_no_program_or_link_behind() {
+    if !bpf_available("no_leaks") {
+        return;
+    }
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let before = our_programs();
+    let probe = start_probe(ProbeOptions::default());
+    let ids: HashSet<u32> = probe.control().program_ids().iter().copied().collect();
+    let per_mode = if probe.mode() == AttachMode::Kprobe { 4 } else { 2 };
+    assert_eq!(ids.len(), per_mode, "programs of {} mode: {ids:?}", probe.mode());
+    let live = our_programs();
+    assert!(ids.is_subset(&live), "loaded programs are listed by the kernel");
+    assert_eq!(links_to(&ids).len(), ids.len(), "each program is attached by one link");
+    drop(probe);
+    // The kernel frees programs after an RCU grace period, from a workqueue.
+    let mut after = our_programs();
+    for _ in 0..500 {
+        if ids.is_disjoint(&after) {
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(10));
+        after = our_programs();
+    }
+    assert!(
+        ids.is_disjoint(&after),
+        "programs still loaded after drop: {:?}",
+        ids.intersection(&after).collect::<Vec<_>>()
+    );
+    assert!(links_to(&ids).is_empty(), "links left after drop");
+    // `before` may still list programs of an earlier test that the kernel
+    // had not freed yet; nothing may have been added to it.
+    assert!(
+        after.is_subset(&before),
+        "new socktap programs remain: {:?}",
+        after.difference(&before).collect::<Vec<_>>()
+    );
+}
