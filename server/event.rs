@@ -85,8 +85,9 @@ impl fmt::Display for Comm {
     }
 }
 
-/// One send or receive call on a TCP socket.
-#[derive(Clone, Debug, PartialEq, Eq)]
+/// One send or receive call on a TCP socket. Plain data (`Copy`), so the hub
+/// can queue it per subscriber without allocating.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Event {
     /// Kernel sequence number: one per event the kernel tried to emit, so a
     /// gap means events were lost (ring buffer full).
@@ -217,6 +218,53 @@ impl Event {
     /// True when the call failed.
     pub fn is_error(&self) -> bool {
         self.errno != 0
+    }
+}
+
+/// CLOCK_MONOTONIC now, in ns: the clock of [`Event::timestamp_ns`].
+pub fn monotonic_now_ns() -> u64 {
+    clock_ns(libc::CLOCK_MONOTONIC)
+}
+
+fn clock_ns(clock: libc::clockid_t) -> u64 {
+    let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
+    // SAFETY: FFI; `ts` is a live, writable timespec.
+    unsafe { libc::clock_gettime(clock, &mut ts) };
+    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
+}
+
+/// Converts kernel monotonic timestamps to wall-clock time, with the offset
+/// between the two clocks taken once, when it is created.
+#[derive(Clone, Copy, Debug)]
+pub struct WallClock {
+    realtime_minus_monotonic_ns: i128,
+}
+
+impl Default for WallClock {
+    fn default() -> Self {
+        Self::now()
+    }
+}
+
+impl WallClock {
+    /// Takes the current offset between CLOCK_REALTIME and CLOCK_MONOTONIC.
+    pub fn now() -> Self {
+        let mono = clock_ns(libc::CLOCK_MONOTONIC) as i128;
+        let real = clock_ns(libc::CLOCK_REALTIME) as i128;
+        WallClock {
+            realtime_minus_monotonic_ns: real - mono,
+        }
+    }
+
+    /// Wall-clock nanoseconds since the Unix epoch of a monotonic timestamp.
+    pub fn unix_ns(&self, monotonic_ns: u64) -> i128 {
+        monotonic_ns as i128 + self.realtime_minus_monotonic_ns
+    }
+
+    /// The monotonic timestamp of a wall-clock time (ns since the epoch),
+    /// saturating at 0.
+    pub fn monotonic_ns(&self, unix_ns: i128) -> u64 {
+        (unix_ns - self.realtime_minus_monotonic_ns).clamp(0, u64::MAX as i128) as u64
     }
 }
 

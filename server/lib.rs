@@ -16,5 +16,8 @@
 //! }
 //! ```
 
+pub mod daemon;
 pub mod event;
+pub mod hub;
 pub mod probe;
+pub mod service;

@@ -5,7 +5,7 @@ use std::mem::MaybeUninit;
 
 use libbpf_rs::skel::{OpenSkel, Skel, SkelBuilder};
 use libbpf_rs::OpenObject;
-use tracing::{info, warn};
+use tracing::debug;
 
 use super::error::{errno_of, ModeRefusal, ProbeError, Stage};
 use super::skel::{OpenSocktapSkel, SocktapSkel, SocktapSkelBuilder};
@@ -62,14 +62,11 @@ pub(crate) fn load<'obj>(
     for (mode, slot) in modes.into_iter().zip(storage.iter_mut()) {
         match try_mode(mode, opts, slot) {
             Ok(skel) => {
-                for r in &refused {
-                    info!("{r}");
-                }
-                info!(mode = %mode, "attached");
+                debug!(mode = %mode, "attached");
                 return Ok(Loaded { skel, mode, refused });
             }
             Err(r) => {
-                warn!(mode = %mode, "refused: {r} ({})", r.detail);
+                debug!(mode = %mode, "refused: {r} ({})", r.detail);
                 refused.push(r);
             }
         }

@@ -159,3 +159,60 @@ pub fn init_logging() {
         .with_test_writer()
         .try_init();
 }
+
+/// A socktapd served in-process on an ephemeral loopback port.
+pub struct TestDaemon {
+    pub url: String,
+    pub hub: socktap::hub::Hub,
+    shutdown: Option<tokio::sync::oneshot::Sender<()>>,
+    served: Option<tokio::task::JoinHandle<Result<(), socktap::daemon::ServeError>>>,
+}
+
+impl TestDaemon {
+    pub async fn start(hub: socktap::hub::Hub) -> TestDaemon {
+        use socktap::daemon::{serve, ListenAddr, Listener};
+        init_logging();
+        let listener = Listener::bind(&ListenAddr::Tcp("127.0.0.1:0".parse().unwrap()))
+            .await
+            .unwrap();
+        let url = format!("http://{}", listener.local_addr());
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        let served = tokio::spawn(serve(hub.clone(), listener, async {
+            let _ = rx.await;
+        }));
+        TestDaemon {
+            url,
+            hub,
+            shutdown: Some(tx),
+            served: Some(served),
+        }
+    }
+
+    pub async fn client(&self) -> socktap_proto::v1::socktap_client::SocktapClient<tonic::transport::Channel> {
+        socktap_proto::v1::socktap_client::SocktapClient::connect(self.url.clone())
+            .await
+            .expect("connect")
+    }
+
+    /// Triggers shutdown and waits for the server to finish.
+    pub async fn stop(mut self) {
+        let _ = self.shutdown.take().unwrap().send(());
+        let served = self.served.take().unwrap();
+        tokio::time::timeout(Duration::from_secs(10), served)
+            .await
+            .expect("server stops within 10 s")
+            .unwrap()
+            .expect("serve returns Ok");
+    }
+}
+
+/// Receives the next message of a stream, failing after 10 s.
+pub async fn next_msg(
+    stream: &mut tonic::Streaming<socktap_proto::v1::WatchEventsResponse>,
+) -> Option<socktap_proto::v1::watch_events_response::Message> {
+    tokio::time::timeout(Duration::from_secs(10), stream.message())
+        .await
+        .expect("a message within 10 s")
+        .expect("stream ok")
+        .map(|m| m.message.expect("message set"))
+}

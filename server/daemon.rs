@@ -1,0 +1,172 @@
+//! socktapd's serving side: the listener (loopback TCP or a unix socket),
+//! the Socktap service, gRPC health and server reflection (v1 and v1alpha),
+//! and graceful shutdown.
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::str::FromStr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use socktap_proto::v1::socktap_server::SocktapServer;
+use tokio::net::{TcpListener, UnixListener};
+use tokio::sync::Notify;
+use tokio_stream::wrappers::{TcpListenerStream, UnixListenerStream};
+use tonic::transport::Server;
+use tonic_health::ServingStatus;
+use tracing::{info, warn};
+
+use crate::hub::Hub;
+use crate::service::SocktapService;
+
+/// Where socktapd listens.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum ListenAddr {
+    /// A TCP address, e.g. 127.0.0.1:50051.
+    Tcp(SocketAddr),
+    /// A unix socket path (`unix:/run/socktap.sock`).
+    Unix(PathBuf),
+}
+
+impl FromStr for ListenAddr {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        if let Some(path) = s.strip_prefix("unix:") {
+            if path.is_empty() {
+                return Err("unix: needs a path, e.g. unix:/run/socktap.sock".into());
+            }
+            return Ok(ListenAddr::Unix(path.into()));
+        }
+        s.parse()
+            .map(ListenAddr::Tcp)
+            .map_err(|_| format!("{s:?} is neither host:port (e.g. 127.0.0.1:50051) nor unix:/path"))
+    }
+}
+
+impl std::fmt::Display for ListenAddr {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            ListenAddr::Tcp(a) => a.fmt(f),
+            ListenAddr::Unix(p) => write!(f, "unix:{}", p.display()),
+        }
+    }
+}
+
+/// A bound listener, ready to serve.
+pub enum Listener {
+    /// TCP.
+    Tcp(TcpListener),
+    /// A unix socket, removed again when served out.
+    Unix(UnixListener, PathBuf),
+}
+
+impl Listener {
+    /// Binds `addr`. A stale unix socket file is replaced.
+    pub async fn bind(addr: &ListenAddr) -> std::io::Result<Listener> {
+        match addr {
+            ListenAddr::Tcp(a) => Ok(Listener::Tcp(TcpListener::bind(a).await?)),
+            ListenAddr::Unix(p) => {
+                if std::fs::symlink_metadata(p).is_ok_and(|m| {
+                    use std::os::unix::fs::FileTypeExt;
+                    m.file_type().is_socket()
+                }) {
+                    std::fs::remove_file(p)?;
+                }
+                Ok(Listener::Unix(UnixListener::bind(p)?, p.clone()))
+            }
+        }
+    }
+
+    /// The address actually bound (the port chosen for :0).
+    pub fn local_addr(&self) -> ListenAddr {
+        match self {
+            Listener::Tcp(l) => l
+                .local_addr()
+                .map(ListenAddr::Tcp)
+                .unwrap_or(ListenAddr::Tcp(([0, 0, 0, 0], 0).into())),
+            Listener::Unix(_, p) => ListenAddr::Unix(p.clone()),
+        }
+    }
+}
+
+/// Why serving failed.
+#[derive(Debug, thiserror::Error)]
+pub enum ServeError {
+    /// Building the reflection service failed.
+    #[error("building the reflection service: {0}")]
+    Reflection(#[from] tonic_reflection::server::Error),
+    /// The transport failed.
+    #[error("serving gRPC: {0}")]
+    Transport(#[from] tonic::transport::Error),
+}
+
+/// How long shutdown waits for clients to close their connections (a health
+/// Watch stream, for one, never ends by itself) before dropping them.
+pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(2);
+
+/// Serves the API on `listener` until `shutdown` completes. Then health
+/// turns NOT_SERVING, every event stream ends (status OK) and the server
+/// drains for at most [`SHUTDOWN_GRACE`].
+pub async fn serve(hub: Hub, listener: Listener, shutdown: impl Future<Output = ()>) -> Result<(), ServeError> {
+    let (health, health_service) = tonic_health::server::health_reporter();
+    health.set_serving::<SocktapServer<SocktapService>>().await;
+    health.set_service_status("", ServingStatus::Serving).await;
+    let reflection_v1 = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(socktap_proto::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        .build_v1()?;
+    let reflection_v1alpha = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(socktap_proto::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        .build_v1alpha()?;
+
+    let router = Server::builder()
+        .add_service(health_service)
+        .add_service(reflection_v1)
+        .add_service(reflection_v1alpha)
+        .add_service(SocktapServer::new(SocktapService::new(hub.clone())));
+
+    let hub_for_shutdown = hub.clone();
+    let triggered = Arc::new(Notify::new());
+    let trigger = triggered.clone();
+    let on_shutdown = async move {
+        shutdown.await;
+        trigger.notify_one();
+        info!("shutting down: ending streams");
+        health.set_not_serving::<SocktapServer<SocktapService>>().await;
+        health.set_service_status("", ServingStatus::NotServing).await;
+        hub_for_shutdown.shutdown();
+    };
+    let grace_expired = async move {
+        triggered.notified().await;
+        tokio::time::sleep(SHUTDOWN_GRACE).await;
+        warn!("clients still connected after {SHUTDOWN_GRACE:?}: closing their connections");
+    };
+    let (served, unix_path) = match listener {
+        Listener::Tcp(l) => {
+            info!(addr = %l.local_addr().map(|a| a.to_string()).unwrap_or_default(), "serving");
+            let serving = router.serve_with_incoming_shutdown(TcpListenerStream::new(l), on_shutdown);
+            (with_grace(serving, grace_expired).await, None)
+        }
+        Listener::Unix(l, path) => {
+            info!(path = %path.display(), "serving");
+            let serving = router.serve_with_incoming_shutdown(UnixListenerStream::new(l), on_shutdown);
+            (with_grace(serving, grace_expired).await, Some(path))
+        }
+    };
+    if let Some(p) = unix_path {
+        let _ = std::fs::remove_file(p);
+    }
+    Ok(served?)
+}
+
+async fn with_grace<T: Default>(
+    serving: impl Future<Output = Result<T, tonic::transport::Error>>,
+    grace_expired: impl Future<Output = ()>,
+) -> Result<T, tonic::transport::Error> {
+    tokio::select! {
+        r = serving => r,
+        _ = grace_expired => Ok(T::default()),
+    }
+}

@@ -1,0 +1,475 @@
+//! Compiles the API's allow/deny filters into a matcher, validating them on
+//! the way. Matching is OR between filters, AND between the fields of one
+//! filter, OR within a field's values; deny wins.
+
+use std::net::IpAddr;
+
+use ipnet::IpNet;
+use socktap_proto::v1 as pb;
+
+use crate::event::{Event, EventKind};
+
+/// Limits on a filter request.
+#[derive(Clone, Copy, Debug)]
+pub struct FilterLimits {
+    /// Filters per allow or deny list.
+    pub max_filters: usize,
+    /// Values per field of one filter.
+    pub max_values: usize,
+}
+
+impl Default for FilterLimits {
+    fn default() -> Self {
+        FilterLimits {
+            max_filters: 64,
+            max_values: 1024,
+        }
+    }
+}
+
+/// A request field that failed validation.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{field}: {reason}")]
+pub struct FieldError {
+    /// The field's path in the request, e.g. `allow[0].remote_cidrs[1]`.
+    pub field: String,
+    /// What is wrong with it.
+    pub reason: String,
+}
+
+impl FieldError {
+    pub(crate) fn new(field: impl Into<String>, reason: impl Into<String>) -> Self {
+        FieldError {
+            field: field.into(),
+            reason: reason.into(),
+        }
+    }
+}
+
+/// A small set with binary-search lookups; empty means "any".
+#[derive(Clone, Debug, Default)]
+struct AnyOf<T: Ord>(Vec<T>);
+
+impl<T: Ord + Copy> AnyOf<T> {
+    fn new(mut v: Vec<T>) -> Self {
+        v.sort_unstable();
+        v.dedup();
+        AnyOf(v)
+    }
+    fn admits(&self, x: T) -> bool {
+        self.0.is_empty() || self.0.binary_search(&x).is_ok()
+    }
+}
+
+/// One compiled `EventFilter`.
+#[derive(Clone, Debug, Default)]
+struct Compiled {
+    cookies: AnyOf<u64>,
+    pids: AnyOf<u32>,
+    uids: AnyOf<u32>,
+    cgroup_ids: AnyOf<u64>,
+    local_ports: AnyOf<u16>,
+    remote_ports: AnyOf<u16>,
+    /// 4 or 6.
+    families: AnyOf<u8>,
+    kinds: AnyOf<u8>,
+    comms: Vec<Vec<u8>>,
+    comm_prefixes: Vec<Vec<u8>>,
+    remote_nets: Vec<IpNet>,
+    errors_only: bool,
+}
+
+impl Compiled {
+    fn matches(&self, e: &Event) -> bool {
+        self.cookies.admits(e.cookie)
+            && self.pids.admits(e.pid)
+            && self.uids.admits(e.uid)
+            && self.cgroup_ids.admits(e.cgroup_id)
+            && self.local_ports.admits(e.local.port())
+            && self.remote_ports.admits(e.remote.port())
+            && self.families.admits(if e.remote.is_ipv4() { 4 } else { 6 })
+            && self.kinds.admits(kind_code(e.kind))
+            && (!self.errors_only || e.is_error())
+            && (self.comms.is_empty() || self.comms.iter().any(|c| c == e.comm.as_bytes()))
+            && (self.comm_prefixes.is_empty() || self.comm_prefixes.iter().any(|p| e.comm.as_bytes().starts_with(p)))
+            && (self.remote_nets.is_empty() || self.remote_nets.iter().any(|n| n.contains(&e.remote.ip())))
+    }
+}
+
+fn kind_code(k: EventKind) -> u8 {
+    match k {
+        EventKind::Send => 1,
+        EventKind::Recv => 2,
+    }
+}
+
+/// The compiled allow and deny lists of one subscriber.
+#[derive(Clone, Debug, Default)]
+pub struct Selector {
+    allow: Vec<Compiled>,
+    deny: Vec<Compiled>,
+}
+
+impl Selector {
+    /// Validates and compiles a request's filters.
+    pub fn compile(
+        allow: &[pb::EventFilter],
+        deny: &[pb::EventFilter],
+        limits: FilterLimits,
+    ) -> Result<Self, FieldError> {
+        Ok(Selector {
+            allow: compile_list("allow", allow, limits)?,
+            deny: compile_list("deny", deny, limits)?,
+        })
+    }
+
+    /// True when the event should be delivered.
+    pub fn matches(&self, e: &Event) -> bool {
+        (self.allow.is_empty() || self.allow.iter().any(|f| f.matches(e))) && !self.deny.iter().any(|f| f.matches(e))
+    }
+}
+
+fn compile_list(name: &str, list: &[pb::EventFilter], limits: FilterLimits) -> Result<Vec<Compiled>, FieldError> {
+    if list.len() > limits.max_filters {
+        return Err(FieldError::new(
+            name,
+            format!(
+                "{} filters is more than the limit of {}",
+                list.len(),
+                limits.max_filters
+            ),
+        ));
+    }
+    list.iter()
+        .enumerate()
+        .map(|(i, f)| compile_one(&format!("{name}[{i}]"), f, limits))
+        .collect()
+}
+
+fn compile_one(path: &str, f: &pb::EventFilter, limits: FilterLimits) -> Result<Compiled, FieldError> {
+    let field = |name: &str| format!("{path}.{name}");
+    let check_len = |name: &str, len: usize| {
+        if len > limits.max_values {
+            Err(FieldError::new(
+                field(name),
+                format!("{len} values is more than the limit of {}", limits.max_values),
+            ))
+        } else {
+            Ok(())
+        }
+    };
+    check_len("cookies", f.cookies.len())?;
+    check_len("pids", f.pids.len())?;
+    check_len("comms", f.comms.len())?;
+    check_len("comm_prefixes", f.comm_prefixes.len())?;
+    check_len("uids", f.uids.len())?;
+    check_len("cgroup_ids", f.cgroup_ids.len())?;
+    check_len("local_ports", f.local_ports.len())?;
+    check_len("remote_ports", f.remote_ports.len())?;
+    check_len("remote_cidrs", f.remote_cidrs.len())?;
+    check_len("families", f.families.len())?;
+    check_len("kinds", f.kinds.len())?;
+
+    let ports = |name: &str, v: &[u32]| -> Result<AnyOf<u16>, FieldError> {
+        v.iter()
+            .enumerate()
+            .map(|(i, &p)| match u16::try_from(p) {
+                Ok(p) if p != 0 => Ok(p),
+                _ => Err(FieldError::new(
+                    format!("{}[{i}]", field(name)),
+                    format!("{p} is not a port (1-65535)"),
+                )),
+            })
+            .collect::<Result<Vec<_>, _>>()
+            .map(AnyOf::new)
+    };
+    let comms = |name: &str, v: &[String], exact: bool| -> Result<Vec<Vec<u8>>, FieldError> {
+        v.iter()
+            .enumerate()
+            .map(|(i, c)| {
+                if c.is_empty() || c.len() > 15 || c.contains('\0') {
+                    let what = if exact { "a thread name" } else { "a thread name prefix" };
+                    Err(FieldError::new(
+                        format!("{}[{i}]", field(name)),
+                        format!("{c:?} is not {what} (1-15 bytes)"),
+                    ))
+                } else {
+                    Ok(c.as_bytes().to_vec())
+                }
+            })
+            .collect()
+    };
+    let remote_nets = f
+        .remote_cidrs
+        .iter()
+        .enumerate()
+        .map(|(i, c)| parse_cidr(c).map_err(|r| FieldError::new(format!("{}[{i}]", field("remote_cidrs")), r)))
+        .collect::<Result<Vec<_>, _>>()?;
+    let families = f
+        .families
+        .iter()
+        .enumerate()
+        .map(|(i, &v)| match pb::AddressFamily::try_from(v) {
+            Ok(pb::AddressFamily::Ipv4) => Ok(4),
+            Ok(pb::AddressFamily::Ipv6) => Ok(6),
+            _ => Err(FieldError::new(
+                format!("{}[{i}]", field("families")),
+                format!("{v} is not an address family (IPV4 or IPV6)"),
+            )),
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+    let kinds = f
+        .kinds
+        .iter()
+        .enumerate()
+        .map(|(i, &v)| match pb::EventKind::try_from(v) {
+            Ok(pb::EventKind::Send) => Ok(1),
+            Ok(pb::EventKind::Recv) => Ok(2),
+            _ => Err(FieldError::new(
+                format!("{}[{i}]", field("kinds")),
+                format!("{v} is not an event kind (SEND or RECV)"),
+            )),
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+
+    Ok(Compiled {
+        cookies: AnyOf::new(f.cookies.clone()),
+        pids: AnyOf::new(f.pids.clone()),
+        uids: AnyOf::new(f.uids.clone()),
+        cgroup_ids: AnyOf::new(f.cgroup_ids.clone()),
+        local_ports: ports("local_ports", &f.local_ports)?,
+        remote_ports: ports("remote_ports", &f.remote_ports)?,
+        families: AnyOf::new(families),
+        kinds: AnyOf::new(kinds),
+        comms: comms("comms", &f.comms, true)?,
+        comm_prefixes: comms("comm_prefixes", &f.comm_prefixes, false)?,
+        remote_nets,
+        errors_only: f.errors_only,
+    })
+}
+
+/// Parses "10.0.0.0/8", "fd00::/8" or a bare address (a single host).
+pub fn parse_cidr(s: &str) -> Result<IpNet, String> {
+    if let Ok(net) = s.parse::<IpNet>() {
+        return Ok(net.trunc());
+    }
+    s.parse::<IpAddr>()
+        .map(IpNet::from)
+        .map_err(|_| format!("{s:?} is not a CIDR (e.g. 10.0.0.0/8, fd00::/8) or an IP address"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::event::{AttachMode, Comm};
+
+    pub(crate) fn ev(cookie: u64, pid: u32, comm: &str, remote: &str, kind: EventKind, errno: u32) -> Event {
+        Event {
+            seq: 0,
+            timestamp_ns: 1,
+            cookie,
+            kind,
+            bytes: if errno == 0 { 10 } else { 0 },
+            errno,
+            pid,
+            tid: pid,
+            uid: 1000,
+            cgroup_id: 7,
+            netns: 1,
+            cpu: 0,
+            comm: Comm::from_kernel(comm.as_bytes()),
+            local: "127.0.0.1:4000".parse().unwrap(),
+            remote: remote.parse().unwrap(),
+            mode: AttachMode::Tracepoint,
+        }
+    }
+
+    fn sel(allow: Vec<pb::EventFilter>, deny: Vec<pb::EventFilter>) -> Selector {
+        Selector::compile(&allow, &deny, FilterLimits::default()).unwrap()
+    }
+
+    #[test]
+    fn empty_selector_matches_everything() {
+        assert!(sel(vec![], vec![]).matches(&ev(1, 1, "a", "10.0.0.1:80", EventKind::Send, 0)));
+    }
+
+    #[test]
+    fn and_within_a_filter_or_between_filters_deny_wins() {
+        let curl_to_443 = pb::EventFilter {
+            comms: vec!["curl".into()],
+            remote_ports: vec![443],
+            ..Default::default()
+        };
+        let pid_9 = pb::EventFilter {
+            pids: vec![9],
+            ..Default::default()
+        };
+        let s = sel(vec![curl_to_443, pid_9.clone()], vec![]);
+        assert!(s.matches(&ev(1, 1, "curl", "1.2.3.4:443", EventKind::Send, 0)));
+        assert!(
+            !s.matches(&ev(1, 1, "curl", "1.2.3.4:80", EventKind::Send, 0)),
+            "AND within a filter"
+        );
+        assert!(
+            s.matches(&ev(1, 9, "nginx", "1.2.3.4:80", EventKind::Send, 0)),
+            "OR between filters"
+        );
+        let s = sel(vec![], vec![pid_9]);
+        assert!(
+            !s.matches(&ev(1, 9, "x", "1.2.3.4:80", EventKind::Send, 0)),
+            "deny wins"
+        );
+        assert!(s.matches(&ev(1, 8, "x", "1.2.3.4:80", EventKind::Send, 0)));
+    }
+
+    #[test]
+    fn every_field_filters() {
+        let e = ev(42, 5, "postgres", "10.1.2.3:5432", EventKind::Recv, 11);
+        let cases: Vec<(pb::EventFilter, bool)> = vec![
+            (
+                pb::EventFilter {
+                    cookies: vec![42],
+                    ..Default::default()
+                },
+                true,
+            ),
+            (
+                pb::EventFilter {
+                    cookies: vec![43],
+                    ..Default::default()
+                },
+                false,
+            ),
+            (
+                pb::EventFilter {
+                    comm_prefixes: vec!["post".into()],
+                    ..Default::default()
+                },
+                true,
+            ),
+            (
+                pb::EventFilter {
+                    comms: vec!["post".into()],
+                    ..Default::default()
+                },
+                false,
+            ),
+            (
+                pb::EventFilter {
+                    uids: vec![1000],
+                    ..Default::default()
+                },
+                true,
+            ),
+            (
+                pb::EventFilter {
+                    cgroup_ids: vec![8],
+                    ..Default::default()
+                },
+                false,
+            ),
+            (
+                pb::EventFilter {
+                    local_ports: vec![4000],
+                    ..Default::default()
+                },
+                true,
+            ),
+            (
+                pb::EventFilter {
+                    remote_cidrs: vec!["10.0.0.0/8".into()],
+                    ..Default::default()
+                },
+                true,
+            ),
+            (
+                pb::EventFilter {
+                    remote_cidrs: vec!["fd00::/8".into()],
+                    ..Default::default()
+                },
+                false,
+            ),
+            (
+                pb::EventFilter {
+                    families: vec![pb::AddressFamily::Ipv6 as i32],
+                    ..Default::default()
+                },
+                false,
+            ),
+            (
+                pb::EventFilter {
+                    kinds: vec![pb::EventKind::Recv as i32],
+                    ..Default::default()
+                },
+                true,
+            ),
+            (
+                pb::EventFilter {
+                    errors_only: true,
+                    ..Default::default()
+                },
+                true,
+            ),
+        ];
+        for (f, want) in cases {
+            assert_eq!(sel(vec![f.clone()], vec![]).matches(&e), want, "{f:?}");
+        }
+        let ok = ev(42, 5, "postgres", "10.1.2.3:5432", EventKind::Recv, 0);
+        assert!(!sel(
+            vec![pb::EventFilter {
+                errors_only: true,
+                ..Default::default()
+            }],
+            vec![]
+        )
+        .matches(&ok));
+        let v6 = ev(1, 1, "a", "[fd00::1]:80", EventKind::Send, 0);
+        assert!(sel(
+            vec![pb::EventFilter {
+                remote_cidrs: vec!["fd00::/8".into()],
+                ..Default::default()
+            }],
+            vec![]
+        )
+        .matches(&v6));
+    }
+
+    #[test]
+    fn invalid_filters_name_the_field() {
+        let err = |allow: Vec<pb::EventFilter>| Selector::compile(&allow, &[], FilterLimits::default()).unwrap_err();
+        let cidr = pb::EventFilter {
+            remote_cidrs: vec!["10.0.0.0/8".into(), "10.0.0.0/33".into()],
+            ..Default::default()
+        };
+        assert_eq!(
+            err(vec![pb::EventFilter::default(), cidr]).field,
+            "allow[1].remote_cidrs[1]"
+        );
+        let port = pb::EventFilter {
+            remote_ports: vec![70000],
+            ..Default::default()
+        };
+        assert_eq!(err(vec![port]).field, "allow[0].remote_ports[0]");
+        let kind = pb::EventFilter {
+            kinds: vec![7],
+            ..Default::default()
+        };
+        assert_eq!(err(vec![kind]).field, "allow[0].kinds[0]");
+        let fam = pb::EventFilter {
+            families: vec![0],
+            ..Default::default()
+        };
+        assert_eq!(err(vec![fam]).field, "allow[0].families[0]");
+        let comm = pb::EventFilter {
+            comms: vec!["x".repeat(16)],
+            ..Default::default()
+        };
+        assert_eq!(err(vec![comm]).field, "allow[0].comms[0]");
+        let many = pb::EventFilter {
+            pids: (0..2000).collect(),
+            ..Default::default()
+        };
+        assert_eq!(err(vec![many]).field, "allow[0].pids");
+        assert_eq!(err(vec![pb::EventFilter::default(); 65]).field, "allow");
+    }
+}

@@ -1,0 +1,357 @@
+//! The hub: takes batches from one event source (the probe's reader thread,
+//! or a synthetic source in tests) and fans them out to any number of
+//! subscribers, each with its own filter and bounded queue. It never waits
+//! on a subscriber: a slow one loses events (counted, announced in its own
+//! stream) and costs the others nothing.
+//!
+//! It also keeps the recent history for replay and resume, and keeps the
+//! kernel gate closed while nobody wants events.
+
+pub mod filter;
+pub mod subscriber;
+
+use std::collections::VecDeque;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use socktap_proto::v1 as pb;
+use tokio::sync::mpsc;
+use tracing::{debug, warn};
+
+use crate::event::{monotonic_now_ns, AttachMode, Event, WallClock};
+use crate::probe::{Batch, ProbeControl};
+pub use filter::{FieldError, FilterLimits, Selector};
+pub use subscriber::{Item, Loss, LossSource, Subscriber, SubscriberCounters};
+
+/// Sizes and limits of the hub.
+#[derive(Clone, Copy, Debug)]
+pub struct HubConfig {
+    /// Events each subscriber may have waiting before it loses some.
+    pub queue_events: usize,
+    /// Events kept for replay and resume.
+    pub history_events: usize,
+    /// Concurrent subscribers.
+    pub max_subscribers: usize,
+    /// Keep the kernel gate open (and history filling) with no subscriber.
+    pub record_always: bool,
+    /// Limits on filters.
+    pub filter_limits: FilterLimits,
+}
+
+impl Default for HubConfig {
+    fn default() -> Self {
+        HubConfig {
+            queue_events: 65_536,
+            history_events: 65_536,
+            max_subscribers: 128,
+            record_always: false,
+            filter_limits: FilterLimits::default(),
+        }
+    }
+}
+
+/// Where the hub's events come from.
+#[derive(Clone, Debug, Default)]
+pub struct Source {
+    /// The attach mode, or None for a synthetic source.
+    pub mode: Option<AttachMode>,
+    /// Modes refused before the one in use, with the reasons.
+    pub refused_modes: Vec<String>,
+    /// The probe's controls (gate, counters), when the source is the kernel.
+    pub probe: Option<ProbeControl>,
+}
+
+/// Where a new subscriber starts.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Start {
+    /// Live events only.
+    Live,
+    /// The last N matching events from history, then live.
+    ReplayLast(usize),
+    /// Matching history events at or after this monotonic time, then live.
+    Since(u64),
+    /// Matching history events with a greater seq, then live.
+    ResumeAfter(u64),
+}
+
+/// Why a subscription was refused.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum SubscribeError {
+    /// The subscriber limit is reached.
+    #[error("max_subscribers: the limit of {0} concurrent subscribers is reached")]
+    TooMany(usize),
+    /// The hub is shutting down.
+    #[error("socktapd is shutting down")]
+    ShuttingDown,
+}
+
+/// A snapshot of the hub's state.
+#[derive(Clone, Debug)]
+pub struct HubStatus {
+    /// Events received from the source.
+    pub events_read: u64,
+    /// Events per second over the last second.
+    pub events_per_second: f64,
+    /// Kernel ring buffer drops reported by the source.
+    pub kernel_drops: u64,
+    /// Events in history / its capacity.
+    pub history_len: usize,
+    /// See `history_len`.
+    pub history_capacity: usize,
+    /// Whether the kernel gate is open.
+    pub gate_open: bool,
+    /// The live subscribers.
+    pub subscribers: Vec<Arc<Subscriber>>,
+}
+
+struct State {
+    history: VecDeque<Event>,
+    subscribers: Vec<Arc<Subscriber>>,
+    next_id: u64,
+    gate_open: bool,
+    shutting_down: bool,
+}
+
+struct Inner {
+    config: HubConfig,
+    source: Source,
+    clock: WallClock,
+    started: Instant,
+    state: Mutex<State>,
+    events_read: AtomicU64,
+    kernel_drops: AtomicU64,
+    /// f64 bits.
+    rate: AtomicU64,
+    running: AtomicBool,
+}
+
+/// The fan-out hub. Cheap to clone.
+#[derive(Clone)]
+pub struct Hub {
+    inner: Arc<Inner>,
+}
+
+impl Hub {
+    /// A hub for `source`. Closes the kernel gate unless `record_always`.
+    pub fn new(config: HubConfig, source: Source) -> Hub {
+        let hub = Hub {
+            inner: Arc::new(Inner {
+                config,
+                source,
+                clock: WallClock::now(),
+                started: Instant::now(),
+                state: Mutex::new(State {
+                    history: VecDeque::with_capacity(config.history_events.min(1 << 20)),
+                    subscribers: Vec::new(),
+                    next_id: 1,
+                    gate_open: true,
+                    shutting_down: false,
+                }),
+                events_read: AtomicU64::new(0),
+                kernel_drops: AtomicU64::new(0),
+                rate: AtomicU64::new(0),
+                running: AtomicBool::new(false),
+            }),
+        };
+        hub.update_gate(&mut hub.lock());
+        hub
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, State> {
+        self.inner.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// The hub's configuration.
+    pub fn config(&self) -> &HubConfig {
+        &self.inner.config
+    }
+
+    /// The event source's description.
+    pub fn source(&self) -> &Source {
+        &self.inner.source
+    }
+
+    /// The clock used to turn event timestamps into wall time.
+    pub fn clock(&self) -> WallClock {
+        self.inner.clock
+    }
+
+    /// Time since the hub was created.
+    pub fn uptime(&self) -> Duration {
+        self.inner.started.elapsed()
+    }
+
+    /// Dispatches batches until the source closes its channel.
+    pub async fn run(&self, mut batches: mpsc::Receiver<Batch>) {
+        self.inner.running.store(true, Ordering::Relaxed);
+        let mut tick = tokio::time::interval(Duration::from_secs(1));
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut last = (Instant::now(), 0u64);
+        loop {
+            tokio::select! {
+                batch = batches.recv() => match batch {
+                    Some(b) => self.dispatch(b),
+                    None => break,
+                },
+                _ = tick.tick() => {
+                    let now = Instant::now();
+                    let read = self.inner.events_read.load(Ordering::Relaxed);
+                    let secs = now.duration_since(last.0).as_secs_f64();
+                    if secs > 0.0 {
+                        let rate = (read - last.1) as f64 / secs;
+                        self.inner.rate.store(rate.to_bits(), Ordering::Relaxed);
+                    }
+                    last = (now, read);
+                }
+            }
+        }
+        debug!("event source closed");
+    }
+
+    /// Hands one batch to every subscriber and to history.
+    pub fn dispatch(&self, batch: Batch) {
+        let Batch { events, kernel_drops } = batch;
+        self.inner.events_read.fetch_add(events.len() as u64, Ordering::Relaxed);
+        let mut st = self.lock();
+        if kernel_drops > 0 {
+            self.inner.kernel_drops.fetch_add(kernel_drops, Ordering::Relaxed);
+            let now = monotonic_now_ns();
+            let loss = Loss {
+                source: LossSource::KernelRingBuffer,
+                count: kernel_drops,
+                first_seq: 0,
+                last_seq: 0,
+                first_ns: now,
+                last_ns: now,
+            };
+            for s in &st.subscribers {
+                s.announce(loss);
+            }
+        }
+        for s in &st.subscribers {
+            s.offer(&events);
+        }
+        let cap = self.inner.config.history_events;
+        if cap > 0 {
+            let h = &mut st.history;
+            let skip = events.len().saturating_sub(cap);
+            let overflow = (h.len() + events.len() - skip).saturating_sub(cap);
+            h.drain(..overflow);
+            h.extend(&events[skip..]);
+        }
+    }
+
+    /// Registers a subscriber and queues the history it asked for, all under
+    /// one lock so that nothing is missed or repeated between history and
+    /// live events.
+    pub fn subscribe(
+        &self,
+        peer: String,
+        request: pb::WatchEventsRequest,
+        selector: Selector,
+        start: Start,
+    ) -> Result<Arc<Subscriber>, SubscribeError> {
+        let mut st = self.lock();
+        if st.shutting_down {
+            return Err(SubscribeError::ShuttingDown);
+        }
+        if st.subscribers.len() >= self.inner.config.max_subscribers {
+            return Err(SubscribeError::TooMany(self.inner.config.max_subscribers));
+        }
+        let id = st.next_id;
+        st.next_id += 1;
+        let sub = Arc::new(Subscriber::new(
+            id,
+            peer,
+            request,
+            selector,
+            self.inner.config.queue_events,
+        ));
+        let history = &st.history;
+        let matching = |e: &&Event| sub.selector.matches(e);
+        match start {
+            Start::Live => {}
+            Start::ReplayLast(n) => {
+                let mut last: Vec<Event> = history.iter().rev().filter(matching).take(n).copied().collect();
+                last.reverse();
+                sub.preload(None, last.into_iter());
+            }
+            Start::Since(t) => sub.preload(
+                None,
+                history.iter().filter(|e| e.timestamp_ns >= t).filter(matching).copied(),
+            ),
+            Start::ResumeAfter(seq) => {
+                let oldest = history.front().map(|e| e.seq);
+                let loss = match oldest {
+                    Some(o) if o > seq.saturating_add(1) => Some(Loss {
+                        source: LossSource::History,
+                        count: o - seq - 1,
+                        first_seq: seq + 1,
+                        last_seq: o - 1,
+                        first_ns: 0,
+                        last_ns: history.front().map(|e| e.timestamp_ns).unwrap_or(0),
+                    }),
+                    _ => None,
+                };
+                sub.preload(loss, history.iter().filter(|e| e.seq > seq).filter(matching).copied());
+            }
+        }
+        st.subscribers.push(sub.clone());
+        debug!(id, subscribers = st.subscribers.len(), "subscribed");
+        self.update_gate(&mut st);
+        Ok(sub)
+    }
+
+    /// Removes a subscriber (its stream ended or its client went away).
+    pub fn unsubscribe(&self, id: u64) {
+        let mut st = self.lock();
+        st.subscribers.retain(|s| s.id != id);
+        debug!(id, subscribers = st.subscribers.len(), "unsubscribed");
+        self.update_gate(&mut st);
+    }
+
+    /// Refuses new subscribers and ends every stream once drained.
+    pub fn shutdown(&self) {
+        let mut st = self.lock();
+        st.shutting_down = true;
+        for s in &st.subscribers {
+            s.close();
+        }
+    }
+
+    /// The number of live subscribers.
+    pub fn subscriber_count(&self) -> usize {
+        self.lock().subscribers.len()
+    }
+
+    /// A snapshot for the status RPC.
+    pub fn status(&self) -> HubStatus {
+        let st = self.lock();
+        HubStatus {
+            events_read: self.inner.events_read.load(Ordering::Relaxed),
+            events_per_second: f64::from_bits(self.inner.rate.load(Ordering::Relaxed)),
+            kernel_drops: self.inner.kernel_drops.load(Ordering::Relaxed),
+            history_len: st.history.len(),
+            history_capacity: self.inner.config.history_events,
+            gate_open: st.gate_open,
+            subscribers: st.subscribers.clone(),
+        }
+    }
+
+    /// Opens the kernel gate while someone wants events, closes it otherwise.
+    fn update_gate(&self, st: &mut State) {
+        let want = self.inner.config.record_always || !st.subscribers.is_empty();
+        if want == st.gate_open {
+            return;
+        }
+        if let Some(probe) = &self.inner.source.probe {
+            if let Err(e) = probe.set_enabled(want) {
+                warn!("cannot switch the kernel gate: {e}");
+                return;
+            }
+        }
+        debug!(open = want, "kernel gate");
+        st.gate_open = want;
+    }
+}

@@ -1,0 +1,248 @@
+//! One subscriber's bounded queue. The hub pushes into it without ever
+//! waiting; when it is full, what does not fit is counted as a loss, kept in
+//! order with the events, and announced in the subscriber's own stream.
+
+use std::collections::VecDeque;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Mutex;
+use std::time::SystemTime;
+
+use socktap_proto::v1 as pb;
+use tokio::sync::Notify;
+
+use super::filter::Selector;
+use crate::event::Event;
+
+/// Where events were lost.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum LossSource {
+    /// The kernel ring buffer was full.
+    KernelRingBuffer,
+    /// This subscriber's queue was full.
+    SubscriberQueue,
+    /// History no longer held what a resume asked for.
+    History,
+}
+
+/// A run of lost events.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Loss {
+    /// Where they were lost.
+    pub source: LossSource,
+    /// How many.
+    pub count: u64,
+    /// seq of the first and last lost event (0 when unknown).
+    pub first_seq: u64,
+    /// See `first_seq`.
+    pub last_seq: u64,
+    /// Monotonic ns of the first and last lost event.
+    pub first_ns: u64,
+    /// See `first_ns`.
+    pub last_ns: u64,
+}
+
+/// What a subscriber's stream delivers, in order.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Item {
+    /// An event.
+    Event(Event),
+    /// A loss notice.
+    Lost(Loss),
+}
+
+#[derive(Debug, Default)]
+struct Queue {
+    items: VecDeque<Item>,
+    events: usize,
+    closed: bool,
+}
+
+/// One WatchEvents stream as the hub sees it.
+#[derive(Debug)]
+pub struct Subscriber {
+    /// Unique while the daemon runs.
+    pub id: u64,
+    /// The client's address, when known.
+    pub peer: String,
+    /// The request it subscribed with (for status).
+    pub request: pb::WatchEventsRequest,
+    /// When it subscribed.
+    pub subscribed_at: SystemTime,
+    pub(super) selector: Selector,
+    capacity: usize,
+    queue: Mutex<Queue>,
+    notify: Notify,
+    matched: AtomicU64,
+    delivered: AtomicU64,
+    lost: AtomicU64,
+}
+
+/// A subscriber's counters.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct SubscriberCounters {
+    /// Events that matched its filters.
+    pub matched: u64,
+    /// Events handed to its transport.
+    pub delivered: u64,
+    /// Events lost because its queue was full.
+    pub lost: u64,
+    /// Events waiting in its queue.
+    pub queued: u64,
+}
+
+impl Subscriber {
+    pub(super) fn new(
+        id: u64,
+        peer: String,
+        request: pb::WatchEventsRequest,
+        selector: Selector,
+        capacity: usize,
+    ) -> Self {
+        Subscriber {
+            id,
+            peer,
+            request,
+            subscribed_at: SystemTime::now(),
+            selector,
+            capacity,
+            queue: Mutex::new(Queue::default()),
+            notify: Notify::new(),
+            matched: AtomicU64::new(0),
+            delivered: AtomicU64::new(0),
+            lost: AtomicU64::new(0),
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Queue> {
+        self.queue.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Queues the events that match this subscriber's filters; never waits.
+    pub(super) fn offer(&self, events: &[Event]) {
+        let mut q = self.lock();
+        let mut matched = 0u64;
+        let mut lost = 0u64;
+        for e in events.iter().filter(|e| self.selector.matches(e)) {
+            matched += 1;
+            if q.events < self.capacity {
+                q.items.push_back(Item::Event(*e));
+                q.events += 1;
+            } else {
+                lost += 1;
+                push_loss(&mut q, Loss::one(LossSource::SubscriberQueue, e));
+            }
+        }
+        drop(q);
+        if matched > 0 {
+            self.matched.fetch_add(matched, Ordering::Relaxed);
+            self.lost.fetch_add(lost, Ordering::Relaxed);
+            self.notify.notify_one();
+        }
+    }
+
+    /// Queues events from history, regardless of capacity (they are few and
+    /// were asked for explicitly).
+    pub(super) fn preload(&self, loss: Option<Loss>, events: impl Iterator<Item = Event>) {
+        let mut q = self.lock();
+        if let Some(l) = loss {
+            q.items.push_back(Item::Lost(l));
+        }
+        let before = q.events;
+        for e in events {
+            q.items.push_back(Item::Event(e));
+            q.events += 1;
+        }
+        self.matched.fetch_add((q.events - before) as u64, Ordering::Relaxed);
+        drop(q);
+        self.notify.notify_one();
+    }
+
+    /// Queues a loss notice.
+    pub(super) fn announce(&self, loss: Loss) {
+        push_loss(&mut self.lock(), loss);
+        self.notify.notify_one();
+    }
+
+    /// Ends the stream once the queue is drained.
+    pub(super) fn close(&self) {
+        self.lock().closed = true;
+        self.notify.notify_one();
+    }
+
+    /// Moves up to `max_events` events (and any loss notices among them) into
+    /// `out`. Returns true when the queue is drained and closed.
+    pub fn take(&self, max_events: usize, out: &mut Vec<Item>) -> bool {
+        let mut q = self.lock();
+        let mut taken = 0;
+        while taken < max_events {
+            match q.items.pop_front() {
+                Some(item @ Item::Event(_)) => {
+                    q.events -= 1;
+                    taken += 1;
+                    out.push(item);
+                }
+                Some(item @ Item::Lost(_)) => out.push(item),
+                None => break,
+            }
+        }
+        q.closed && q.items.is_empty()
+    }
+
+    /// True when there is something to take, or the stream should end.
+    pub fn is_ready(&self) -> bool {
+        let q = self.lock();
+        !q.items.is_empty() || q.closed
+    }
+
+    /// Events waiting now.
+    pub fn queued(&self) -> usize {
+        self.lock().events
+    }
+
+    /// Waits until something was queued or the queue was closed since the
+    /// last call (a wakeup may be spurious: check [`Self::is_ready`]).
+    pub async fn changed(&self) {
+        self.notify.notified().await
+    }
+
+    /// Records events handed to the transport.
+    pub fn delivered(&self, n: u64) {
+        self.delivered.fetch_add(n, Ordering::Relaxed);
+    }
+
+    /// The subscriber's counters now.
+    pub fn counters(&self) -> SubscriberCounters {
+        SubscriberCounters {
+            matched: self.matched.load(Ordering::Relaxed),
+            delivered: self.delivered.load(Ordering::Relaxed),
+            lost: self.lost.load(Ordering::Relaxed),
+            queued: self.queued() as u64,
+        }
+    }
+}
+
+impl Loss {
+    fn one(source: LossSource, e: &Event) -> Self {
+        Loss {
+            source,
+            count: 1,
+            first_seq: e.seq,
+            last_seq: e.seq,
+            first_ns: e.timestamp_ns,
+            last_ns: e.timestamp_ns,
+        }
+    }
+}
+
+/// Appends a loss, merging it into a notice of the same source at the tail.
+fn push_loss(q: &mut Queue, loss: Loss) {
+    if let Some(Item::Lost(tail)) = q.items.back_mut() {
+        if tail.source == loss.source {
+            tail.count += loss.count;
+            tail.last_seq = loss.last_seq;
+            tail.last_ns = loss.last_ns;
+            return;
+        }
+    }
+    q.items.push_back(Item::Lost(loss));
+}

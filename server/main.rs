@@ -1,0 +1,155 @@
+//! socktapd: loads the probe, serves the socktap.v1 gRPC API.
+
+use std::process::ExitCode;
+use std::time::Duration;
+
+use anyhow::Context;
+use clap::Parser;
+use socktap::daemon::{self, ListenAddr, Listener};
+use socktap::hub::{FilterLimits, Hub, HubConfig, Source};
+use socktap::probe::{ModeRequest, Probe, ProbeOptions};
+use tracing::{error, info};
+
+/// Per-socket TCP telemetry daemon: streams every TCP send/recv, tagged with
+/// its socket cookie, to gRPC subscribers.
+#[derive(Parser, Debug)]
+#[command(
+    version,
+    after_help = "Examples:\n  socktapd\n  socktapd --listen unix:/run/socktap.sock\n  socktapd --mode tracepoint --ring-buffer-bytes 33554432\n  RUST_LOG=debug,libbpf=debug socktapd"
+)]
+struct Args {
+    /// Attach mode: auto (fentry, then kprobe, then tracepoint), fentry, kprobe or tracepoint.
+    #[arg(long, env = "SOCKTAPD_MODE", default_value = "auto")]
+    mode: ModeRequest,
+    /// Where to serve gRPC: host:port, or unix:/path for a unix socket.
+    #[arg(long, env = "SOCKTAPD_LISTEN", default_value = "127.0.0.1:50051")]
+    listen: ListenAddr,
+    /// Kernel ring buffer size in bytes (a power of two, at least 4096).
+    #[arg(long, env = "SOCKTAPD_RING_BUFFER_BYTES", default_value_t = 8 << 20)]
+    ring_buffer_bytes: u32,
+    /// Events each subscriber may have queued before it loses some.
+    #[arg(long, env = "SOCKTAPD_QUEUE_EVENTS", default_value_t = 65_536, value_parser = clap::value_parser!(u32).range(1..))]
+    queue_events: u32,
+    /// Events kept in memory for replay and resume (0: none).
+    #[arg(long, env = "SOCKTAPD_HISTORY_EVENTS", default_value_t = 65_536)]
+    history_events: u32,
+    /// Concurrent WatchEvents streams.
+    #[arg(long, env = "SOCKTAPD_MAX_SUBSCRIBERS", default_value_t = 128, value_parser = clap::value_parser!(u32).range(1..))]
+    max_subscribers: u32,
+    /// Filters per allow/deny list in one request.
+    #[arg(long, env = "SOCKTAPD_MAX_FILTERS", default_value_t = 64)]
+    max_filters: u32,
+    /// Values per field of one filter.
+    #[arg(long, env = "SOCKTAPD_MAX_FILTER_VALUES", default_value_t = 1024)]
+    max_filter_values: u32,
+    /// Record events (and fill history) even with no subscriber. By default
+    /// the BPF programs write nothing while nobody watches.
+    #[arg(long, env = "SOCKTAPD_RECORD_ALWAYS")]
+    record_always: bool,
+    /// Enable the kernel's BPF run-time statistics (shown by status; costs
+    /// two clock reads per program run).
+    #[arg(long, env = "SOCKTAPD_BPF_STATS")]
+    bpf_stats: bool,
+    /// The kernel wakes the reader at most once per this many microseconds.
+    #[arg(long, env = "SOCKTAPD_WAKEUP_INTERVAL_US", default_value_t = 50)]
+    wakeup_interval_us: u64,
+    /// The reader drains the ring at least this often, in microseconds.
+    #[arg(long, env = "SOCKTAPD_POLL_INTERVAL_US", default_value_t = 1000, value_parser = clap::value_parser!(u64).range(1..))]
+    poll_interval_us: u64,
+}
+
+fn main() -> ExitCode {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,libbpf=warn")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let args = Args::parse();
+    match run(args) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("socktapd: error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn run(args: Args) -> anyhow::Result<()> {
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .context("starting the async runtime")?;
+    runtime.block_on(async_main(args))
+}
+
+async fn async_main(args: Args) -> anyhow::Result<()> {
+    // Bind first: a port in use is found before anything is loaded.
+    let listener = Listener::bind(&args.listen)
+        .await
+        .with_context(|| format!("cannot listen on {}", args.listen))?;
+    let mut probe = Probe::start(ProbeOptions {
+        mode: args.mode,
+        ring_buffer_bytes: args.ring_buffer_bytes,
+        wakeup_interval: Duration::from_micros(args.wakeup_interval_us),
+        poll_interval: Duration::from_micros(args.poll_interval_us),
+        enabled: args.record_always,
+        bpf_stats: args.bpf_stats,
+        ..Default::default()
+    })?;
+    let refused: Vec<String> = probe.refused_modes().iter().map(|r| r.to_string()).collect();
+    for r in &refused {
+        info!("passed over: {r}");
+    }
+    info!(mode = %probe.mode(), "probe attached");
+    let batches = probe.take_receiver().context("probe receiver already taken")?;
+    let hub = Hub::new(
+        HubConfig {
+            queue_events: args.queue_events as usize,
+            history_events: args.history_events as usize,
+            max_subscribers: args.max_subscribers as usize,
+            record_always: args.record_always,
+            filter_limits: FilterLimits {
+                max_filters: args.max_filters as usize,
+                max_values: args.max_filter_values as usize,
+            },
+        },
+        Source {
+            mode: Some(probe.mode()),
+            refused_modes: refused,
+            probe: Some(probe.control().clone()),
+        },
+    );
+    let dispatch = tokio::spawn({
+        let hub = hub.clone();
+        async move { hub.run(batches).await }
+    });
+    let addr = listener.local_addr();
+    println!("socktapd: serving socktap.v1 on {addr} (attach mode {})", probe.mode());
+    let served = daemon::serve(hub, listener, shutdown_signal()).await;
+    drop(probe); // detach and unload before exiting
+    dispatch.abort();
+    if let Err(e) = served {
+        error!("{e}");
+        return Err(e.into());
+    }
+    info!("stopped");
+    Ok(())
+}
+
+async fn shutdown_signal() {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut term = match signal(SignalKind::terminate()) {
+        Ok(s) => s,
+        Err(e) => {
+            error!("cannot watch SIGTERM: {e}");
+            return std::future::pending().await;
+        }
+    };
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => info!("SIGINT"),
+        _ = term.recv() => info!("SIGTERM"),
+    }
+}

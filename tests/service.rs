@@ -1,0 +1,642 @@
+//! The gRPC service and hub over a synthetic event source: filters, fan-out,
+//! slow subscribers, history, limits, validation, health, reflection and
+//! shutdown. No privileges needed.
+
+mod common;
+
+use std::time::Duration;
+
+use common::{next_msg, TestDaemon};
+use socktap::event::{AttachMode, Comm, Event, EventKind};
+use socktap::hub::{Hub, HubConfig, Source};
+use socktap::probe::Batch;
+use socktap_proto::v1 as pb;
+use socktap_proto::v1::watch_events_response::Message;
+use tokio::sync::mpsc;
+use tonic::Code;
+
+fn event(seq: u64, cookie: u64, pid: u32) -> Event {
+    Event {
+        seq,
+        timestamp_ns: socktap::event::monotonic_now_ns(),
+        cookie,
+        kind: if seq.is_multiple_of(2) { EventKind::Send } else { EventKind::Recv },
+        bytes: 100 + seq as u32,
+        errno: 0,
+        pid,
+        tid: pid,
+        uid: 0,
+        cgroup_id: 1,
+        netns: 1,
+        cpu: 0,
+        comm: Comm::from_kernel(b"synthetic"),
+        local: "127.0.0.1:1000".parse().unwrap(),
+        remote: "127.0.0.1:2000".parse().unwrap(),
+        mode: AttachMode::Tracepoint,
+    }
+}
+
+/// A hub fed by a channel the test writes to.
+fn synthetic(config: HubConfig) -> (Hub, mpsc::Sender<Batch>) {
+    let hub = Hub::new(config, Source::default());
+    let (tx, rx) = mpsc::channel(64);
+    let h = hub.clone();
+    tokio::spawn(async move { h.run(rx).await });
+    (hub, tx)
+}
+
+fn by_cookie(cookies: &[u64]) -> pb::WatchEventsRequest {
+    pb::WatchEventsRequest {
+        allow: vec![pb::EventFilter {
+            cookies: cookies.to_vec(),
+            ..Default::default()
+        }],
+        ..Default::default()
+    }
+}
+
+async fn wait_subscribers(hub: &Hub, n: usize) {
+    for _ in 0..1000 {
+        if hub.subscriber_count() == n {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    panic!("expected {n} subscribers, have {}", hub.subscriber_count());
+}
+
+/// Reads events until `n` have arrived, returning them and any loss notices.
+async fn read_events(
+    stream: &mut tonic::Streaming<pb::WatchEventsResponse>,
+    n: usize,
+) -> (Vec<pb::Event>, Vec<pb::LostEvents>) {
+    let (mut events, mut lost) = (Vec::new(), Vec::new());
+    while events.len() < n {
+        match next_msg(stream).await {
+            Some(Message::Events(b)) => events.extend(b.events),
+            Some(Message::Lost(l)) => lost.push(l),
+            None => break,
+        }
+    }
+    (events, lost)
+}
+
+#[tokio::test]
+async fn two_subscribers_get_their_own_events_field_by_field() {
+    let (hub, tx) = synthetic(HubConfig::default());
+    let d = TestDaemon::start(hub.clone()).await;
+    let mut a = d
+        .client()
+        .await
+        .watch_events(by_cookie(&[1]))
+        .await
+        .unwrap()
+        .into_inner();
+    let mut b = d
+        .client()
+        .await
+        .watch_events(by_cookie(&[2, 3]))
+        .await
+        .unwrap()
+        .into_inner();
+    wait_subscribers(&hub, 2).await;
+
+    let events: Vec<Event> = (0..30).map(|i| event(i, 1 + i % 3, 77)).collect();
+    tx.send(Batch {
+        events: events.clone(),
+        kernel_drops: 0,
+    })
+    .await
+    .unwrap();
+
+    let (got_a, lost_a) = read_events(&mut a, 10).await;
+    let (got_b, lost_b) = read_events(&mut b, 20).await;
+    assert!(lost_a.is_empty() && lost_b.is_empty());
+    assert_eq!(
+        got_a.iter().map(|e| e.seq).collect::<Vec<_>>(),
+        (0..30).filter(|i: &u64| i.is_multiple_of(3)).collect::<Vec<_>>()
+    );
+    assert!(got_b.iter().all(|e| e.cookie == 2 || e.cookie == 3));
+    assert_eq!(got_b.len(), 20);
+
+    let e = &got_a[1];
+    let src = &events[3];
+    assert_eq!(e.cookie, 1);
+    assert_eq!(e.seq, 3);
+    assert_eq!(e.kind, pb::EventKind::Recv as i32);
+    assert_eq!(e.bytes, 103);
+    assert_eq!((e.pid, e.tid, e.comm.as_str()), (77, 77, "synthetic"));
+    assert_eq!((e.local_addr.as_str(), e.local_port), ("127.0.0.1", 1000));
+    assert_eq!((e.remote_addr.as_str(), e.remote_port), ("127.0.0.1", 2000));
+    assert_eq!(e.family, pb::AddressFamily::Ipv4 as i32);
+    assert_eq!(e.monotonic_ns, src.timestamp_ns);
+    assert_eq!(e.mode, pb::AttachMode::Tracepoint as i32);
+    let wall = e.time.unwrap();
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs() as i64;
+    assert!((wall.seconds - now).abs() < 60, "wall time is now-ish: {wall:?}");
+    d.stop().await;
+}
+
+#[tokio::test]
+async fn a_stalled_subscriber_costs_a_fast_one_nothing_and_its_losses_add_up() {
+    let (hub, tx) = synthetic(HubConfig {
+        queue_events: 5000,
+        ..Default::default()
+    });
+    let d = TestDaemon::start(hub.clone()).await;
+    let mut fast = d
+        .client()
+        .await
+        .watch_events(pb::WatchEventsRequest::default())
+        .await
+        .unwrap()
+        .into_inner();
+    let mut slow = d
+        .client()
+        .await
+        .watch_events(pb::WatchEventsRequest::default())
+        .await
+        .unwrap()
+        .into_inner();
+    wait_subscribers(&hub, 2).await;
+
+    // Lockstep with the fast reader: each batch is fed once the fast one has
+    // read the previous one, while the slow one reads nothing at all.
+    const BATCH: u64 = 1000;
+    const TOTAL: u64 = 200 * BATCH;
+    for chunk in 0..TOTAL / BATCH {
+        let events = (chunk * BATCH..(chunk + 1) * BATCH).map(|s| event(s, 9, 1)).collect();
+        tx.send(Batch {
+            events,
+            kernel_drops: 0,
+        })
+        .await
+        .unwrap();
+        let (got, lost) = read_events(&mut fast, BATCH as usize).await;
+        assert!(lost.is_empty(), "fast subscriber lost events: {lost:?}");
+        let seqs: Vec<u64> = got.iter().map(|e| e.seq).collect();
+        assert_eq!(
+            seqs,
+            (chunk * BATCH..(chunk + 1) * BATCH).collect::<Vec<_>>(),
+            "in order, none missing"
+        );
+    }
+
+    // Now the slow one drains: delivered + lost == matched.
+    let (mut delivered, mut lost_count, mut notices) = (0u64, 0u64, 0);
+    while delivered + lost_count < TOTAL {
+        match next_msg(&mut slow).await.unwrap() {
+            Message::Events(b) => delivered += b.events.len() as u64,
+            Message::Lost(l) => {
+                assert_eq!(l.source, pb::LossSource::SubscriberQueue as i32);
+                assert!(
+                    l.first_seq <= l.last_seq && l.count <= l.last_seq - l.first_seq + 1,
+                    "{l:?}"
+                );
+                lost_count += l.count;
+                notices += 1;
+            }
+        }
+    }
+    assert!(lost_count > 0 && notices > 0, "the stalled subscriber lost events");
+    assert_eq!(delivered + lost_count, TOTAL);
+    let status = d
+        .client()
+        .await
+        .get_status(pb::GetStatusRequest {})
+        .await
+        .unwrap()
+        .into_inner();
+    let s = status
+        .subscribers
+        .iter()
+        .find(|s| s.lost > 0)
+        .expect("slow subscriber in status");
+    assert_eq!(s.lost, lost_count);
+    assert_eq!(s.matched, TOTAL);
+    d.stop().await;
+}
+
+#[tokio::test]
+async fn replay_resume_since_and_limit() {
+    let (hub, tx) = synthetic(HubConfig {
+        history_events: 100,
+        ..Default::default()
+    });
+    let d = TestDaemon::start(hub.clone()).await;
+    tx.send(Batch {
+        events: (0..150).map(|s| event(s, s % 2, 1)).collect(),
+        kernel_drops: 0,
+    })
+    .await
+    .unwrap();
+    for _ in 0..1000 {
+        if hub.status().events_read == 150 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+    let mut c = d.client().await;
+
+    // The last 5 events with cookie 1 from history, then a limit ends it.
+    let req = pb::WatchEventsRequest {
+        replay_last: 5,
+        limit: 5,
+        ..by_cookie(&[1])
+    };
+    let mut s = c.watch_events(req).await.unwrap().into_inner();
+    let (ev, _) = read_events(&mut s, 5).await;
+    assert_eq!(
+        ev.iter().map(|e| e.seq).collect::<Vec<_>>(),
+        vec![141, 143, 145, 147, 149]
+    );
+    assert!(next_msg(&mut s).await.is_none(), "limit ends the stream");
+
+    // Resume after 140: history still has it.
+    let req = pb::WatchEventsRequest {
+        resume_after_seq: Some(140),
+        limit: 9,
+        ..Default::default()
+    };
+    let mut s = c.watch_events(req).await.unwrap().into_inner();
+    let (ev, lost) = read_events(&mut s, 9).await;
+    assert!(lost.is_empty());
+    assert_eq!(
+        ev.iter().map(|e| e.seq).collect::<Vec<_>>(),
+        (141..150).collect::<Vec<_>>()
+    );
+
+    // Resume after 10: history starts at 50, so 39 are announced lost.
+    let req = pb::WatchEventsRequest {
+        resume_after_seq: Some(10),
+        limit: 100,
+        ..Default::default()
+    };
+    let mut s = c.watch_events(req).await.unwrap().into_inner();
+    let Some(Message::Lost(l)) = next_msg(&mut s).await else {
+        panic!("a history loss notice first")
+    };
+    assert_eq!(
+        (l.source, l.count, l.first_seq, l.last_seq),
+        (pb::LossSource::History as i32, 39, 11, 49)
+    );
+    let (ev, _) = read_events(&mut s, 100).await;
+    assert_eq!(ev.first().map(|e| e.seq), Some(50));
+
+    // Since the epoch: all of history; then follow live events.
+    let req = pb::WatchEventsRequest {
+        since: Some(socktap_proto::Timestamp { seconds: 0, nanos: 0 }),
+        limit: 101,
+        ..Default::default()
+    };
+    let mut s = c.watch_events(req).await.unwrap().into_inner();
+    let (ev, _) = read_events(&mut s, 100).await;
+    assert_eq!(ev.len(), 100);
+    tx.send(Batch {
+        events: vec![event(150, 0, 1)],
+        kernel_drops: 0,
+    })
+    .await
+    .unwrap();
+    let (ev, _) = read_events(&mut s, 1).await;
+    assert_eq!(ev[0].seq, 150, "then follows live");
+    assert!(next_msg(&mut s).await.is_none());
+
+    // Batching: at most 7 events per message.
+    let req = pb::WatchEventsRequest {
+        replay_last: 20,
+        limit: 20,
+        max_batch_events: Some(7),
+        ..Default::default()
+    };
+    let mut s = c.watch_events(req).await.unwrap().into_inner();
+    let mut sizes = Vec::new();
+    while let Some(Message::Events(b)) = next_msg(&mut s).await {
+        sizes.push(b.events.len());
+    }
+    assert_eq!(sizes.iter().sum::<usize>(), 20);
+    assert!(sizes.iter().all(|&n| n <= 7), "{sizes:?}");
+    d.stop().await;
+}
+
+#[tokio::test]
+async fn kernel_drops_are_announced_to_every_subscriber() {
+    let (hub, tx) = synthetic(HubConfig::default());
+    let d = TestDaemon::start(hub.clone()).await;
+    let mut a = d
+        .client()
+        .await
+        .watch_events(by_cookie(&[1]))
+        .await
+        .unwrap()
+        .into_inner();
+    let mut b = d
+        .client()
+        .await
+        .watch_events(by_cookie(&[2]))
+        .await
+        .unwrap()
+        .into_inner();
+    wait_subscribers(&hub, 2).await;
+    tx.send(Batch {
+        events: vec![],
+        kernel_drops: 17,
+    })
+    .await
+    .unwrap();
+    for s in [&mut a, &mut b] {
+        let Some(Message::Lost(l)) = next_msg(s).await else {
+            panic!("loss notice")
+        };
+        assert_eq!((l.source, l.count), (pb::LossSource::KernelRingBuffer as i32, 17));
+    }
+    let st = d
+        .client()
+        .await
+        .get_status(pb::GetStatusRequest {})
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(st.kernel_drops, 17);
+    d.stop().await;
+}
+
+#[tokio::test]
+async fn bad_requests_are_invalid_argument_naming_the_field() {
+    let (hub, _tx) = synthetic(HubConfig {
+        history_events: 1000,
+        ..Default::default()
+    });
+    let d = TestDaemon::start(hub.clone()).await;
+    let mut c = d.client().await;
+    let filter = |f: pb::EventFilter| pb::WatchEventsRequest {
+        allow: vec![f],
+        ..Default::default()
+    };
+    let cases: Vec<(pb::WatchEventsRequest, &str)> = vec![
+        (
+            filter(pb::EventFilter {
+                remote_cidrs: vec!["10.0.0.0/40".into()],
+                ..Default::default()
+            }),
+            "allow[0].remote_cidrs[0]",
+        ),
+        (
+            filter(pb::EventFilter {
+                remote_cidrs: vec!["nonsense".into()],
+                ..Default::default()
+            }),
+            "allow[0].remote_cidrs[0]",
+        ),
+        (
+            filter(pb::EventFilter {
+                local_ports: vec![0],
+                ..Default::default()
+            }),
+            "allow[0].local_ports[0]",
+        ),
+        (
+            filter(pb::EventFilter {
+                remote_ports: vec![65536],
+                ..Default::default()
+            }),
+            "allow[0].remote_ports[0]",
+        ),
+        (
+            filter(pb::EventFilter {
+                kinds: vec![42],
+                ..Default::default()
+            }),
+            "allow[0].kinds[0]",
+        ),
+        (
+            filter(pb::EventFilter {
+                families: vec![0],
+                ..Default::default()
+            }),
+            "allow[0].families[0]",
+        ),
+        (
+            filter(pb::EventFilter {
+                cookies: vec![1; 5000],
+                ..Default::default()
+            }),
+            "allow[0].cookies",
+        ),
+        (
+            pb::WatchEventsRequest {
+                deny: vec![pb::EventFilter::default(); 100],
+                ..Default::default()
+            },
+            "deny",
+        ),
+        (
+            pb::WatchEventsRequest {
+                max_batch_events: Some(0),
+                ..Default::default()
+            },
+            "max_batch_events",
+        ),
+        (
+            pb::WatchEventsRequest {
+                max_batch_events: Some(10_000_000),
+                ..Default::default()
+            },
+            "max_batch_events",
+        ),
+        (
+            pb::WatchEventsRequest {
+                replay_last: 1_000_000,
+                ..Default::default()
+            },
+            "replay_last",
+        ),
+        (
+            pb::WatchEventsRequest {
+                since: Some(socktap_proto::Timestamp {
+                    seconds: i64::MAX / 2_000_000_000,
+                    nanos: 0,
+                }),
+                ..Default::default()
+            },
+            "since",
+        ),
+    ];
+    for (req, field) in cases {
+        let err = c
+            .watch_events(req.clone())
+            .await
+            .err()
+            .unwrap_or_else(|| panic!("accepted: {req:?}"));
+        assert_eq!(err.code(), Code::InvalidArgument, "{req:?}");
+        assert!(
+            err.message().starts_with(&format!("{field}: ")),
+            "message {:?} names {field}",
+            err.message()
+        );
+    }
+    assert_eq!(hub.subscriber_count(), 0, "nothing was subscribed");
+    d.stop().await;
+}
+
+#[tokio::test]
+async fn subscriber_limit_is_resource_exhausted_and_disconnects_are_cleaned_up() {
+    let (hub, _tx) = synthetic(HubConfig {
+        max_subscribers: 2,
+        ..Default::default()
+    });
+    let d = TestDaemon::start(hub.clone()).await;
+    let mut c = d.client().await;
+    let s1 = c.watch_events(pb::WatchEventsRequest::default()).await.unwrap();
+    let s2 = c.watch_events(pb::WatchEventsRequest::default()).await.unwrap();
+    let err = c.watch_events(pb::WatchEventsRequest::default()).await.unwrap_err();
+    assert_eq!(err.code(), Code::ResourceExhausted);
+    assert!(err.message().contains("max_subscribers"), "{}", err.message());
+    drop(s1);
+    drop(s2);
+    wait_subscribers(&hub, 0).await;
+    d.stop().await;
+}
+
+#[tokio::test]
+async fn health_serving_then_not_serving_and_shutdown_ends_streams() {
+    use tonic_health::pb::health_client::HealthClient;
+    use tonic_health::pb::HealthCheckRequest;
+    let (hub, _tx) = synthetic(HubConfig::default());
+    let d = TestDaemon::start(hub.clone()).await;
+    let channel = tonic::transport::Endpoint::from_shared(d.url.clone())
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    let mut health = HealthClient::new(channel);
+    let resp = health
+        .check(HealthCheckRequest {
+            service: "socktap.v1.Socktap".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(
+        resp.status,
+        tonic_health::pb::health_check_response::ServingStatus::Serving as i32
+    );
+    let mut watch = health
+        .watch(HealthCheckRequest {
+            service: "socktap.v1.Socktap".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(watch.message().await.unwrap().unwrap().status, 1);
+
+    let mut stream = d
+        .client()
+        .await
+        .watch_events(pb::WatchEventsRequest::default())
+        .await
+        .unwrap()
+        .into_inner();
+    wait_subscribers(&hub, 1).await;
+    let stop = tokio::spawn(d.stop());
+    let not_serving = tokio::time::timeout(Duration::from_secs(10), watch.message())
+        .await
+        .unwrap();
+    if let Ok(Some(m)) = not_serving {
+        assert_eq!(m.status, 2, "NOT_SERVING while shutting down");
+    }
+    assert!(next_msg(&mut stream).await.is_none(), "the stream ends with status OK");
+    stop.await.unwrap();
+    assert_eq!(hub.subscriber_count(), 0);
+}
+
+#[tokio::test]
+async fn reflection_v1_and_v1alpha_list_the_service() {
+    use tonic::codegen::http::uri::PathAndQuery;
+    use tonic_prost::ProstCodec;
+    let (hub, _tx) = synthetic(HubConfig::default());
+    let d = TestDaemon::start(hub).await;
+    let channel = tonic::transport::Endpoint::from_shared(d.url.clone())
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+
+    macro_rules! list_services {
+        ($pb:path, $path:literal) => {{
+            use $pb as r;
+            let mut grpc = tonic::client::Grpc::new(channel.clone());
+            grpc.ready().await.unwrap();
+            let req = r::ServerReflectionRequest {
+                host: String::new(),
+                message_request: Some(r::server_reflection_request::MessageRequest::ListServices(String::new())),
+            };
+            let codec: ProstCodec<r::ServerReflectionRequest, r::ServerReflectionResponse> = ProstCodec::default();
+            let mut resp = grpc
+                .streaming(
+                    tonic::Request::new(tokio_stream::iter(vec![req])),
+                    PathAndQuery::from_static($path),
+                    codec,
+                )
+                .await
+                .unwrap()
+                .into_inner();
+            let msg = resp.message().await.unwrap().unwrap();
+            match msg.message_response.unwrap() {
+                r::server_reflection_response::MessageResponse::ListServicesResponse(l) => {
+                    l.service.into_iter().map(|s| s.name).collect::<Vec<_>>()
+                }
+                other => panic!("unexpected {other:?}"),
+            }
+        }};
+    }
+    let v1 = list_services!(
+        tonic_reflection::pb::v1,
+        "/grpc.reflection.v1.ServerReflection/ServerReflectionInfo"
+    );
+    let v1alpha = list_services!(
+        tonic_reflection::pb::v1alpha,
+        "/grpc.reflection.v1alpha.ServerReflection/ServerReflectionInfo"
+    );
+    for names in [&v1, &v1alpha] {
+        assert!(names.contains(&"socktap.v1.Socktap".to_string()), "{names:?}");
+        assert!(names.contains(&"grpc.health.v1.Health".to_string()), "{names:?}");
+    }
+    d.stop().await;
+}
+
+#[tokio::test]
+async fn status_reports_source_subscribers_and_counters() {
+    let (hub, tx) = synthetic(HubConfig {
+        history_events: 10,
+        ..Default::default()
+    });
+    let d = TestDaemon::start(hub.clone()).await;
+    let mut c = d.client().await;
+    let req = by_cookie(&[5]);
+    let mut s = c.watch_events(req.clone()).await.unwrap().into_inner();
+    wait_subscribers(&hub, 1).await;
+    tx.send(Batch {
+        events: (0..20).map(|i| event(i, 5, 1)).collect(),
+        kernel_drops: 0,
+    })
+    .await
+    .unwrap();
+    read_events(&mut s, 20).await;
+    let st = c.get_status(pb::GetStatusRequest {}).await.unwrap().into_inner();
+    assert_eq!(st.version, env!("CARGO_PKG_VERSION"));
+    assert_eq!(st.attach_mode, pb::AttachMode::Synthetic as i32);
+    assert!(!st.kernel_release.is_empty());
+    assert_eq!(st.events_read, 20);
+    assert_eq!((st.history_len, st.history_capacity), (10, 10));
+    assert!(st.kernel_gate_open);
+    assert_eq!(st.subscribers.len(), 1);
+    let sub = &st.subscribers[0];
+    assert_eq!(sub.request.as_ref(), Some(&req));
+    assert_eq!((sub.matched, sub.delivered, sub.lost), (20, 20, 0));
+    assert!(sub.peer.starts_with("127.0.0.1:"), "{}", sub.peer);
+    d.stop().await;
+}
