@@ -53,6 +53,8 @@ struct socktap_control {
 	__u32 enabled;
 	/* wake the reader when this many ns have passed since the last wakeup */
 	__u32 wakeup_interval_ns;
+	/* a process whose calls are not reported (socktapd itself), 0: none */
+	__u32 ignore_tgid;
 };
 
 /* The single entry of the `counters` array map. */

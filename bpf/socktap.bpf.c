@@ -85,7 +85,11 @@ static __always_inline void emit(struct sock *sk, int ret, __u8 kind, __u8 mode,
 	struct socktap_event *e;
 	__u64 seq, now, flags = BPF_RB_NO_WAKEUP;
 
+	__u64 pid_tgid = bpf_get_current_pid_tgid();
+
 	if (!cfg || !cfg->enabled)
+		return;
+	if (cfg->ignore_tgid && (__u32)(pid_tgid >> 32) == cfg->ignore_tgid)
 		return;
 	st = bpf_map_lookup_elem(&counters, &zero);
 	if (!st)
@@ -107,7 +111,6 @@ static __always_inline void emit(struct sock *sk, int ret, __u8 kind, __u8 mode,
 	e->cookie = cookie;
 	e->cgroup_id = bpf_get_current_cgroup_id();
 	e->ret = ret;
-	__u64 pid_tgid = bpf_get_current_pid_tgid();
 	e->pid = pid_tgid >> 32;
 	e->tid = (__u32)pid_tgid;
 	e->uid = (__u32)bpf_get_current_uid_gid();

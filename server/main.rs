@@ -46,6 +46,10 @@ struct Args {
     /// the BPF programs write nothing while nobody watches.
     #[arg(long, env = "SOCKTAPD_RECORD_ALWAYS")]
     record_always: bool,
+    /// Also report socktapd's own TCP calls. Off by default: serving events
+    /// produces sends, which would produce more events.
+    #[arg(long, env = "SOCKTAPD_TRACE_SELF")]
+    trace_self: bool,
     /// Enable the kernel's BPF run-time statistics (shown by status; costs
     /// two clock reads per program run).
     #[arg(long, env = "SOCKTAPD_BPF_STATS")]
@@ -62,7 +66,7 @@ fn main() -> ExitCode {
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,libbpf=warn")),
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,libbpf=error")),
         )
         .with_writer(std::io::stderr)
         .init();
@@ -96,6 +100,7 @@ async fn async_main(args: Args) -> anyhow::Result<()> {
         wakeup_interval: Duration::from_micros(args.wakeup_interval_us),
         poll_interval: Duration::from_micros(args.poll_interval_us),
         enabled: args.record_always,
+        ignore_pid: (!args.trace_self).then(std::process::id),
         bpf_stats: args.bpf_stats,
         ..Default::default()
     })?;

@@ -20,7 +20,11 @@ fn event(seq: u64, cookie: u64, pid: u32) -> Event {
         seq,
         timestamp_ns: socktap::event::monotonic_now_ns(),
         cookie,
-        kind: if seq.is_multiple_of(2) { EventKind::Send } else { EventKind::Recv },
+        kind: if seq.is_multiple_of(2) {
+            EventKind::Send
+        } else {
+            EventKind::Recv
+        },
         bytes: 100 + seq as u32,
         errno: 0,
         pid,
@@ -428,10 +432,23 @@ async fn bad_requests_are_invalid_argument_naming_the_field() {
         ),
         (
             pb::WatchEventsRequest {
-                deny: vec![pb::EventFilter::default(); 100],
+                deny: vec![
+                    pb::EventFilter {
+                        pids: vec![1],
+                        ..Default::default()
+                    };
+                    100
+                ],
                 ..Default::default()
             },
             "deny",
+        ),
+        (
+            pb::WatchEventsRequest {
+                deny: vec![pb::EventFilter::default()],
+                ..Default::default()
+            },
+            "deny[0]",
         ),
         (
             pb::WatchEventsRequest {

@@ -142,7 +142,16 @@ fn compile_list(name: &str, list: &[pb::EventFilter], limits: FilterLimits) -> R
     }
     list.iter()
         .enumerate()
-        .map(|(i, f)| compile_one(&format!("{name}[{i}]"), f, limits))
+        .map(|(i, f)| {
+            let path = format!("{name}[{i}]");
+            if name == "deny" && *f == pb::EventFilter::default() {
+                return Err(FieldError::new(
+                    path,
+                    "an empty filter matches every event, so it would deny them all",
+                ));
+            }
+            compile_one(&path, f, limits)
+        })
         .collect()
 }
 
@@ -471,5 +480,7 @@ mod tests {
         };
         assert_eq!(err(vec![many]).field, "allow[0].pids");
         assert_eq!(err(vec![pb::EventFilter::default(); 65]).field, "allow");
+        let deny = Selector::compile(&[], &[pb::EventFilter::default()], FilterLimits::default()).unwrap_err();
+        assert_eq!(deny.field, "deny[0]");
     }
 }

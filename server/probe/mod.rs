@@ -80,6 +80,9 @@ pub struct ProbeOptions {
     pub channel_batches: usize,
     /// Whether events flow from the start (see [`ProbeControl::set_enabled`]).
     pub enabled: bool,
+    /// A process whose calls are not reported: socktapd passes its own pid,
+    /// so that serving events does not produce more events.
+    pub ignore_pid: Option<u32>,
     /// Turn on the kernel's BPF run-time statistics (BPF_ENABLE_STATS) while
     /// the probe lives. Costs two clock reads per program run.
     pub bpf_stats: bool,
@@ -94,6 +97,7 @@ impl Default for ProbeOptions {
             poll_interval: Duration::from_millis(1),
             channel_batches: 256,
             enabled: true,
+            ignore_pid: None,
             bpf_stats: false,
         }
     }
@@ -188,6 +192,7 @@ pub struct ProbeControl {
     counters: Arc<MapHandle>,
     shared: Arc<Shared>,
     wakeup_interval_ns: u32,
+    ignore_tgid: u32,
     program_ids: Arc<[u32]>,
 }
 
@@ -206,6 +211,7 @@ impl ProbeControl {
         let value = types::socktap_control {
             enabled: enabled.into(),
             wakeup_interval_ns: self.wakeup_interval_ns,
+            ignore_tgid: self.ignore_tgid,
         };
         // SAFETY: socktap_control is Plain (see skel.rs): no padding.
         let bytes = unsafe { plain::as_bytes(&value) };
@@ -382,6 +388,7 @@ fn control_of(
         counters: Arc::new(handle(&skel.maps.counters, "counters")?),
         shared: shared.clone(),
         wakeup_interval_ns: opts.wakeup_interval.as_nanos() as u32,
+        ignore_tgid: opts.ignore_pid.unwrap_or(0),
         program_ids: program_ids.into(),
     })
 }

@@ -1,0 +1,145 @@
+//! Where socktapd is, and connecting to it.
+
+use std::fmt;
+use std::path::PathBuf;
+use std::str::FromStr;
+
+use socktap_proto::v1::socktap_client::SocktapClient;
+use tonic::transport::{Channel, ClientTlsConfig, Endpoint, Uri};
+
+/// socktapd's address: `host:port`, `http://host:port`, `https://host:port`
+/// or `unix:/path`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum DaemonAddr {
+    /// Plain-text HTTP/2 or TLS, at this URI.
+    Uri {
+        /// The URI with its scheme.
+        uri: String,
+        /// Whether to use TLS (https://).
+        tls: bool,
+    },
+    /// A unix socket.
+    Unix(PathBuf),
+}
+
+impl FromStr for DaemonAddr {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        if let Some(path) = s.strip_prefix("unix:") {
+            if path.is_empty() {
+                return Err("unix: needs a path, e.g. unix:/run/socktap.sock".into());
+            }
+            return Ok(DaemonAddr::Unix(path.into()));
+        }
+        let (uri, tls) = if s.starts_with("https://") {
+            (s.to_owned(), true)
+        } else if s.starts_with("http://") {
+            (s.to_owned(), false)
+        } else if s.contains("://") {
+            return Err(format!(
+                "{s:?}: unsupported scheme (use host:port, http://, https:// or unix:/path)"
+            ));
+        } else {
+            (format!("http://{s}"), false)
+        };
+        let parsed: Uri = uri.parse().map_err(|e| format!("{s:?} is not an address: {e}"))?;
+        if parsed.host().is_none() || parsed.port_u16().is_none() {
+            return Err(format!("{s:?} needs a host and a port, e.g. 127.0.0.1:50051"));
+        }
+        Ok(DaemonAddr::Uri { uri, tls })
+    }
+}
+
+impl fmt::Display for DaemonAddr {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            DaemonAddr::Uri { uri, .. } => f.write_str(uri.strip_prefix("http://").unwrap_or(uri)),
+            DaemonAddr::Unix(p) => write!(f, "unix:{}", p.display()),
+        }
+    }
+}
+
+/// Why connecting failed.
+#[derive(Debug, thiserror::Error)]
+#[error("cannot connect to socktapd at {addr}: {cause}")]
+pub struct ConnectError {
+    /// The address tried.
+    pub addr: DaemonAddr,
+    /// The innermost cause (e.g. "Connection refused (os error 111)").
+    pub cause: String,
+}
+
+/// Connects to socktapd.
+pub async fn connect(addr: &DaemonAddr) -> Result<SocktapClient<Channel>, ConnectError> {
+    let fail = |e: &dyn std::error::Error| ConnectError {
+        addr: addr.clone(),
+        cause: root_cause(e),
+    };
+    let channel = match addr {
+        DaemonAddr::Uri { uri, tls } => {
+            let mut ep = Endpoint::from_shared(uri.clone()).map_err(|e| fail(&e))?;
+            if *tls {
+                ep = ep
+                    .tls_config(ClientTlsConfig::new().with_native_roots())
+                    .map_err(|e| fail(&e))?;
+            }
+            ep.connect().await.map_err(|e| fail(&e))?
+        }
+        DaemonAddr::Unix(path) => {
+            let path = path.clone();
+            // The URI is required but unused: the connector dials the socket.
+            Endpoint::from_static("http://socktapd.local")
+                .connect_with_connector(tower::service_fn(move |_: Uri| {
+                    let path = path.clone();
+                    async move {
+                        tokio::net::UnixStream::connect(path)
+                            .await
+                            .map(hyper_util::rt::TokioIo::new)
+                    }
+                }))
+                .await
+                .map_err(|e| fail(&e))?
+        }
+    };
+    Ok(SocktapClient::new(channel).max_decoding_message_size(64 << 20))
+}
+
+/// The innermost error's text: the part that says what actually happened.
+pub fn root_cause(e: &dyn std::error::Error) -> String {
+    let mut cur = e;
+    while let Some(next) = cur.source() {
+        cur = next;
+    }
+    cur.to_string()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_every_form() {
+        assert_eq!(
+            "127.0.0.1:50051".parse::<DaemonAddr>().unwrap(),
+            DaemonAddr::Uri {
+                uri: "http://127.0.0.1:50051".into(),
+                tls: false
+            }
+        );
+        assert_eq!(
+            "https://host:443".parse::<DaemonAddr>().unwrap(),
+            DaemonAddr::Uri {
+                uri: "https://host:443".into(),
+                tls: true
+            }
+        );
+        assert_eq!(
+            "unix:/run/s.sock".parse::<DaemonAddr>().unwrap(),
+            DaemonAddr::Unix("/run/s.sock".into())
+        );
+        assert!("unix:".parse::<DaemonAddr>().is_err());
+        assert!("ftp://x:1".parse::<DaemonAddr>().is_err());
+        assert!("localhost".parse::<DaemonAddr>().is_err());
+        assert_eq!("[::1]:5".parse::<DaemonAddr>().unwrap().to_string(), "[::1]:5");
+    }
+}

@@ -1,0 +1,599 @@
+//! The `socktap` command line: argument definitions and the commands.
+//! [`run`] writes to the writers it is given and returns the exit code, so
+//! tests can drive it in-process as well as through the binary.
+
+use std::io::{self, Write};
+use std::net::IpAddr;
+use std::time::{Duration, SystemTime};
+
+use clap::{Args, Parser, Subcommand, ValueEnum};
+use socktap_proto::v1 as api;
+use tokio::time::Instant;
+
+use crate::addr::{connect, root_cause, ConnectError, DaemonAddr};
+use crate::format;
+use crate::top::Top;
+
+const EXAMPLES: &str = "Examples:
+  socktap watch                              every TCP send/recv, live
+  socktap watch --comm curl --remote-port 443
+  socktap watch --pid 1234 --pid 5678 --kind recv --errors
+  socktap watch --cidr 10.0.0.0/8 --exclude-comm sshd -o json | jq .
+  socktap watch --replay 100 --limit 100     the last 100 events, then exit
+  socktap status
+  socktap top --interval 2s
+  SOCKTAP_ADDR=unix:/run/socktap.sock socktap status";
+
+/// Per-socket TCP telemetry: watch what every TCP connection does, live,
+/// from socktapd.
+#[derive(Parser, Debug)]
+#[command(name = "socktap", version, after_help = EXAMPLES)]
+pub struct Cli {
+    /// socktapd's address: host:port, http://host:port, https://host:port or unix:/path.
+    #[arg(long, global = true, env = "SOCKTAP_ADDR", default_value = "127.0.0.1:50051")]
+    pub addr: DaemonAddr,
+    /// What to do.
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+/// The commands.
+#[derive(Subcommand, Debug)]
+pub enum Command {
+    /// Stream events live (table, or JSON lines with -o json).
+    #[command(after_help = "Examples:
+  socktap watch --comm nginx --kind send
+  socktap watch --cookie 4097 -o json
+  socktap watch --port 5432 --exclude-uid 0
+  socktap watch --since 30s --limit 1000      from history, 30 s back
+  socktap watch --resume-after 123456         continue after a seen seq")]
+    Watch(WatchArgs),
+    /// Show socktapd's status: attach mode, kernel, rates, drops, subscribers.
+    #[command(after_help = "Examples:\n  socktap status\n  socktap status -o json")]
+    Status(StatusArgs),
+    /// A live view refreshed every interval: busiest sockets and processes.
+    #[command(
+        after_help = "Examples:\n  socktap top\n  socktap top --comm postgres --rows 10\n  socktap top --interval 5s --iterations 1"
+    )]
+    Top(TopArgs),
+}
+
+/// Output format.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum Output {
+    /// A table for people.
+    Table,
+    /// One proto3 JSON object per line (the mapping grpcurl prints).
+    Json,
+}
+
+/// Event kind.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum KindArg {
+    /// send calls.
+    Send,
+    /// recv calls.
+    Recv,
+}
+
+/// Address family.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum FamilyArg {
+    /// IPv4 (including v4-mapped IPv6).
+    Ipv4,
+    /// IPv6.
+    Ipv6,
+}
+
+/// Server-side filters. Different flags must all match; a repeated flag (or
+/// a comma list) matches any of its values; `--exclude-*` flags drop what
+/// they match.
+#[derive(Args, Debug, Default, Clone)]
+pub struct FilterArgs {
+    /// Only this process id (tgid).
+    #[arg(long, value_delimiter = ',')]
+    pub pid: Vec<u32>,
+    /// Only this thread name (exact).
+    #[arg(long, value_delimiter = ',', value_parser = comm)]
+    pub comm: Vec<String>,
+    /// Only thread names starting with this.
+    #[arg(long, value_delimiter = ',', value_parser = comm)]
+    pub comm_prefix: Vec<String>,
+    /// Only this socket cookie (SO_COOKIE).
+    #[arg(long, value_delimiter = ',')]
+    pub cookie: Vec<u64>,
+    /// Only this local port.
+    #[arg(long, value_delimiter = ',', value_parser = port)]
+    pub port: Vec<u32>,
+    /// Only this remote port.
+    #[arg(long, value_delimiter = ',', value_parser = port)]
+    pub remote_port: Vec<u32>,
+    /// Only remote addresses in this CIDR (10.0.0.0/8, fd00::/8) or equal to this address.
+    #[arg(long, value_delimiter = ',', value_parser = cidr)]
+    pub cidr: Vec<String>,
+    /// Only this uid.
+    #[arg(long, value_delimiter = ',')]
+    pub uid: Vec<u32>,
+    /// Only this cgroup v2 id.
+    #[arg(long, value_delimiter = ',')]
+    pub cgroup: Vec<u64>,
+    /// Only sends or only receives.
+    #[arg(long, value_enum, value_delimiter = ',')]
+    pub kind: Vec<KindArg>,
+    /// Only this address family.
+    #[arg(long, value_enum, value_delimiter = ',')]
+    pub family: Vec<FamilyArg>,
+    /// Only failed calls (errno set).
+    #[arg(long)]
+    pub errors: bool,
+    /// Drop this process id.
+    #[arg(long, value_delimiter = ',')]
+    pub exclude_pid: Vec<u32>,
+    /// Drop this thread name (exact).
+    #[arg(long, value_delimiter = ',', value_parser = comm)]
+    pub exclude_comm: Vec<String>,
+    /// Drop thread names starting with this.
+    #[arg(long, value_delimiter = ',', value_parser = comm)]
+    pub exclude_comm_prefix: Vec<String>,
+    /// Drop this socket cookie.
+    #[arg(long, value_delimiter = ',')]
+    pub exclude_cookie: Vec<u64>,
+    /// Drop this local port.
+    #[arg(long, value_delimiter = ',', value_parser = port)]
+    pub exclude_port: Vec<u32>,
+    /// Drop this remote port.
+    #[arg(long, value_delimiter = ',', value_parser = port)]
+    pub exclude_remote_port: Vec<u32>,
+    /// Drop remote addresses in this CIDR.
+    #[arg(long, value_delimiter = ',', value_parser = cidr)]
+    pub exclude_cidr: Vec<String>,
+    /// Drop this uid.
+    #[arg(long, value_delimiter = ',')]
+    pub exclude_uid: Vec<u32>,
+    /// Drop this cgroup v2 id.
+    #[arg(long, value_delimiter = ',')]
+    pub exclude_cgroup: Vec<u64>,
+    /// Also show this socktap process's own calls (receiving the stream
+    /// produces events; by default they are dropped to avoid a feedback loop).
+    #[arg(long)]
+    pub include_self: bool,
+}
+
+/// `socktap watch`.
+#[derive(Args, Debug)]
+pub struct WatchArgs {
+    #[command(flatten)]
+    pub filters: FilterArgs,
+    /// Start with the last N matching events from socktapd's history.
+    #[arg(long, value_name = "N", conflicts_with_all = ["since", "resume_after"])]
+    pub replay: Option<u32>,
+    /// Start from history at this time: RFC 3339 (2026-11-25T14:00:00Z) or a duration ago (30s, 5m).
+    #[arg(long, value_parser = since, conflicts_with = "resume_after")]
+    pub since: Option<SystemTime>,
+    /// Start from history after this sequence number (resume a stream).
+    #[arg(long, value_name = "SEQ")]
+    pub resume_after: Option<u64>,
+    /// Exit after N events.
+    #[arg(long, value_name = "N")]
+    pub limit: Option<u64>,
+    /// Output format.
+    #[arg(short, long, value_enum, default_value = "table")]
+    pub output: Output,
+    /// Same as -o json.
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// `socktap status`.
+#[derive(Args, Debug)]
+pub struct StatusArgs {
+    /// Output format.
+    #[arg(short, long, value_enum, default_value = "table")]
+    pub output: Output,
+}
+
+/// `socktap top`.
+#[derive(Args, Debug)]
+pub struct TopArgs {
+    #[command(flatten)]
+    pub filters: FilterArgs,
+    /// Refresh interval (1s, 500ms, 5s).
+    #[arg(long, value_parser = interval, default_value = "1s")]
+    pub interval: Duration,
+    /// Rows per table.
+    #[arg(long, default_value_t = 20)]
+    pub rows: usize,
+    /// Exit after this many refreshes (default: until Ctrl-C).
+    #[arg(long)]
+    pub iterations: Option<u64>,
+}
+
+fn comm(s: &str) -> Result<String, String> {
+    if s.is_empty() || s.len() > 15 {
+        return Err("a thread name has 1 to 15 bytes".into());
+    }
+    Ok(s.to_owned())
+}
+
+fn port(s: &str) -> Result<u32, String> {
+    match s.parse::<u16>() {
+        Ok(p) if p > 0 => Ok(p.into()),
+        _ => Err("a port is 1-65535".into()),
+    }
+}
+
+fn cidr(s: &str) -> Result<String, String> {
+    let (ip, prefix) = match s.split_once('/') {
+        Some((ip, p)) => (ip, Some(p)),
+        None => (s, None),
+    };
+    let ip: IpAddr = ip
+        .parse()
+        .map_err(|_| "expected a CIDR like 10.0.0.0/8 or an IP address".to_string())?;
+    if let Some(p) = prefix {
+        let max = if ip.is_ipv4() { 32 } else { 128 };
+        match p.parse::<u8>() {
+            Ok(n) if n <= max => {}
+            _ => return Err(format!("the prefix length must be 0-{max}")),
+        }
+    }
+    Ok(s.to_owned())
+}
+
+fn since(s: &str) -> Result<SystemTime, String> {
+    if let Ok(d) = humantime::parse_duration(s) {
+        return SystemTime::now()
+            .checked_sub(d)
+            .ok_or_else(|| "too far back".to_string());
+    }
+    humantime::parse_rfc3339_weak(s).map_err(|_| "expected RFC 3339 (2026-11-25T14:00:00Z) or a duration (30s)".into())
+}
+
+fn interval(s: &str) -> Result<Duration, String> {
+    match humantime::parse_duration(s) {
+        Ok(d) if d >= Duration::from_millis(100) => Ok(d),
+        Ok(_) => Err("at least 100ms".into()),
+        Err(e) => Err(e.to_string()),
+    }
+}
+
+impl FilterArgs {
+    /// The API's allow and deny lists for these flags.
+    pub fn to_filters(&self) -> (Vec<api::EventFilter>, Vec<api::EventFilter>) {
+        let allow = api::EventFilter {
+            cookies: self.cookie.clone(),
+            pids: self.pid.clone(),
+            comms: self.comm.clone(),
+            comm_prefixes: self.comm_prefix.clone(),
+            uids: self.uid.clone(),
+            cgroup_ids: self.cgroup.clone(),
+            local_ports: self.port.clone(),
+            remote_ports: self.remote_port.clone(),
+            remote_cidrs: self.cidr.clone(),
+            families: self
+                .family
+                .iter()
+                .map(|f| match f {
+                    FamilyArg::Ipv4 => api::AddressFamily::Ipv4 as i32,
+                    FamilyArg::Ipv6 => api::AddressFamily::Ipv6 as i32,
+                })
+                .collect(),
+            kinds: self
+                .kind
+                .iter()
+                .map(|k| match k {
+                    KindArg::Send => api::EventKind::Send as i32,
+                    KindArg::Recv => api::EventKind::Recv as i32,
+                })
+                .collect(),
+            errors_only: self.errors,
+        };
+        // Each exclude flag is its own deny filter: any of them drops an event.
+        let mut deny = Vec::new();
+        let mut add = |f: api::EventFilter| deny.push(f);
+        let mut exclude_pid = self.exclude_pid.clone();
+        if !self.include_self {
+            exclude_pid.push(std::process::id());
+        }
+        if !exclude_pid.is_empty() {
+            add(api::EventFilter {
+                pids: exclude_pid,
+                ..Default::default()
+            });
+        }
+        if !self.exclude_comm.is_empty() {
+            add(api::EventFilter {
+                comms: self.exclude_comm.clone(),
+                ..Default::default()
+            });
+        }
+        if !self.exclude_comm_prefix.is_empty() {
+            add(api::EventFilter {
+                comm_prefixes: self.exclude_comm_prefix.clone(),
+                ..Default::default()
+            });
+        }
+        if !self.exclude_cookie.is_empty() {
+            add(api::EventFilter {
+                cookies: self.exclude_cookie.clone(),
+                ..Default::default()
+            });
+        }
+        if !self.exclude_port.is_empty() {
+            add(api::EventFilter {
+                local_ports: self.exclude_port.clone(),
+                ..Default::default()
+            });
+        }
+        if !self.exclude_remote_port.is_empty() {
+            add(api::EventFilter {
+                remote_ports: self.exclude_remote_port.clone(),
+                ..Default::default()
+            });
+        }
+        if !self.exclude_cidr.is_empty() {
+            add(api::EventFilter {
+                remote_cidrs: self.exclude_cidr.clone(),
+                ..Default::default()
+            });
+        }
+        if !self.exclude_uid.is_empty() {
+            add(api::EventFilter {
+                uids: self.exclude_uid.clone(),
+                ..Default::default()
+            });
+        }
+        if !self.exclude_cgroup.is_empty() {
+            add(api::EventFilter {
+                cgroup_ids: self.exclude_cgroup.clone(),
+                ..Default::default()
+            });
+        }
+        let allow = if allow == api::EventFilter::default() {
+            vec![]
+        } else {
+            vec![allow]
+        };
+        (allow, deny)
+    }
+}
+
+impl WatchArgs {
+    /// The WatchEvents request for these flags.
+    pub fn to_request(&self) -> api::WatchEventsRequest {
+        let (allow, deny) = self.filters.to_filters();
+        let since = self.since.map(|t| {
+            let d = t.duration_since(SystemTime::UNIX_EPOCH).unwrap_or_default();
+            socktap_proto::Timestamp {
+                seconds: d.as_secs() as i64,
+                nanos: d.subsec_nanos() as i32,
+            }
+        });
+        api::WatchEventsRequest {
+            allow,
+            deny,
+            replay_last: self.replay.unwrap_or(0),
+            since,
+            resume_after_seq: self.resume_after,
+            limit: self.limit.unwrap_or(0),
+            max_batch_events: None,
+            max_flush_delay: None,
+        }
+    }
+}
+
+/// How a command ended badly.
+#[derive(Debug, thiserror::Error)]
+enum Failure {
+    #[error(transparent)]
+    Connect(#[from] ConnectError),
+    #[error("socktapd at {addr} refused the request: {message}")]
+    Rejected { addr: DaemonAddr, message: String },
+    #[error("socktapd at {addr}: {status}")]
+    Rpc { addr: DaemonAddr, status: String },
+    /// Our stdout was closed (e.g. `| head`): not an error.
+    #[error("stdout closed")]
+    Closed,
+    #[error("writing output: {0}")]
+    Io(io::Error),
+}
+
+impl Failure {
+    fn rpc(addr: &DaemonAddr, s: tonic::Status) -> Failure {
+        if s.code() == tonic::Code::InvalidArgument {
+            return Failure::Rejected {
+                addr: addr.clone(),
+                message: s.message().to_owned(),
+            };
+        }
+        let detail = if s.message().is_empty() {
+            std::error::Error::source(&s)
+                .map(root_cause)
+                .unwrap_or_else(|| format!("{:?}", s.code()))
+        } else {
+            s.message().to_owned()
+        };
+        Failure::Rpc {
+            addr: addr.clone(),
+            status: format!("{:?}: {detail}", s.code()),
+        }
+    }
+    fn exit_code(&self) -> i32 {
+        match self {
+            Failure::Closed => 0,
+            Failure::Rejected { .. } => 2,
+            _ => 1,
+        }
+    }
+}
+
+fn write_line(out: &mut (dyn Write + Send), line: &str) -> Result<(), Failure> {
+    writeln!(out, "{line}").map_err(io_failure)
+}
+
+fn flush(out: &mut (dyn Write + Send)) -> Result<(), Failure> {
+    out.flush().map_err(io_failure)
+}
+
+fn io_failure(e: io::Error) -> Failure {
+    if e.kind() == io::ErrorKind::BrokenPipe {
+        Failure::Closed
+    } else {
+        Failure::Io(e)
+    }
+}
+
+/// Parses arguments; on a usage error prints one line and gives exit code 2
+/// (help and version print in full and give 0).
+pub fn parse(args: impl IntoIterator<Item = std::ffi::OsString>, err: &mut (dyn Write + Send)) -> Result<Cli, i32> {
+    match Cli::try_parse_from(args) {
+        Ok(cli) => Ok(cli),
+        Err(e) if !e.use_stderr() => {
+            let _ = e.print();
+            Err(0)
+        }
+        Err(e) => {
+            let text = e.to_string();
+            let first = text.lines().next().unwrap_or("invalid arguments");
+            let _ = writeln!(err, "socktap: {}", first.strip_prefix("error: ").unwrap_or(first));
+            Err(2)
+        }
+    }
+}
+
+/// Runs a command; returns the process exit code: 0 done (or stdout
+/// closed), 1 socktapd unreachable or failing, 2 bad input.
+pub async fn run(cli: Cli, out: &mut (dyn Write + Send), err: &mut (dyn Write + Send)) -> i32 {
+    let result = match &cli.command {
+        Command::Watch(a) => watch(&cli.addr, a, out, err).await,
+        Command::Status(a) => status(&cli.addr, a, out).await,
+        Command::Top(a) => top(&cli.addr, a, out).await,
+    };
+    match result {
+        Ok(()) => 0,
+        Err(f) => {
+            let code = f.exit_code();
+            if code != 0 {
+                let _ = writeln!(err, "socktap: {f}");
+            }
+            code
+        }
+    }
+}
+
+async fn watch(
+    addr: &DaemonAddr,
+    a: &WatchArgs,
+    out: &mut (dyn Write + Send),
+    err: &mut (dyn Write + Send),
+) -> Result<(), Failure> {
+    let json = a.json || a.output == Output::Json;
+    let mut client = connect(addr).await?;
+    let mut stream = client
+        .watch_events(a.to_request())
+        .await
+        .map_err(|s| Failure::rpc(addr, s))?
+        .into_inner();
+    if !json {
+        write_line(out, format::TABLE_HEADER)?;
+        flush(out)?;
+    }
+    let ctrl_c = tokio::signal::ctrl_c();
+    tokio::pin!(ctrl_c);
+    loop {
+        let msg = tokio::select! {
+            m = stream.message() => m.map_err(|s| Failure::rpc(addr, s))?,
+            _ = &mut ctrl_c => return Ok(()),
+        };
+        let Some(msg) = msg.and_then(|m| m.message) else {
+            return Ok(());
+        };
+        match msg {
+            api::watch_events_response::Message::Events(batch) => {
+                for e in &batch.events {
+                    let line = if json {
+                        format::json_line(e)
+                    } else {
+                        format::table_row(e)
+                    };
+                    write_line(out, &line)?;
+                }
+            }
+            api::watch_events_response::Message::Lost(l) => {
+                if json {
+                    let _ = writeln!(err, "{}", format::json_line(&l));
+                } else {
+                    write_line(out, &format::lost_line(&l))?;
+                }
+            }
+        }
+        flush(out)?;
+    }
+}
+
+async fn status(addr: &DaemonAddr, a: &StatusArgs, out: &mut (dyn Write + Send)) -> Result<(), Failure> {
+    let mut client = connect(addr).await?;
+    let s = client
+        .get_status(api::GetStatusRequest {})
+        .await
+        .map_err(|s| Failure::rpc(addr, s))?
+        .into_inner();
+    match a.output {
+        Output::Json => write_line(out, &format::json_line(&s))?,
+        Output::Table => out.write_all(format::status_text(&s).as_bytes()).map_err(io_failure)?,
+    }
+    flush(out)
+}
+
+async fn top(addr: &DaemonAddr, a: &TopArgs, out: &mut (dyn Write + Send)) -> Result<(), Failure> {
+    use std::io::IsTerminal;
+    let clear = io::stdout().is_terminal();
+    let mut client = connect(addr).await?;
+    let (allow, deny) = a.filters.to_filters();
+    let req = api::WatchEventsRequest {
+        allow,
+        deny,
+        ..Default::default()
+    };
+    let mut stream = client
+        .watch_events(req)
+        .await
+        .map_err(|s| Failure::rpc(addr, s))?
+        .into_inner();
+    let ctrl_c = tokio::signal::ctrl_c();
+    tokio::pin!(ctrl_c);
+    let mut ticker = tokio::time::interval_at(Instant::now() + a.interval, a.interval);
+    let mut frame = Top::default();
+    let mut frames = 0u64;
+    let mut last = Instant::now();
+    let show = |frame: &Top, last: &mut Instant, out: &mut (dyn Write + Send)| -> Result<(), Failure> {
+        let now = Instant::now();
+        let text = frame.render(a.rows, now.duration_since(*last).as_secs_f64());
+        *last = now;
+        if clear {
+            out.write_all(b"\x1b[H\x1b[2J").map_err(io_failure)?;
+        }
+        out.write_all(text.as_bytes()).map_err(io_failure)?;
+        write_line(out, "")?;
+        flush(out)
+    };
+    loop {
+        tokio::select! {
+            m = stream.message() => match m.map_err(|s| Failure::rpc(addr, s))?.and_then(|m| m.message) {
+                Some(api::watch_events_response::Message::Events(b)) => b.events.iter().for_each(|e| frame.add(e)),
+                Some(api::watch_events_response::Message::Lost(l)) => frame.lost(l.count),
+                // socktapd ended the stream (shutting down): show what there is.
+                None => return show(&frame, &mut last, out),
+            },
+            _ = ticker.tick() => {
+                show(&frame, &mut last, out)?;
+                frame = Top::default();
+                frames += 1;
+                if a.iterations.is_some_and(|n| frames >= n) {
+                    return Ok(());
+                }
+            }
+            _ = &mut ctrl_c => return Ok(()),
+        }
+    }
+}

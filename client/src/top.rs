@@ -1,0 +1,203 @@
+//! `socktap top`: per-socket and per-process totals over each refresh
+//! interval, computed on the client from the event stream.
+
+use std::collections::HashMap;
+use std::fmt::Write as _;
+
+use socktap_proto::v1 as api;
+
+use crate::format::endpoint;
+
+/// Bytes and calls in each direction.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Traffic {
+    /// Bytes sent.
+    pub tx_bytes: u64,
+    /// Bytes received.
+    pub rx_bytes: u64,
+    /// send calls.
+    pub tx_calls: u64,
+    /// recv calls.
+    pub rx_calls: u64,
+}
+
+impl Traffic {
+    fn add(&mut self, e: &api::Event) {
+        match e.kind() {
+            api::EventKind::Send => {
+                self.tx_bytes += e.bytes as u64;
+                self.tx_calls += 1;
+            }
+            api::EventKind::Recv => {
+                self.rx_bytes += e.bytes as u64;
+                self.rx_calls += 1;
+            }
+            api::EventKind::Unspecified => {}
+        }
+    }
+    /// Bytes both ways.
+    pub fn total(&self) -> u64 {
+        self.tx_bytes + self.rx_bytes
+    }
+}
+
+/// One socket's row.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct SocketRow {
+    /// The socket cookie.
+    pub cookie: u64,
+    /// The last process seen using it.
+    pub pid: u32,
+    /// Its thread name.
+    pub comm: String,
+    /// local → remote.
+    pub flow: String,
+    /// Its traffic.
+    pub traffic: Traffic,
+}
+
+/// One process's row.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct ProcessRow {
+    /// pid (tgid).
+    pub pid: u32,
+    /// Thread name last seen.
+    pub comm: String,
+    /// Distinct sockets seen.
+    pub sockets: usize,
+    /// Its traffic.
+    pub traffic: Traffic,
+}
+
+/// Aggregates one interval of events.
+#[derive(Debug, Default)]
+pub struct Top {
+    sockets: HashMap<u64, SocketRow>,
+    processes: HashMap<u32, (ProcessRow, std::collections::HashSet<u64>)>,
+    events: u64,
+    lost: u64,
+}
+
+impl Top {
+    /// Counts one event.
+    pub fn add(&mut self, e: &api::Event) {
+        self.events += 1;
+        let s = self.sockets.entry(e.cookie).or_insert_with(|| SocketRow {
+            cookie: e.cookie,
+            flow: format!(
+                "{} → {}",
+                endpoint(&e.local_addr, e.local_port),
+                endpoint(&e.remote_addr, e.remote_port)
+            ),
+            ..Default::default()
+        });
+        s.pid = e.pid;
+        s.comm.clone_from(&e.comm);
+        s.traffic.add(e);
+        let (p, cookies) = self.processes.entry(e.pid).or_default();
+        p.pid = e.pid;
+        p.comm.clone_from(&e.comm);
+        p.traffic.add(e);
+        cookies.insert(e.cookie);
+        p.sockets = cookies.len();
+    }
+
+    /// Counts lost events (they are missing from the totals).
+    pub fn lost(&mut self, n: u64) {
+        self.lost += n;
+    }
+
+    /// Sockets, busiest first.
+    pub fn sockets(&self) -> Vec<&SocketRow> {
+        let mut v: Vec<_> = self.sockets.values().collect();
+        v.sort_by(|a, b| b.traffic.total().cmp(&a.traffic.total()).then(a.cookie.cmp(&b.cookie)));
+        v
+    }
+
+    /// Processes, busiest first.
+    pub fn processes(&self) -> Vec<&ProcessRow> {
+        let mut v: Vec<_> = self.processes.values().map(|(p, _)| p).collect();
+        v.sort_by(|a, b| b.traffic.total().cmp(&a.traffic.total()).then(a.pid.cmp(&b.pid)));
+        v
+    }
+
+    /// The frame for this interval, at most `rows` rows per table.
+    pub fn render(&self, rows: usize, interval_secs: f64) -> String {
+        let mut out = String::new();
+        let lost = if self.lost > 0 {
+            format!("  lost {} (totals are short)", self.lost)
+        } else {
+            String::new()
+        };
+        let _ = writeln!(out, "socktap top: {} events in {interval_secs:.1}s{lost}", self.events);
+        let _ = writeln!(out);
+        let _ = writeln!(
+            out,
+            "{:>12} {:<15} {:>7} {:>10} {:>10} {:>7} {:>7}  FLOW",
+            "COOKIE", "COMM", "PID", "TX_BYTES", "RX_BYTES", "TX", "RX"
+        );
+        for s in self.sockets().into_iter().take(rows) {
+            let t = &s.traffic;
+            let _ = writeln!(
+                out,
+                "{:>12} {:<15} {:>7} {:>10} {:>10} {:>7} {:>7}  {}",
+                s.cookie, s.comm, s.pid, t.tx_bytes, t.rx_bytes, t.tx_calls, t.rx_calls, s.flow
+            );
+        }
+        let _ = writeln!(out);
+        let _ = writeln!(
+            out,
+            "{:>7} {:<15} {:>7} {:>10} {:>10} {:>7} {:>7}",
+            "PID", "COMM", "SOCKETS", "TX_BYTES", "RX_BYTES", "TX", "RX"
+        );
+        for p in self.processes().into_iter().take(rows) {
+            let t = &p.traffic;
+            let _ = writeln!(
+                out,
+                "{:>7} {:<15} {:>7} {:>10} {:>10} {:>7} {:>7}",
+                p.pid, p.comm, p.sockets, t.tx_bytes, t.rx_bytes, t.tx_calls, t.rx_calls
+            );
+        }
+        out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ev(cookie: u64, pid: u32, kind: api::EventKind, bytes: u32) -> api::Event {
+        api::Event {
+            cookie,
+            pid,
+            kind: kind as i32,
+            bytes,
+            comm: format!("p{pid}"),
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn sums_and_sorts_by_total() {
+        let mut t = Top::default();
+        t.add(&ev(1, 10, api::EventKind::Send, 100));
+        t.add(&ev(2, 10, api::EventKind::Recv, 5000));
+        t.add(&ev(1, 10, api::EventKind::Recv, 50));
+        t.add(&ev(3, 20, api::EventKind::Send, 1));
+        t.lost(4);
+        let s = t.sockets();
+        assert_eq!(s.iter().map(|r| r.cookie).collect::<Vec<_>>(), vec![2, 1, 3]);
+        assert_eq!(
+            s[1].traffic,
+            Traffic {
+                tx_bytes: 100,
+                rx_bytes: 50,
+                tx_calls: 1,
+                rx_calls: 1
+            }
+        );
+        let p = t.processes();
+        assert_eq!((p[0].pid, p[0].sockets, p[0].traffic.total()), (10, 2, 5150));
+        assert!(t.render(10, 1.0).contains("lost 4"));
+    }
+}

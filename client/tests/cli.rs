@@ -1,0 +1,524 @@
+//! The `socktap` binary against an in-test gRPC server that serves canned
+//! events and records what it was asked. Needs no privileges and no BPF.
+
+use std::io::{BufRead, BufReader, Read};
+use std::process::{Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use socktap_client::api;
+use socktap_client::api::socktap_server::{Socktap, SocktapServer};
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::{ReceiverStream, TcpListenerStream, UnixListenerStream};
+use tonic::{Request, Response, Status};
+
+const BIN: &str = env!("CARGO_BIN_EXE_socktap");
+
+fn events() -> Vec<api::Event> {
+    vec![
+        api::Event {
+            seq: 7,
+            time: Some(socktap_proto::Timestamp {
+                seconds: 1_764_000_000,
+                nanos: 250_000_000,
+            }),
+            monotonic_ns: 99,
+            cookie: 4097,
+            kind: api::EventKind::Send as i32,
+            bytes: 1448,
+            pid: 321,
+            tid: 322,
+            comm: "curl".into(),
+            uid: 1000,
+            cgroup_id: 55,
+            netns: 4026531833,
+            family: api::AddressFamily::Ipv4 as i32,
+            local_addr: "10.0.0.2".into(),
+            local_port: 40000,
+            remote_addr: "10.0.0.9".into(),
+            remote_port: 443,
+            cpu: 1,
+            mode: api::AttachMode::Tracepoint as i32,
+            ..Default::default()
+        },
+        api::Event {
+            seq: 9,
+            time: Some(socktap_proto::Timestamp {
+                seconds: 1_764_000_001,
+                nanos: 0,
+            }),
+            cookie: 4098,
+            kind: api::EventKind::Recv as i32,
+            errno: 11,
+            pid: 400,
+            tid: 400,
+            comm: "nginx".into(),
+            family: api::AddressFamily::Ipv6 as i32,
+            local_addr: "::1".into(),
+            local_port: 8080,
+            remote_addr: "fd00::7".into(),
+            remote_port: 51000,
+            mode: api::AttachMode::Tracepoint as i32,
+            ..Default::default()
+        },
+    ]
+}
+
+fn lost() -> api::LostEvents {
+    api::LostEvents {
+        source: api::LossSource::SubscriberQueue as i32,
+        count: 12,
+        first_seq: 20,
+        last_seq: 40,
+        ..Default::default()
+    }
+}
+
+#[derive(Clone, Default)]
+struct Fake {
+    requests: Arc<Mutex<Vec<api::WatchEventsRequest>>>,
+    /// Keep sending events until the client goes away.
+    endless: bool,
+}
+
+#[tonic::async_trait]
+impl Socktap for Fake {
+    type WatchEventsStream = ReceiverStream<Result<api::WatchEventsResponse, Status>>;
+
+    async fn watch_events(
+        &self,
+        req: Request<api::WatchEventsRequest>,
+    ) -> Result<Response<Self::WatchEventsStream>, Status> {
+        let req = req.into_inner();
+        if req
+            .allow
+            .first()
+            .is_some_and(|f| f.comms.iter().any(|c| c == "rejectme"))
+        {
+            return Err(Status::invalid_argument(
+                "allow[0].comms[0]: rejected by the test server",
+            ));
+        }
+        self.requests.lock().unwrap().push(req);
+        let (tx, rx) = mpsc::channel(4);
+        let endless = self.endless;
+        tokio::spawn(async move {
+            use api::watch_events_response::Message;
+            let batch = |events| {
+                Ok(api::WatchEventsResponse {
+                    message: Some(Message::Events(api::EventBatch { events })),
+                })
+            };
+            let _ = tx.send(batch(vec![events()[0].clone()])).await;
+            let _ = tx
+                .send(Ok(api::WatchEventsResponse {
+                    message: Some(Message::Lost(lost())),
+                }))
+                .await;
+            let _ = tx.send(batch(vec![events()[1].clone()])).await;
+            if endless {
+                while tx.send(batch(events())).await.is_ok() {}
+            }
+        });
+        Ok(Response::new(ReceiverStream::new(rx)))
+    }
+
+    async fn get_status(&self, _: Request<api::GetStatusRequest>) -> Result<Response<api::GetStatusResponse>, Status> {
+        Ok(Response::new(api::GetStatusResponse {
+            version: "9.9.9".into(),
+            kernel_release: "6.18.0-test".into(),
+            attach_mode: api::AttachMode::Tracepoint as i32,
+            events_read: 1234,
+            kernel_drops: 5,
+            kernel_gate_open: true,
+            subscribers: vec![api::SubscriberStatus {
+                id: 3,
+                peer: "127.0.0.1:9".into(),
+                lost: 2,
+                ..Default::default()
+            }],
+            ..Default::default()
+        }))
+    }
+}
+
+/// Serves `fake` on a loopback port on a background thread; returns its address.
+fn serve(fake: Fake) -> String {
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let rt = tokio::runtime::Runtime::new().unwrap();
+        rt.block_on(async move {
+            let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+            tx.send(l.local_addr().unwrap().to_string()).unwrap();
+            tonic::transport::Server::builder()
+                .add_service(SocktapServer::new(fake))
+                .serve_with_incoming(TcpListenerStream::new(l))
+                .await
+                .unwrap();
+        });
+    });
+    rx.recv().unwrap()
+}
+
+struct Run {
+    code: i32,
+    stdout: String,
+    stderr: String,
+}
+
+fn socktap(args: &[&str]) -> Run {
+    let out = Command::new(BIN)
+        .args(args)
+        .env_remove("SOCKTAP_ADDR")
+        .output()
+        .unwrap();
+    Run {
+        code: out.status.code().expect("exited, not killed"),
+        stdout: String::from_utf8(out.stdout).unwrap(),
+        stderr: String::from_utf8(out.stderr).unwrap(),
+    }
+}
+
+#[test]
+fn table_output_field_by_field() {
+    let addr = serve(Fake::default());
+    let r = socktap(&["--addr", &addr, "watch"]);
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    let lines: Vec<&str> = r.stdout.lines().collect();
+    assert_eq!(lines.len(), 4, "{}", r.stdout);
+    assert!(lines[0].starts_with("TIME") && lines[0].contains("COOKIE") && lines[0].ends_with("ERR"));
+    let c: Vec<&str> = lines[1].split_whitespace().collect();
+    assert_eq!(
+        c[0].len(),
+        "HH:MM:SS.ffffff".len(),
+        "local time with microseconds: {}",
+        lines[1]
+    );
+    assert!(c[0].ends_with(".250000"));
+    assert_eq!(
+        &c[1..],
+        &[
+            "curl",
+            "321",
+            "4097",
+            "send",
+            "1448",
+            "10.0.0.2:40000",
+            "→",
+            "10.0.0.9:443"
+        ]
+    );
+    assert_eq!(
+        lines[2],
+        "-- lost 12 events in socktapd: this client read too slowly (seq 20..=40) --"
+    );
+    let c: Vec<&str> = lines[3].split_whitespace().collect();
+    assert_eq!(
+        &c[1..],
+        &[
+            "nginx",
+            "400",
+            "4098",
+            "recv",
+            "0",
+            "[::1]:8080",
+            "→",
+            "[fd00::7]:51000",
+            "EAGAIN"
+        ]
+    );
+}
+
+#[test]
+fn json_lines_are_proto3_json_and_losses_go_to_stderr() {
+    let addr = serve(Fake::default());
+    let r = socktap(&["--addr", &addr, "watch", "-o", "json"]);
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    let parsed: Vec<api::Event> = r.stdout.lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    assert_eq!(parsed, events(), "every field survives the JSON round trip");
+    let first: serde_json::Value = serde_json::from_str(r.stdout.lines().next().unwrap()).unwrap();
+    assert_eq!(first["cookie"], "4097", "uint64 as a string, as grpcurl prints it");
+    assert_eq!(first["kind"], "EVENT_KIND_SEND");
+    assert_eq!(first["localAddr"], "10.0.0.2");
+    assert_eq!(first["time"], "2025-11-24T16:00:00.250+00:00");
+    let l: api::LostEvents = serde_json::from_str(r.stderr.trim()).unwrap();
+    assert_eq!(l, lost());
+    assert_eq!(
+        socktap(&["--addr", &addr, "watch", "--json"]).stdout,
+        r.stdout,
+        "--json is -o json"
+    );
+}
+
+#[test]
+fn filter_flags_become_the_request() {
+    let fake = Fake::default();
+    let addr = serve(fake.clone());
+    let child = Command::new(BIN)
+        .args([
+            "--addr",
+            &addr,
+            "watch",
+            "--pid",
+            "1",
+            "--pid",
+            "2,3",
+            "--comm",
+            "curl",
+            "--comm-prefix",
+            "ngi",
+        ])
+        .args([
+            "--cookie",
+            "77",
+            "--port",
+            "80",
+            "--remote-port",
+            "443",
+            "--cidr",
+            "10.0.0.0/8",
+            "--cidr",
+            "fd00::/8",
+        ])
+        .args([
+            "--uid", "1000", "--cgroup", "9", "--kind", "send", "--family", "ipv6", "--errors",
+        ])
+        .args([
+            "--exclude-uid",
+            "0",
+            "--exclude-comm",
+            "sshd",
+            "--exclude-cidr",
+            "192.168.0.0/16",
+        ])
+        .args(["--replay", "50", "--limit", "5"])
+        .stdout(Stdio::null())
+        .spawn()
+        .unwrap();
+    let pid = child.id();
+    assert!(child.wait_with_output().unwrap().status.success());
+    let got = fake.requests.lock().unwrap().pop().expect("request recorded");
+    let want = api::WatchEventsRequest {
+        allow: vec![api::EventFilter {
+            cookies: vec![77],
+            pids: vec![1, 2, 3],
+            comms: vec!["curl".into()],
+            comm_prefixes: vec!["ngi".into()],
+            uids: vec![1000],
+            cgroup_ids: vec![9],
+            local_ports: vec![80],
+            remote_ports: vec![443],
+            remote_cidrs: vec!["10.0.0.0/8".into(), "fd00::/8".into()],
+            families: vec![api::AddressFamily::Ipv6 as i32],
+            kinds: vec![api::EventKind::Send as i32],
+            errors_only: true,
+        }],
+        deny: vec![
+            api::EventFilter {
+                pids: vec![pid],
+                ..Default::default()
+            },
+            api::EventFilter {
+                comms: vec!["sshd".into()],
+                ..Default::default()
+            },
+            api::EventFilter {
+                remote_cidrs: vec!["192.168.0.0/16".into()],
+                ..Default::default()
+            },
+            api::EventFilter {
+                uids: vec![0],
+                ..Default::default()
+            },
+        ],
+        replay_last: 50,
+        limit: 5,
+        ..Default::default()
+    };
+    assert_eq!(got, want);
+
+    let r = socktap(&[
+        "--addr",
+        &addr,
+        "watch",
+        "--include-self",
+        "--since",
+        "10s",
+        "--limit",
+        "1",
+    ]);
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    let got = fake.requests.lock().unwrap().pop().unwrap();
+    assert!(
+        got.deny.iter().all(|f| f.pids.is_empty()) || got.deny.is_empty(),
+        "{got:?}"
+    );
+    let since = got.since.expect("since sent").seconds;
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs() as i64;
+    assert!(
+        (now - 12..=now - 9).contains(&since),
+        "since is 10 s ago: {since} vs {now}"
+    );
+}
+
+#[test]
+fn exit_codes_and_one_line_messages() {
+    // Unreachable: 1, naming the address and the cause.
+    let r = socktap(&["--addr", "127.0.0.1:1", "status"]);
+    assert_eq!(r.code, 1);
+    assert_eq!(r.stderr.lines().count(), 1, "{}", r.stderr);
+    assert!(
+        r.stderr.contains("127.0.0.1:1") && r.stderr.contains("refused"),
+        "{}",
+        r.stderr
+    );
+
+    // Bad flag values: 2, naming the flag, one line.
+    for (args, flag) in [
+        (vec!["watch", "--pid", "x"], "--pid"),
+        (vec!["watch", "--port", "70000"], "--port"),
+        (vec!["watch", "--cidr", "10.0.0.0/99"], "--cidr"),
+        (vec!["watch", "--kind", "sideways"], "--kind"),
+        (vec!["watch", "--since", "yesterday-ish"], "--since"),
+        (vec!["--addr", "ftp://x:1", "status"], "--addr"),
+        (vec!["top", "--interval", "1ms"], "--interval"),
+        (vec!["watch", "--replay", "3", "--resume-after", "4"], "--replay"),
+    ] {
+        let r = socktap(&args);
+        assert_eq!(r.code, 2, "{args:?}: {}", r.stderr);
+        assert_eq!(r.stderr.lines().count(), 1, "{args:?}: {}", r.stderr);
+        assert!(r.stderr.contains(flag), "{args:?} names {flag}: {}", r.stderr);
+    }
+
+    // The server's INVALID_ARGUMENT: 2, with the server's message.
+    let addr = serve(Fake::default());
+    let r = socktap(&["--addr", &addr, "watch", "--comm", "rejectme"]);
+    assert_eq!(r.code, 2, "{}", r.stderr);
+    assert!(r.stderr.contains("allow[0].comms[0]"), "{}", r.stderr);
+
+    // Help has examples, for every command.
+    for cmd in [
+        vec!["--help"],
+        vec!["watch", "--help"],
+        vec!["status", "--help"],
+        vec!["top", "--help"],
+    ] {
+        let r = socktap(&cmd);
+        assert_eq!(r.code, 0);
+        assert!(r.stdout.contains("Examples:"), "{cmd:?}");
+    }
+}
+
+#[test]
+fn a_closed_stdout_exits_quietly() {
+    let addr = serve(Fake {
+        endless: true,
+        ..Default::default()
+    });
+    let mut child = Command::new(BIN)
+        .args(["--addr", &addr, "watch"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+    for _ in 0..3 {
+        lines.next().unwrap().unwrap();
+    }
+    drop(lines); // what `| head -3` does
+    let mut stderr = String::new();
+    child.stderr.take().unwrap().read_to_string(&mut stderr).unwrap();
+    let status = child.wait().unwrap();
+    assert_eq!(status.code(), Some(0), "stderr: {stderr}");
+    assert!(!stderr.contains("panicked"), "{stderr}");
+}
+
+#[test]
+fn status_table_and_json() {
+    let addr = serve(Fake::default());
+    let r = socktap(&["--addr", &addr, "status"]);
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    assert!(
+        r.stdout
+            .contains("socktapd 9.9.9  kernel 6.18.0-test  attach mode tracepoint"),
+        "{}",
+        r.stdout
+    );
+    assert!(
+        r.stdout.contains("1234 read") && r.stdout.contains("kernel drops 5"),
+        "{}",
+        r.stdout
+    );
+    assert!(
+        r.stdout.contains("#3 127.0.0.1:9") && r.stdout.contains("lost 2"),
+        "{}",
+        r.stdout
+    );
+    let r = socktap(&["--addr", &addr, "status", "-o", "json"]);
+    let s: api::GetStatusResponse = serde_json::from_str(r.stdout.trim()).unwrap();
+    assert_eq!((s.events_read, s.kernel_drops), (1234, 5));
+}
+
+#[test]
+fn top_sums_per_socket_and_process_and_marks_losses() {
+    let addr = serve(Fake::default());
+    let r = socktap(&["--addr", &addr, "top", "--interval", "300ms", "--iterations", "1"]);
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    assert!(
+        r.stdout.contains("2 events") && r.stdout.contains("lost 12"),
+        "{}",
+        r.stdout
+    );
+    let row = r
+        .stdout
+        .lines()
+        .find(|l| l.trim_start().starts_with("4097"))
+        .expect("socket row");
+    let c: Vec<&str> = row.split_whitespace().collect();
+    assert_eq!(&c[..7], &["4097", "curl", "321", "1448", "0", "1", "0"], "{row}");
+    let prow = r
+        .stdout
+        .lines()
+        .find(|l| l.trim_start().starts_with("400 "))
+        .expect("process row");
+    assert_eq!(
+        prow.split_whitespace().collect::<Vec<_>>(),
+        vec!["400", "nginx", "1", "0", "0", "0", "1"]
+    );
+}
+
+#[test]
+fn unix_socket_addresses_work() {
+    let dir = std::env::temp_dir().join(format!("socktap-cli-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = dir.join("socktapd.sock");
+    let p = path.clone();
+    std::thread::spawn(move || {
+        tokio::runtime::Runtime::new().unwrap().block_on(async move {
+            let l = tokio::net::UnixListener::bind(&p).unwrap();
+            tonic::transport::Server::builder()
+                .add_service(SocktapServer::new(Fake::default()))
+                .serve_with_incoming(UnixListenerStream::new(l))
+                .await
+                .unwrap();
+        });
+    });
+    for _ in 0..100 {
+        if path.exists() {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let addr = format!("unix:{}", path.display());
+    let r = Command::new(BIN)
+        .args(["status"])
+        .env("SOCKTAP_ADDR", &addr)
+        .output()
+        .unwrap();
+    assert!(r.status.success(), "{}", String::from_utf8_lossy(&r.stderr));
+    assert!(String::from_utf8_lossy(&r.stdout).contains("9.9.9"));
+    let _ = std::fs::remove_dir_all(dir);
+}
