@@ -198,10 +198,13 @@ fn udp_and_unix_sockets_produce_no_event() {
             d1.send(b"unix dgram").unwrap();
             d2.recv(&mut buf).unwrap();
             // The fence: TCP traffic from the same thread, after the rest.
+            // Cookies are read first: in kprobe mode an event carries the
+            // cookie only once something has asked for it.
             let (mut c, mut s) = tcp_pair(false);
+            let fence = [so_cookie(&c), so_cookie(&s)];
             c.write_all(b"fence").unwrap();
             s.read_exact(&mut buf[..5]).unwrap();
-            (gettid(), [so_cookie(&c), so_cookie(&s)])
+            (gettid(), fence)
         })
         .unwrap()
         .join()

@@ -1,0 +1,102 @@
+#!/usr/bin/env bash
+# Boots Debian kernels under QEMU (TCG) and runs socktap's privileged tests
+# in each attach mode they should support; checks the refused ones fail
+# cleanly. Prints a kernel × mode matrix; exits non-zero if any cell differs
+# from tests/vm/kernels.
+#
+# Usage: tests/vm/matrix.sh              every cell
+#        tests/vm/matrix.sh 6.1          one kernel
+#        tests/vm/matrix.sh 6.1 fentry   one cell
+# Kernels, the initramfs and logs are kept under target/vm/.
+set -euo pipefail
+root=$(cd "$(dirname "$0")/../.." && pwd)
+cd "$root"
+vm=$root/target/vm
+mkdir -p "$vm/logs"
+only_kernel=${1:-}
+only_mode=${2:-}
+boot_timeout=${SOCKTAP_VM_TIMEOUT:-900}
+
+scripts/deps.sh qemu-system-x86 busybox-static
+
+# --- the binaries under test ------------------------------------------------
+tests=$(cargo test --locked --no-run --message-format=json \
+          --test probe --test probe_lifecycle --test daemon_kernel --test cli_kernel 2>/dev/null |
+        grep '"kind":\["test"\]' | sed -n 's/.*"executable":"\([^"]*\)".*/\1/p')
+daemon=$(cargo build --locked --bin socktapd --message-format=json 2>/dev/null |
+         sed -n 's/.*"executable":"\([^"]*socktapd\)".*/\1/p')
+[ -n "$tests" ] && [ -n "$daemon" ] || { echo "matrix: building the test binaries failed" >&2; exit 1; }
+
+# --- the initramfs: busybox, the binaries (stripped) and their libraries ----
+initrd=$vm/initramfs.cpio
+rm -rf "$vm/rootfs"
+mkdir -p "$vm/rootfs"/{bin,proc,sys,dev,tmp,tests}
+cp /bin/busybox "$vm/rootfs/bin/busybox"
+cp tests/vm/init "$vm/rootfs/init"
+chmod +x "$vm/rootfs/init"
+for t in $tests; do strip -g -o "$vm/rootfs/tests/$(basename "$t")" "$t"; done
+strip -g -o "$vm/rootfs/socktapd" "$daemon"
+for bin in $tests $daemon; do
+  ldd "$bin" | grep -o '/[^ ]*' | while read -r lib; do
+    mkdir -p "$vm/rootfs$(dirname "$lib")"
+    cp -L "$lib" "$vm/rootfs$lib"
+  done
+done
+(cd "$vm/rootfs" && find . | busybox cpio -o -H newc 2>/dev/null) > "$initrd"
+
+# --- kernels from Debian's archive, through a private apt directory --------
+mirror=$(sed -n 's/^URIs: *\([^ ]*\).*/\1/p' /etc/apt/sources.list.d/debian.sources 2>/dev/null | head -1)
+[ -n "$mirror" ] || mirror=$(awk '$1 == "deb" { for (i = 2; i <= NF; i++) if ($i ~ /^[a-z]+:\/\//) { print $i; exit } }' /etc/apt/sources.list)
+fetch_kernel() { # name suite -> path of vmlinuz
+  local name=$1 suite=$2 dir=$vm/kernels/$1 apt=$vm/apt-$2
+  if [ ! -f "$dir/vmlinuz" ]; then
+    mkdir -p "$dir" "$apt"/{lists/partial,cache/archives/partial}
+    echo "deb [signed-by=/usr/share/keyrings/debian-archive-keyring.gpg] $mirror $suite main" > "$apt/sources.list"
+    local opts=(-o "Dir::Etc::SourceList=$apt/sources.list" -o Dir::Etc::SourceParts=/dev/null
+                -o "Dir::State::Lists=$apt/lists" -o "Dir::Cache=$apt/cache"
+                -o "APT::Sandbox::User=$(id -un)" -o Debug::NoLocking=1)
+    apt-get "${opts[@]}" -qq update >&2
+    local pkg
+    pkg=$(apt-cache "${opts[@]}" depends linux-image-cloud-amd64 | awk '/Depends: linux-image-[0-9]/ { print $2; exit }')
+    [ -n "$pkg" ] || { echo "matrix: no linux-image-cloud-amd64 in $suite" >&2; return 1; }
+    echo "matrix: fetching $pkg ($suite)" >&2
+    (cd "$dir" && apt-get "${opts[@]}" -qq download "$pkg" >&2 && dpkg-deb -x ./*.deb x && cp x/boot/vmlinuz-* vmlinuz && rm -rf x ./*.deb)
+  fi
+  echo "$dir/vmlinuz"
+}
+
+# --- the cells ----------------------------------------------------------------
+modes=(fentry kprobe tracepoint)
+declare -a rows
+failed=0
+while read -r name suite e_fentry e_kprobe e_tracepoint; do
+  case $name in ''|'#'*) continue ;; esac
+  [ -z "$only_kernel" ] || [ "$only_kernel" = "$name" ] || continue
+  kernel=$(fetch_kernel "$name" "$suite")
+  expects=("$e_fentry" "$e_kprobe" "$e_tracepoint")
+  row=$(printf '%-6s' "$name")
+  for i in 0 1 2; do
+    mode=${modes[$i]} expect=${expects[$i]}
+    if [ -n "$only_mode" ] && [ "$only_mode" != "$mode" ]; then row+=$(printf ' %-22s' "-"); continue; fi
+    log=$vm/logs/$name-$mode.log
+    echo "matrix: booting $name ($suite), mode $mode, expecting $expect; console: $log"
+    start=$(date +%s)
+    timeout "$boot_timeout" qemu-system-x86_64 -accel tcg -cpu max -smp 2 -m 1536 -nographic -no-reboot \
+      -kernel "$kernel" -initrd "$initrd" \
+      -append "console=ttyS0 panic=-1 rdinit=/init quiet socktap.mode=$mode socktap.expect=$expect" \
+      </dev/null >"$log" 2>&1 || true
+    secs=$(( $(date +%s) - start ))
+    line=$(grep -a '^SOCKTAP-RESULT' "$log" | tail -1 || true)
+    got=$(sed -n 's/.* result=\([a-z-]*\).*/\1/p' <<<"$line")
+    got=${got:-no-result}
+    if [ "$got" = "$expect" ]; then mark=ok; else mark=MISMATCH; failed=1; tail -50 "$log"; fi
+    echo "matrix: $name $mode: $got (expected $expect, ${secs}s) ${line#SOCKTAP-RESULT }"
+    row+=$(printf ' %-22s' "$got/$mark")
+  done
+  rows+=("$row")
+done < tests/vm/kernels
+
+echo
+printf '%-6s %-22s %-22s %-22s\n' kernel fentry kprobe tracepoint
+printf '%s\n' "${rows[@]}"
+exit $failed
