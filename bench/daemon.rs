@@ -1,0 +1,131 @@
+//! socktapd as a child process: started per measurement so that its CPU
+//! time and peak RSS belong to that measurement alone.
+
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use socktap_proto::v1::socktap_client::SocktapClient;
+use socktap_proto::v1::{GetStatusRequest, GetStatusResponse};
+use tonic::transport::Channel;
+
+/// A running socktapd.
+pub struct Daemon {
+    child: Child,
+    /// Its gRPC endpoint (http://127.0.0.1:port).
+    pub url: String,
+    start_cpu_ticks: u64,
+    started: Instant,
+}
+
+/// CPU use and memory of a daemon over a measurement.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Usage {
+    /// CPU time over wall time (1.0 = one core busy).
+    pub cores: f64,
+    /// Peak resident set (VmHWM) in MiB.
+    pub peak_rss_mib: f64,
+}
+
+fn free_port() -> std::io::Result<u16> {
+    Ok(std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
+}
+
+impl Daemon {
+    /// Starts `socktapd` and waits until it answers GetStatus.
+    pub async fn start(binary: &Path, extra: &[String]) -> Result<Daemon, String> {
+        let port = free_port().map_err(|e| e.to_string())?;
+        let url = format!("http://127.0.0.1:{port}");
+        let child = Command::new(binary)
+            .args(["--listen", &format!("127.0.0.1:{port}")])
+            .args(extra)
+            .env("RUST_LOG", "warn,libbpf=off")
+            .stdout(Stdio::null())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .map_err(|e| format!("starting {}: {e}", binary.display()))?;
+        let mut d = Daemon {
+            child,
+            url,
+            start_cpu_ticks: 0,
+            started: Instant::now(),
+        };
+        for _ in 0..200 {
+            if d.status().await.is_ok() {
+                d.start_cpu_ticks = d.cpu_ticks();
+                d.started = Instant::now();
+                return Ok(d);
+            }
+            if let Ok(Some(st)) = d.child.try_wait() {
+                return Err(format!("socktapd exited at start: {st}"));
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        Err("socktapd did not answer within 10 s".into())
+    }
+
+    /// Its status.
+    pub async fn status(&self) -> Result<GetStatusResponse, String> {
+        let mut c: SocktapClient<Channel> = SocktapClient::connect(self.url.clone())
+            .await
+            .map_err(|e| e.to_string())?;
+        Ok(c.get_status(GetStatusRequest {})
+            .await
+            .map_err(|e| e.to_string())?
+            .into_inner())
+    }
+
+    /// Waits until `n` subscribers are registered.
+    pub async fn wait_subscribers(&self, n: usize) -> Result<(), String> {
+        for _ in 0..400 {
+            if self.status().await?.subscribers.len() >= n {
+                return Ok(());
+            }
+            tokio::time::sleep(Duration::from_millis(25)).await;
+        }
+        Err(format!("{n} subscribers did not register"))
+    }
+
+    fn cpu_ticks(&self) -> u64 {
+        let stat = std::fs::read_to_string(format!("/proc/{}/stat", self.child.id())).unwrap_or_default();
+        // Fields after the parenthesised comm: state is field 3; utime 14, stime 15.
+        let rest = stat.rsplit_once(')').map(|(_, r)| r).unwrap_or("");
+        let f: Vec<&str> = rest.split_whitespace().collect();
+        let get = |i: usize| f.get(i - 3).and_then(|v| v.parse::<u64>().ok()).unwrap_or(0);
+        get(14) + get(15)
+    }
+
+    /// CPU and memory since start (or the last reset).
+    pub fn usage(&self) -> Usage {
+        // SAFETY: sysconf has no preconditions.
+        let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as f64;
+        let cpu = (self.cpu_ticks() - self.start_cpu_ticks) as f64 / hz;
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.child.id())).unwrap_or_default();
+        let hwm_kib = status
+            .lines()
+            .find_map(|l| l.strip_prefix("VmHWM:"))
+            .and_then(|v| v.split_whitespace().next()?.parse::<f64>().ok())
+            .unwrap_or(0.0);
+        Usage {
+            cores: cpu / self.started.elapsed().as_secs_f64().max(1e-9),
+            peak_rss_mib: hwm_kib / 1024.0,
+        }
+    }
+
+    /// Starts the CPU measurement window now.
+    pub fn reset_usage(&mut self) {
+        self.start_cpu_ticks = self.cpu_ticks();
+        self.started = Instant::now();
+    }
+
+    /// SIGTERM, then waits for a clean exit.
+    pub fn stop(mut self) -> Result<(), String> {
+        // SAFETY: FFI; signals our own child by pid.
+        unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
+        match self.child.wait() {
+            Ok(st) if st.success() => Ok(()),
+            Ok(st) => Err(format!("socktapd exited with {st}")),
+            Err(e) => Err(e.to_string()),
+        }
+    }
+}

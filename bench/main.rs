@@ -1,0 +1,472 @@
+//! socktap-bench: what tracing costs a workload, and what socktapd delivers.
+//!
+//! For each workload (W1 ping-pong, W2 small writers, W3 bulk) it runs each
+//! configuration (untraced, socktapd idle, 1 subscriber, 16 disjoint
+//! subscribers, 16 full-copy subscribers, a bpftrace one-liner), rounds
+//! interleaved so machine drift cancels out, then prints a table and writes
+//! JSON under target/bench/. It measures; it asserts nothing about speed.
+//! `--quick` (CI) checks only that every configuration produced numbers and
+//! that a modest fixed rate loses nothing.
+
+mod daemon;
+mod subscribers;
+mod workload;
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, ExitCode, Stdio};
+use std::time::{Duration, Instant};
+
+use clap::{Parser, ValueEnum};
+use serde_json::json;
+
+use daemon::{Daemon, Usage};
+use subscribers::{Seen, Subscribers};
+use workload::{prepare, Workload};
+
+/// What runs beside the workload.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+enum Config {
+    /// Nothing traces.
+    Untraced,
+    /// socktapd attached, no subscriber (the kernel gate is closed).
+    Idle,
+    /// One subscriber taking every event of the workload.
+    Sub1,
+    /// 16 subscribers, each taking a disjoint share of the workload's sockets.
+    Sub16Disjoint,
+    /// 16 subscribers, each taking every event of the workload.
+    Sub16Full,
+    /// bpftrace printing one line per send/recv to a file.
+    Bpftrace,
+}
+
+/// Measures socktap's overhead and delivery on loopback workloads.
+#[derive(Parser, Debug)]
+#[command(
+    after_help = "Examples:\n  scripts/bench.sh\n  scripts/bench.sh --quick\n  scripts/bench.sh --workloads w2 --configs untraced,sub1 --seconds 60 --rounds 1"
+)]
+struct Args {
+    /// A smoke test: short runs, one round, then the zero-loss check.
+    #[arg(long)]
+    quick: bool,
+    /// Seconds per measurement.
+    #[arg(long, default_value_t = 5.0)]
+    seconds: f64,
+    /// Rounds (each runs every configuration once).
+    #[arg(long, default_value_t = 3)]
+    rounds: u32,
+    /// Workloads to run.
+    #[arg(long, value_enum, value_delimiter = ',', default_values_t = [Workload::W1, Workload::W2, Workload::W3])]
+    workloads: Vec<Workload>,
+    /// Configurations to run.
+    #[arg(long, value_enum, value_delimiter = ',', default_values_t = [Config::Untraced, Config::Idle, Config::Sub1, Config::Sub16Disjoint, Config::Sub16Full, Config::Bpftrace])]
+    configs: Vec<Config>,
+    /// The socktapd binary (default: next to this one).
+    #[arg(long)]
+    socktapd: Option<PathBuf>,
+    /// Extra socktapd flags, e.g. "--ring-buffer-bytes=33554432".
+    #[arg(long, allow_hyphen_values = true)]
+    socktapd_arg: Vec<String>,
+    /// Where to write the JSON.
+    #[arg(long, default_value = "target/bench")]
+    out: PathBuf,
+}
+
+/// One measurement.
+#[derive(Clone, Debug, Default)]
+struct Run {
+    workload: String,
+    config: String,
+    round: u32,
+    ops_per_sec: f64,
+    events_produced: u64,
+    events_delivered: u64,
+    delivered_per_sec: f64,
+    lost_kernel: u64,
+    lost_queue: u64,
+    lost_history: u64,
+    latency_us: Option<[f64; 3]>,
+    usage: Option<Usage>,
+    attach_mode: String,
+    note: Option<String>,
+}
+
+fn percentiles(mut v: Vec<u64>) -> Option<[f64; 3]> {
+    if v.is_empty() {
+        return None;
+    }
+    v.sort_unstable();
+    let p = |q: f64| v[((v.len() as f64 - 1.0) * q).round() as usize] as f64 / 1000.0;
+    Some([p(0.5), p(0.99), p(0.999)])
+}
+
+fn cookie_sets(config: Config, cookies: &[u64]) -> Vec<Vec<u64>> {
+    match config {
+        Config::Sub1 => vec![cookies.to_vec()],
+        Config::Sub16Full => vec![cookies.to_vec(); 16],
+        // Socket i goes to subscriber i % 16; a subscriber without a socket
+        // filters on a cookie that matches nothing.
+        Config::Sub16Disjoint => (0..16)
+            .map(|i| {
+                let mine: Vec<u64> = cookies.iter().skip(i).step_by(16).copied().collect();
+                if mine.is_empty() {
+                    vec![u64::MAX]
+                } else {
+                    mine
+                }
+            })
+            .collect(),
+        _ => vec![],
+    }
+}
+
+async fn measure(args: &Args, socktapd: &Path, w: Workload, c: Config, round: u32, rate: Option<f64>) -> Run {
+    let dur = Duration::from_secs_f64(args.seconds);
+    let mut run = Run {
+        workload: format!("{w:?}"),
+        config: format!("{c:?}"),
+        round,
+        ..Default::default()
+    };
+    match c {
+        Config::Untraced => {
+            let p = prepare(w).expect("loopback connections");
+            run.ops_per_sec = p.run(dur, rate).rate();
+        }
+        Config::Bpftrace => match Bpftrace::start() {
+            Ok(bt) => {
+                let p = prepare(w).expect("loopback connections");
+                let out = p.run(dur, rate);
+                run.ops_per_sec = out.rate();
+                run.events_produced = bt.stop();
+                run.events_delivered = run.events_produced;
+                run.delivered_per_sec = run.events_delivered as f64 / out.seconds;
+                run.attach_mode = "bpftrace tracepoint:sock:sock_*_length".into();
+            }
+            Err(why) => run.note = Some(format!("bpftrace unavailable: {why}")),
+        },
+        _ => {
+            let mut d = match Daemon::start(socktapd, &args.socktapd_arg).await {
+                Ok(d) => d,
+                Err(e) => {
+                    run.note = Some(e);
+                    return run;
+                }
+            };
+            let p = prepare(w).expect("loopback connections");
+            let sets = cookie_sets(c, &p.cookies);
+            let n = sets.len();
+            let subs = Subscribers::start(&d.url, sets);
+            if let Err(e) = d.wait_subscribers(n).await {
+                run.note = Some(e);
+            }
+            let before = d.status().await.unwrap_or_default();
+            d.reset_usage();
+            let out = tokio::task::spawn_blocking(move || p.run(dur, rate))
+                .await
+                .expect("workload thread");
+            let seen: Vec<Seen> = subs.finish(Duration::from_millis(500)).await.unwrap_or_else(|e| {
+                run.note = Some(e);
+                vec![]
+            });
+            run.usage = Some(d.usage());
+            let after = d.status().await.unwrap_or_default();
+            run.attach_mode = format!("{:?}", after.attach_mode()).to_lowercase();
+            run.ops_per_sec = out.rate();
+            run.events_produced = after.kernel_events_produced - before.kernel_events_produced;
+            run.lost_kernel = after.kernel_drops - before.kernel_drops;
+            run.events_delivered = seen.iter().map(|s| s.events).sum();
+            run.delivered_per_sec = run.events_delivered as f64 / out.seconds;
+            run.lost_queue = seen.iter().map(|s| s.lost_queue).sum();
+            run.lost_history = seen.iter().map(|s| s.lost_history).sum();
+            run.latency_us = percentiles(seen.into_iter().flat_map(|s| s.latencies_ns).collect());
+            if let Err(e) = d.stop() {
+                run.note = Some(e);
+            }
+        }
+    }
+    run
+}
+
+/// A bpftrace one-liner writing one line per TCP send/recv to a file.
+struct Bpftrace {
+    child: std::process::Child,
+    out: PathBuf,
+}
+
+impl Bpftrace {
+    const PROGRAM: &'static str = "tracepoint:sock:sock_send_length,tracepoint:sock:sock_recv_length \
+        /args->protocol == 6/ { printf(\"%llu %d %d %d\\n\", nsecs, pid, tid, args->ret); }";
+
+    fn start() -> Result<Bpftrace, String> {
+        if !std::path::Path::new("/sys/kernel/tracing/events").exists() {
+            let ok = Command::new("mount")
+                .args(["-t", "tracefs", "tracefs", "/sys/kernel/tracing"])
+                .status();
+            if !matches!(ok, Ok(s) if s.success()) {
+                return Err("tracefs is not mounted at /sys/kernel/tracing and mounting it failed".into());
+            }
+        }
+        let out = std::env::temp_dir().join(format!("socktap-bench-bpftrace-{}.txt", std::process::id()));
+        let _ = std::fs::remove_file(&out);
+        let mut child = Command::new("bpftrace")
+            .args(["-o"])
+            .arg(&out)
+            .args(["-e", Self::PROGRAM])
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .map_err(|e| format!("cannot run bpftrace: {e}"))?;
+        let start = Instant::now();
+        while start.elapsed() < Duration::from_secs(30) {
+            if std::fs::read_to_string(&out).is_ok_and(|s| s.contains("Attaching")) {
+                std::thread::sleep(Duration::from_millis(300));
+                return Ok(Bpftrace { child, out });
+            }
+            if let Ok(Some(_)) = child.try_wait() {
+                let mut err = String::new();
+                use std::io::Read;
+                let _ = child.stderr.take().map(|mut e| e.read_to_string(&mut err));
+                return Err(err.lines().next().unwrap_or("bpftrace exited").to_owned());
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        let _ = child.kill();
+        Err("bpftrace did not attach within 30 s".into())
+    }
+
+    /// Stops it; returns the number of event lines written.
+    fn stop(mut self) -> u64 {
+        // SAFETY: FFI; signals our own child by pid.
+        unsafe { libc::kill(self.child.id() as i32, libc::SIGINT) };
+        let _ = self.child.wait();
+        let n = std::fs::read_to_string(&self.out)
+            .map(|s| {
+                s.lines()
+                    .filter(|l| l.split_whitespace().count() == 4 && !l.starts_with("Attaching"))
+                    .count()
+            })
+            .unwrap_or(0);
+        let _ = std::fs::remove_file(&self.out);
+        n as u64
+    }
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    if v.is_empty() {
+        return 0.0;
+    }
+    v.sort_by(f64::total_cmp);
+    v[v.len() / 2]
+}
+
+fn cpu_model() -> String {
+    std::fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find_map(|l| l.strip_prefix("model name"))
+                .map(|v| v.trim_start_matches([' ', '\t', ':']).to_owned())
+        })
+        .unwrap_or_else(|| "unknown".into())
+}
+
+fn main() -> ExitCode {
+    let mut args = Args::parse();
+    if args.quick {
+        args.seconds = args.seconds.min(1.0);
+        args.rounds = 1;
+    }
+    let socktapd = args.socktapd.clone().unwrap_or_else(|| {
+        std::env::current_exe()
+            .ok()
+            .and_then(|p| p.parent().map(|d| d.join("socktapd")))
+            .unwrap_or_else(|| "socktapd".into())
+    });
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .expect("runtime");
+    rt.block_on(async_main(args, socktapd))
+}
+
+async fn async_main(args: Args, socktapd: PathBuf) -> ExitCode {
+    let kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease")
+        .unwrap_or_default()
+        .trim()
+        .to_owned();
+    let cpu = cpu_model();
+    eprintln!(
+        "socktap-bench: kernel {kernel}, {cpu}, {} s per run, {} rounds",
+        args.seconds, args.rounds
+    );
+    let mut runs = Vec::new();
+    for round in 0..args.rounds {
+        for &w in &args.workloads {
+            for &c in &args.configs {
+                let r = measure(&args, &socktapd, w, c, round, None).await;
+                eprintln!(
+                    "  round {round} {w:?} {c:?}: {:.0} ops/s {}",
+                    r.ops_per_sec,
+                    r.note.clone().unwrap_or_default()
+                );
+                runs.push(r);
+            }
+        }
+    }
+    let mut failures = Vec::new();
+    if args.quick {
+        // Zero loss at a modest fixed rate: W1 paced to 2000 round trips/s,
+        // one subscriber.
+        let check = Args { seconds: 2.0, ..args };
+        let r = measure(&check, &socktapd, Workload::W1, Config::Sub1, 0, Some(2000.0)).await;
+        let lost = r.lost_kernel + r.lost_queue + r.lost_history;
+        if lost > 0 || r.events_delivered == 0 || r.note.is_some() {
+            failures.push(format!(
+                "zero-loss check: delivered {}, lost {lost} {}",
+                r.events_delivered,
+                r.note.clone().unwrap_or_default()
+            ));
+        }
+        let args = check;
+        for r in &runs {
+            let unavailable = r.note.as_deref().is_some_and(|n| n.starts_with("bpftrace unavailable"));
+            if r.ops_per_sec <= 0.0 || (r.note.is_some() && !unavailable) {
+                failures.push(format!(
+                    "{} {}: no numbers ({})",
+                    r.workload,
+                    r.config,
+                    r.note.clone().unwrap_or_default()
+                ));
+            }
+        }
+        report(&args, &runs, Some(&r), &kernel, &cpu);
+    } else {
+        report(&args, &runs, None, &kernel, &cpu);
+    }
+    if failures.is_empty() {
+        ExitCode::SUCCESS
+    } else {
+        for f in &failures {
+            eprintln!("socktap-bench: FAILED {f}");
+        }
+        ExitCode::FAILURE
+    }
+}
+
+fn report(args: &Args, runs: &[Run], zero_loss: Option<&Run>, kernel: &str, cpu: &str) {
+    let mut summary = Vec::new();
+    println!(
+        "{:<4} {:<14} {:>11} {:>8} {:>9} {:>12} {:>16} {:>8} {:>8} {:>8} {:>6} {:>7}",
+        "",
+        "config",
+        "ops/s",
+        "vs base",
+        "ns/event",
+        "delivered/s",
+        "lost k/q/h",
+        "p50 µs",
+        "p99 µs",
+        "p99.9",
+        "cores",
+        "RSS MiB"
+    );
+    for &w in &args.workloads {
+        let wn = format!("{w:?}");
+        let of = |c: Config| {
+            runs.iter()
+                .filter(|r| r.workload == wn && r.config == format!("{c:?}"))
+                .collect::<Vec<_>>()
+        };
+        let base = median(of(Config::Untraced).iter().map(|r| r.ops_per_sec).collect());
+        for &c in &args.configs {
+            let rs = of(c);
+            if rs.is_empty() {
+                continue;
+            }
+            let ops = median(rs.iter().map(|r| r.ops_per_sec).collect());
+            let n = rs.len() as f64;
+            let mean = |f: &dyn Fn(&Run) -> f64| rs.iter().map(|r| f(r)).sum::<f64>() / n;
+            let produced = mean(&|r| r.events_produced as f64);
+            let per_op = produced / (ops * args.seconds).max(1.0);
+            let ns_per_event = if base > 0.0 && ops > 0.0 && per_op > 0.0 && c != Config::Untraced {
+                Some((1e9 / ops - 1e9 / base) / per_op)
+            } else {
+                None
+            };
+            let lat = rs.iter().filter_map(|r| r.latency_us).collect::<Vec<_>>();
+            let lat =
+                (!lat.is_empty()).then(|| [0, 1, 2].map(|i| lat.iter().map(|l| l[i]).sum::<f64>() / lat.len() as f64));
+            let usage = rs.iter().filter_map(|r| r.usage).collect::<Vec<_>>();
+            let cores = (!usage.is_empty()).then(|| usage.iter().map(|u| u.cores).sum::<f64>() / usage.len() as f64);
+            let rss = usage
+                .iter()
+                .map(|u| u.peak_rss_mib)
+                .fold(None, |m: Option<f64>, v| Some(m.map_or(v, |m| m.max(v))));
+            let lost = [
+                rs.iter().map(|r| r.lost_kernel).sum::<u64>(),
+                rs.iter().map(|r| r.lost_queue).sum::<u64>(),
+                rs.iter().map(|r| r.lost_history).sum::<u64>(),
+            ];
+            let note = rs.iter().find_map(|r| r.note.clone());
+            let f = |v: Option<f64>, p: usize| v.map(|v| format!("{v:.p$}")).unwrap_or_else(|| "-".into());
+            println!(
+                "{:<4} {:<14} {:>11.0} {:>7.1}% {:>9} {:>12.0} {:>16} {:>8} {:>8} {:>8} {:>6} {:>7}{}",
+                wn,
+                format!("{c:?}").to_lowercase(),
+                ops,
+                if base > 0.0 { 100.0 * ops / base } else { 0.0 },
+                f(ns_per_event, 0),
+                mean(&|r| r.delivered_per_sec),
+                format!("{}/{}/{}", lost[0], lost[1], lost[2]),
+                f(lat.map(|l| l[0]), 1),
+                f(lat.map(|l| l[1]), 1),
+                f(lat.map(|l| l[2]), 1),
+                f(cores, 3),
+                f(rss, 1),
+                note.as_ref().map(|n| format!("  ({n})")).unwrap_or_default(),
+            );
+            summary.push(json!({
+                "workload": wn, "config": format!("{c:?}"), "ops_per_sec": ops,
+                "ratio_to_untraced": if base > 0.0 { ops / base } else { 0.0 },
+                "added_ns_per_event": ns_per_event, "events_produced_per_run": produced,
+                "delivered_per_sec": mean(&|r| r.delivered_per_sec),
+                "lost": {"kernel_ring_buffer": lost[0], "subscriber_queue": lost[1], "history": lost[2]},
+                "latency_us": lat.map(|l| json!({"p50": l[0], "p99": l[1], "p99_9": l[2]})),
+                "socktapd_cores": cores, "socktapd_peak_rss_mib": rss, "note": note,
+            }));
+        }
+    }
+    if let Some(z) = zero_loss {
+        println!(
+            "zero-loss check (W1 paced at 2000 round trips/s, 1 subscriber, {} s): delivered {}, lost {}/{}/{}",
+            args.seconds, z.events_delivered, z.lost_kernel, z.lost_queue, z.lost_history
+        );
+    }
+    let mode = runs
+        .iter()
+        .find(|r| !r.attach_mode.is_empty() && !r.attach_mode.starts_with("bpftrace"))
+        .map(|r| r.attach_mode.clone());
+    let doc = json!({
+        "kernel": kernel, "cpu_model": cpu, "attach_mode": mode,
+        "nproc": std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0),
+        "seconds_per_run": args.seconds, "rounds": args.rounds, "quick": args.quick,
+        "summary": summary,
+        "runs": runs.iter().map(|r| json!({
+            "workload": r.workload, "config": r.config, "round": r.round, "ops_per_sec": r.ops_per_sec,
+            "events_produced": r.events_produced, "events_delivered": r.events_delivered,
+            "lost": {"kernel_ring_buffer": r.lost_kernel, "subscriber_queue": r.lost_queue, "history": r.lost_history},
+            "latency_us": r.latency_us, "socktapd_cores": r.usage.map(|u| u.cores),
+            "socktapd_peak_rss_mib": r.usage.map(|u| u.peak_rss_mib), "note": r.note,
+        })).collect::<Vec<_>>(),
+        "zero_loss_check": zero_loss.map(|z| json!({"delivered": z.events_delivered, "lost": z.lost_kernel + z.lost_queue + z.lost_history})),
+    });
+    let _ = std::fs::create_dir_all(&args.out);
+    let name = if args.quick { "quick.json" } else { "latest.json" };
+    let path = args.out.join(name);
+    match std::fs::write(&path, serde_json::to_string_pretty(&doc).unwrap_or_default()) {
+        Ok(()) => println!("wrote {}", path.display()),
+        Err(e) => eprintln!("socktap-bench: cannot write {}: {e}", path.display()),
+    }
+}
