@@ -69,10 +69,14 @@ impl Subscribers {
 }
 
 async fn run(url: String, cookies: Vec<u64>, seed: u64, stop: Arc<AtomicBool>) -> Result<Seen, String> {
-    let mut client = SocktapClient::connect(url)
-        .await
+    let channel = tonic::transport::Endpoint::from_shared(url)
         .map_err(|e| e.to_string())?
-        .max_decoding_message_size(64 << 20);
+        .initial_stream_window_size(4 << 20)
+        .initial_connection_window_size(16 << 20)
+        .connect()
+        .await
+        .map_err(|e| e.to_string())?;
+    let mut client = SocktapClient::new(channel).max_decoding_message_size(64 << 20);
     let req = WatchEventsRequest {
         allow: vec![EventFilter {
             cookies,

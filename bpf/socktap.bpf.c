@@ -67,31 +67,74 @@ struct {
  * argument; 3 since Linux 5.19, 4 before (a `nonblock` argument preceded it). */
 const volatile int recvmsg_flags_arg = 3;
 
-static __always_inline bool is_tcp(struct sock *sk)
-{
-	__u16 family = BPF_CORE_READ(sk, __sk_common.skc_family);
-
-	if (family != AF_INET && family != AF_INET6)
-		return false;
-	return BPF_CORE_READ(sk, sk_protocol) == IPPROTO_TCP &&
-	       BPF_CORE_READ(sk, sk_type) == SOCK_STREAM;
-}
-
-static __always_inline void emit(struct sock *sk, int ret, __u8 kind, __u8 mode, __u64 cookie)
+/* The control entry when events are wanted from `tgid`, else NULL. Every
+ * program checks it first, so a closed gate costs one array lookup. */
+static __always_inline struct socktap_control *gate(__u32 tgid)
 {
 	__u32 zero = 0;
 	struct socktap_control *cfg = bpf_map_lookup_elem(&control, &zero);
-	struct socktap_counters *st;
+
+	if (!cfg || !cfg->enabled || (cfg->ignore_tgid && tgid == cfg->ignore_tgid))
+		return NULL;
+	return cfg;
+}
+
+/* TCP over IPv4/IPv6; `sk` is a BTF-typed pointer (direct loads). */
+static __always_inline bool is_tcp(struct sock *sk)
+{
+	__u16 family = sk->__sk_common.skc_family;
+
+	if (family != AF_INET && family != AF_INET6)
+		return false;
+	return sk->sk_protocol == IPPROTO_TCP && sk->sk_type == SOCK_STREAM;
+}
+
+/* Socket fields, for a BTF-typed `sk` (fentry, tp_btf): direct loads, which
+ * the verifier turns into fault-safe loads without a helper call. */
+static __always_inline void fill_sock_direct(struct socktap_event *e, struct sock *sk)
+{
+	e->netns = sk->__sk_common.skc_net.net->ns.inum;
+	e->sport = sk->__sk_common.skc_num;
+	e->dport = __builtin_bswap16(sk->__sk_common.skc_dport);
+	e->family = sk->__sk_common.skc_family;
+	if (e->family == AF_INET6 && bpf_core_field_exists(sk->__sk_common.skc_v6_daddr)) {
+		__builtin_memcpy(e->saddr, sk->__sk_common.skc_v6_rcv_saddr.in6_u.u6_addr8, 16);
+		__builtin_memcpy(e->daddr, sk->__sk_common.skc_v6_daddr.in6_u.u6_addr8, 16);
+	} else {
+		__builtin_memset(e->saddr, 0, sizeof(e->saddr));
+		__builtin_memset(e->daddr, 0, sizeof(e->daddr));
+		*(__u32 *)e->saddr = sk->__sk_common.skc_rcv_saddr;
+		*(__u32 *)e->daddr = sk->__sk_common.skc_daddr;
+	}
+}
+
+/* Socket fields, for an untyped `sk` (kprobe): bpf_probe_read_kernel. */
+static __always_inline void fill_sock_probe_read(struct socktap_event *e, struct sock *sk)
+{
+	e->netns = BPF_CORE_READ(sk, __sk_common.skc_net.net, ns.inum);
+	e->sport = BPF_CORE_READ(sk, __sk_common.skc_num);
+	e->dport = __builtin_bswap16(BPF_CORE_READ(sk, __sk_common.skc_dport));
+	e->family = BPF_CORE_READ(sk, __sk_common.skc_family);
+	if (e->family == AF_INET6 && bpf_core_field_exists(sk->__sk_common.skc_v6_daddr)) {
+		bpf_core_read(e->saddr, sizeof(e->saddr), &sk->__sk_common.skc_v6_rcv_saddr);
+		bpf_core_read(e->daddr, sizeof(e->daddr), &sk->__sk_common.skc_v6_daddr);
+	} else {
+		__builtin_memset(e->saddr, 0, sizeof(e->saddr));
+		__builtin_memset(e->daddr, 0, sizeof(e->daddr));
+		BPF_CORE_READ_INTO((__u32 *)e->saddr, sk, __sk_common.skc_rcv_saddr);
+		BPF_CORE_READ_INTO((__u32 *)e->daddr, sk, __sk_common.skc_daddr);
+	}
+}
+
+/* Writes one event. `direct` is a compile-time constant per call site. */
+static __always_inline void emit(struct socktap_control *cfg, __u64 pid_tgid, struct sock *sk, bool direct,
+				 int ret, __u8 kind, __u8 mode, __u64 cookie)
+{
+	__u32 zero = 0;
+	struct socktap_counters *st = bpf_map_lookup_elem(&counters, &zero);
 	struct socktap_event *e;
 	__u64 seq, now, flags = BPF_RB_NO_WAKEUP;
 
-	__u64 pid_tgid = bpf_get_current_pid_tgid();
-
-	if (!cfg || !cfg->enabled)
-		return;
-	if (cfg->ignore_tgid && (__u32)(pid_tgid >> 32) == cfg->ignore_tgid)
-		return;
-	st = bpf_map_lookup_elem(&counters, &zero);
 	if (!st)
 		return;
 	seq = __sync_fetch_and_add(&st->next_seq, 1);
@@ -114,26 +157,14 @@ static __always_inline void emit(struct sock *sk, int ret, __u8 kind, __u8 mode,
 	e->pid = pid_tgid >> 32;
 	e->tid = (__u32)pid_tgid;
 	e->uid = (__u32)bpf_get_current_uid_gid();
-	e->netns = BPF_CORE_READ(sk, __sk_common.skc_net.net, ns.inum);
 	e->cpu = bpf_get_smp_processor_id();
-	e->sport = BPF_CORE_READ(sk, __sk_common.skc_num);
-	e->dport = __builtin_bswap16(BPF_CORE_READ(sk, __sk_common.skc_dport));
-	e->family = BPF_CORE_READ(sk, __sk_common.skc_family);
 	e->kind = kind;
 	e->mode = mode;
 	bpf_get_current_comm(e->comm, sizeof(e->comm));
-	if (e->family == AF_INET) {
-		__builtin_memset(e->saddr, 0, sizeof(e->saddr));
-		__builtin_memset(e->daddr, 0, sizeof(e->daddr));
-		BPF_CORE_READ_INTO((__u32 *)e->saddr, sk, __sk_common.skc_rcv_saddr);
-		BPF_CORE_READ_INTO((__u32 *)e->daddr, sk, __sk_common.skc_daddr);
-	} else if (bpf_core_field_exists(sk->__sk_common.skc_v6_daddr)) {
-		bpf_core_read(e->saddr, sizeof(e->saddr), &sk->__sk_common.skc_v6_rcv_saddr);
-		bpf_core_read(e->daddr, sizeof(e->daddr), &sk->__sk_common.skc_v6_daddr);
-	} else {
-		__builtin_memset(e->saddr, 0, sizeof(e->saddr));
-		__builtin_memset(e->daddr, 0, sizeof(e->daddr));
-	}
+	if (direct)
+		fill_sock_direct(e, sk);
+	else
+		fill_sock_probe_read(e, sk);
 
 	/*
 	 * Batched wakeups: wake the reader at most once per wakeup interval.
@@ -153,24 +184,30 @@ static __always_inline void emit(struct sock *sk, int ret, __u8 kind, __u8 mode,
 SEC("fexit/tcp_sendmsg")
 int BPF_PROG(st_fexit_send, struct sock *sk)
 {
-	__u64 ret = 0;
+	__u64 id = bpf_get_current_pid_tgid(), ret = 0;
+	struct socktap_control *cfg = gate(id >> 32);
 
+	if (!cfg)
+		return 0;
 	bpf_get_func_ret(ctx, &ret);
-	emit(sk, (int)ret, SOCKTAP_KIND_SEND, SOCKTAP_MODE_FENTRY, bpf_get_socket_cookie(sk));
+	emit(cfg, id, sk, true, (int)ret, SOCKTAP_KIND_SEND, SOCKTAP_MODE_FENTRY, bpf_get_socket_cookie(sk));
 	return 0;
 }
 
 SEC("fexit/tcp_recvmsg")
 int BPF_PROG(st_fexit_recv, struct sock *sk)
 {
-	__u64 ret = 0, flags = 0;
+	__u64 id = bpf_get_current_pid_tgid(), ret = 0, flags = 0;
+	struct socktap_control *cfg = gate(id >> 32);
 
+	if (!cfg)
+		return 0;
 	/* tcp_recvmsg(sk, msg, len, [nonblock,] flags, addr_len) */
 	bpf_get_func_arg(ctx, bpf_get_func_arg_cnt(ctx) == 6 ? 4 : 3, &flags);
 	if (flags & MSG_PEEK)
 		return 0;
 	bpf_get_func_ret(ctx, &ret);
-	emit(sk, (int)ret, SOCKTAP_KIND_RECV, SOCKTAP_MODE_FENTRY, bpf_get_socket_cookie(sk));
+	emit(cfg, id, sk, true, (int)ret, SOCKTAP_KIND_RECV, SOCKTAP_MODE_FENTRY, bpf_get_socket_cookie(sk));
 	return 0;
 }
 
@@ -181,6 +218,8 @@ static __always_inline int remember(struct sock *sk, int flags)
 	__u64 id = bpf_get_current_pid_tgid();
 	struct call_args args = { .sk = sk, .flags = flags };
 
+	if (!gate(id >> 32))
+		return 0;
 	bpf_map_update_elem(&inflight, &id, &args, BPF_ANY);
 	return 0;
 }
@@ -189,18 +228,20 @@ static __always_inline int finish(int ret, __u8 kind)
 {
 	__u64 id = bpf_get_current_pid_tgid();
 	struct call_args *args = bpf_map_lookup_elem(&inflight, &id);
+	struct socktap_control *cfg;
 	struct sock *sk;
 
 	if (!args)
 		return 0;
 	sk = args->sk;
-	if (!(args->flags & MSG_PEEK)) {
+	cfg = gate(id >> 32);
+	if (cfg && !(args->flags & MSG_PEEK)) {
 		/* kprobe programs may not call bpf_get_socket_cookie(): read the
 		 * cookie the socket holds. It is 0 until something (SO_COOKIE,
 		 * sock_diag, a BPF program) has asked for it. */
 		__u64 cookie = BPF_CORE_READ(sk, __sk_common.skc_cookie.counter);
 
-		emit(sk, ret, kind, SOCKTAP_MODE_KPROBE, cookie);
+		emit(cfg, id, sk, false, ret, kind, SOCKTAP_MODE_KPROBE, cookie);
 	}
 	bpf_map_delete_elem(&inflight, &id);
 	return 0;
@@ -241,15 +282,21 @@ int BPF_KRETPROBE(st_kret_recv, int ret)
 SEC("tp_btf/sock_send_length")
 int BPF_PROG(st_tp_send, struct sock *sk, int ret, int flags)
 {
-	if (is_tcp(sk))
-		emit(sk, ret, SOCKTAP_KIND_SEND, SOCKTAP_MODE_TRACEPOINT, bpf_get_socket_cookie(sk));
+	__u64 id = bpf_get_current_pid_tgid();
+	struct socktap_control *cfg = gate(id >> 32);
+
+	if (cfg && is_tcp(sk))
+		emit(cfg, id, sk, true, ret, SOCKTAP_KIND_SEND, SOCKTAP_MODE_TRACEPOINT, bpf_get_socket_cookie(sk));
 	return 0;
 }
 
 SEC("tp_btf/sock_recv_length")
 int BPF_PROG(st_tp_recv, struct sock *sk, int ret, int flags)
 {
-	if (!(flags & MSG_PEEK) && is_tcp(sk))
-		emit(sk, ret, SOCKTAP_KIND_RECV, SOCKTAP_MODE_TRACEPOINT, bpf_get_socket_cookie(sk));
+	__u64 id = bpf_get_current_pid_tgid();
+	struct socktap_control *cfg = gate(id >> 32);
+
+	if (cfg && !(flags & MSG_PEEK) && is_tcp(sk))
+		emit(cfg, id, sk, true, ret, SOCKTAP_KIND_RECV, SOCKTAP_MODE_TRACEPOINT, bpf_get_socket_cookie(sk));
 	return 0;
 }

@@ -101,6 +101,11 @@ pub enum ServeError {
     Transport(#[from] tonic::transport::Error),
 }
 
+/// HTTP/2 flow-control window per stream, in bytes.
+pub const STREAM_WINDOW: u32 = 4 << 20;
+/// HTTP/2 flow-control window per connection, in bytes.
+pub const CONNECTION_WINDOW: u32 = 16 << 20;
+
 /// How long shutdown waits for clients to close their connections (a health
 /// Watch stream, for one, never ends by itself) before dropping them.
 pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(2);
@@ -122,6 +127,10 @@ pub async fn serve(hub: Hub, listener: Listener, shutdown: impl Future<Output = 
         .build_v1alpha()?;
 
     let router = Server::builder()
+        // Event batches are large: HTTP/2's default 64 KiB windows would
+        // stall each stream on WINDOW_UPDATE round trips.
+        .initial_stream_window_size(Some(STREAM_WINDOW))
+        .initial_connection_window_size(Some(CONNECTION_WINDOW))
         .add_service(health_service)
         .add_service(reflection_v1)
         .add_service(reflection_v1alpha)

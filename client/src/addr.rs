@@ -77,7 +77,7 @@ pub async fn connect(addr: &DaemonAddr) -> Result<SocktapClient<Channel>, Connec
     };
     let channel = match addr {
         DaemonAddr::Uri { uri, tls } => {
-            let mut ep = Endpoint::from_shared(uri.clone()).map_err(|e| fail(&e))?;
+            let mut ep = windows(Endpoint::from_shared(uri.clone()).map_err(|e| fail(&e))?);
             if *tls {
                 ep = ep
                     .tls_config(ClientTlsConfig::new().with_native_roots())
@@ -88,7 +88,7 @@ pub async fn connect(addr: &DaemonAddr) -> Result<SocktapClient<Channel>, Connec
         DaemonAddr::Unix(path) => {
             let path = path.clone();
             // The URI is required but unused: the connector dials the socket.
-            Endpoint::from_static("http://socktapd.local")
+            windows(Endpoint::from_static("http://socktapd.local"))
                 .connect_with_connector(tower::service_fn(move |_: Uri| {
                     let path = path.clone();
                     async move {
@@ -102,6 +102,13 @@ pub async fn connect(addr: &DaemonAddr) -> Result<SocktapClient<Channel>, Connec
         }
     };
     Ok(SocktapClient::new(channel).max_decoding_message_size(64 << 20))
+}
+
+/// Large HTTP/2 receive windows: event batches are large, and the default
+/// 64 KiB would stall the stream on WINDOW_UPDATE round trips.
+fn windows(ep: Endpoint) -> Endpoint {
+    ep.initial_stream_window_size(4 << 20)
+        .initial_connection_window_size(16 << 20)
 }
 
 /// The innermost error's text: the part that says what actually happened.

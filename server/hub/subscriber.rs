@@ -4,7 +4,7 @@
 
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::time::SystemTime;
 
 use socktap_proto::v1 as pb;
@@ -71,7 +71,7 @@ pub struct Subscriber {
     pub(super) selector: Selector,
     capacity: usize,
     queue: Mutex<Queue>,
-    notify: Notify,
+    notify: Arc<Notify>,
     matched: AtomicU64,
     delivered: AtomicU64,
     lost: AtomicU64,
@@ -106,7 +106,7 @@ impl Subscriber {
             selector,
             capacity,
             queue: Mutex::new(Queue::default()),
-            notify: Notify::new(),
+            notify: Arc::new(Notify::new()),
             matched: AtomicU64::new(0),
             delivered: AtomicU64::new(0),
             lost: AtomicU64::new(0),
@@ -199,10 +199,11 @@ impl Subscriber {
         self.lock().events
     }
 
-    /// Waits until something was queued or the queue was closed since the
-    /// last call (a wakeup may be spurious: check [`Self::is_ready`]).
-    pub async fn changed(&self) {
-        self.notify.notified().await
+    /// A future that completes when something was queued or the queue was
+    /// closed since it was created or since the last wakeup (a wakeup may
+    /// be spurious: check [`Self::is_ready`]).
+    pub fn changed(&self) -> tokio::sync::futures::OwnedNotified {
+        self.notify.clone().notified_owned()
     }
 
     /// Records events handed to the transport.

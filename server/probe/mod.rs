@@ -12,10 +12,10 @@ pub mod skel;
 
 use std::fmt;
 use std::mem::MaybeUninit;
-use std::os::fd::{AsFd, FromRawFd, OwnedFd};
+use std::os::fd::{AsFd, AsRawFd, FromRawFd, OwnedFd};
 use std::str::FromStr;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Once};
+use std::sync::{Arc, Mutex, Once};
 use std::thread::JoinHandle;
 use std::time::Duration;
 
@@ -194,6 +194,44 @@ pub struct ProbeControl {
     wakeup_interval_ns: u32,
     ignore_tgid: u32,
     program_ids: Arc<[u32]>,
+    attachments: Arc<Mutex<Attachments>>,
+}
+
+/// The links of a mode whose programs can be detached while nobody wants
+/// events (fentry and tracepoint): then the programs do not run at all, and
+/// the traced calls pay nothing. kprobe mode stays attached and relies on the
+/// gate in the control map.
+#[derive(Debug, Default)]
+struct Attachments {
+    /// The loaded programs (duplicated fds); empty when not detachable or
+    /// once the probe is dropped.
+    programs: Vec<OwnedFd>,
+    /// Live links, one per program, while attached.
+    links: Vec<OwnedFd>,
+}
+
+impl Attachments {
+    fn attach(&mut self) -> Result<(), ProbeError> {
+        if !self.links.is_empty() {
+            return Ok(());
+        }
+        for p in &self.programs {
+            // SAFETY: FFI; a NULL name attaches a tracing program (fexit,
+            // tp_btf) to the target it was loaded for. Returns a new link fd
+            // that we own, or a negative errno.
+            let fd = unsafe { libbpf_rs::libbpf_sys::bpf_raw_tracepoint_open(std::ptr::null(), p.as_raw_fd()) };
+            if fd < 0 {
+                self.links.clear();
+                return Err(ProbeError::Setup(format!(
+                    "re-attaching a program: {}",
+                    std::io::Error::from_raw_os_error(-fd)
+                )));
+            }
+            // SAFETY: `fd` is a fresh descriptor returned by the kernel to us alone.
+            self.links.push(unsafe { OwnedFd::from_raw_fd(fd) });
+        }
+        Ok(())
+    }
 }
 
 impl fmt::Debug for ProbeControl {
@@ -208,6 +246,10 @@ impl ProbeControl {
     /// Opens or closes the gate in the kernel: while closed, the programs
     /// return before writing anything to the ring buffer.
     pub fn set_enabled(&self, enabled: bool) -> Result<(), ProbeError> {
+        let mut attachments = self.attachments.lock().unwrap_or_else(|e| e.into_inner());
+        if enabled {
+            attachments.attach()?;
+        }
         let value = types::socktap_control {
             enabled: enabled.into(),
             wakeup_interval_ns: self.wakeup_interval_ns,
@@ -218,8 +260,17 @@ impl ProbeControl {
         self.control
             .update(&0u32.to_ne_bytes(), bytes, MapFlags::ANY)
             .map_err(|e| ProbeError::Setup(format!("updating the control map: {e:#}")))?;
+        if !enabled {
+            attachments.links.clear(); // closing a link detaches it
+        }
         self.shared.enabled.store(enabled, Ordering::Relaxed);
         Ok(())
+    }
+
+    /// Whether the programs are attached now (always, in kprobe mode).
+    pub fn is_attached(&self) -> bool {
+        let a = self.attachments.lock().unwrap_or_else(|e| e.into_inner());
+        a.programs.is_empty() || !a.links.is_empty()
     }
 
     /// Whether the kernel side currently emits events.
@@ -299,7 +350,13 @@ impl Probe {
                         return;
                     }
                 };
-                let started = control_of(&loaded.skel, &thread_shared, &opts).and_then(|control| {
+                let mut loaded = loaded;
+                let started = control_of(&loaded.skel, loaded.mode, &thread_shared, &opts).and_then(|control| {
+                    if loaded.mode != AttachMode::Kprobe {
+                        // The skeleton's own links proved the mode attaches;
+                        // from here on the control attaches and detaches.
+                        loaded.skel.links = Default::default();
+                    }
                     control.set_enabled(opts.enabled)?;
                     Ok(Started {
                         mode: loaded.mode,
@@ -362,6 +419,9 @@ impl Probe {
 
 impl Drop for Probe {
     fn drop(&mut self) {
+        // Clones of the control may outlive the probe: let go of the links
+        // and program fds they hold, so everything unloads now.
+        *self.control.attachments.lock().unwrap_or_else(|e| e.into_inner()) = Attachments::default();
         self.control.shared.stop.store(true, Ordering::Release);
         if let Some(t) = self.thread.take() {
             let _ = t.join();
@@ -371,6 +431,7 @@ impl Drop for Probe {
 
 fn control_of(
     skel: &skel::SocktapSkel<'_>,
+    mode: AttachMode,
     shared: &Arc<Shared>,
     opts: &ProbeOptions,
 ) -> Result<ProbeControl, ProbeError> {
@@ -383,6 +444,16 @@ fn control_of(
         .filter(|p| p.autoload())
         .filter_map(|p| libbpf_rs::Program::id_from_fd(p.as_fd()).ok())
         .collect::<Vec<_>>();
+    let programs = if mode == AttachMode::Kprobe {
+        Vec::new()
+    } else {
+        skel.object()
+            .progs()
+            .filter(|p| p.autoload())
+            .map(|p| p.as_fd().try_clone_to_owned())
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|e| ProbeError::Setup(format!("duplicating a program fd: {e}")))?
+    };
     Ok(ProbeControl {
         control: Arc::new(handle(&skel.maps.control, "control")?),
         counters: Arc::new(handle(&skel.maps.counters, "counters")?),
@@ -390,6 +461,10 @@ fn control_of(
         wakeup_interval_ns: opts.wakeup_interval.as_nanos() as u32,
         ignore_tgid: opts.ignore_pid.unwrap_or(0),
         program_ids: program_ids.into(),
+        attachments: Arc::new(Mutex::new(Attachments {
+            programs,
+            links: Vec::new(),
+        })),
     })
 }
 

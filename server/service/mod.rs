@@ -1,28 +1,28 @@
 //! The gRPC service: validates each request, then hands it to the hub. Each
-//! WatchEvents stream gets a task that drains its subscriber's queue into
-//! messages; it ends when the client goes away, the limit is reached, or the
-//! hub shuts down.
+//! WatchEvents stream drains its subscriber's queue into messages as the
+//! transport asks for them; it ends when the client goes away, the limit is
+//! reached, or the hub shuts down.
 
 pub mod convert;
 pub mod validate;
 
+use std::collections::VecDeque;
+use std::future::Future;
+use std::pin::Pin;
 use std::sync::Arc;
+use std::task::{Context, Poll};
 
 use socktap_proto::v1 as pb;
 use socktap_proto::v1::socktap_server::Socktap;
-use tokio::sync::mpsc;
-use tokio_stream::wrappers::ReceiverStream;
+use tokio::sync::futures::OwnedNotified;
+use tokio::time::Sleep;
+use tokio_stream::Stream;
 use tonic::{Request, Response, Status};
 
 use crate::event::monotonic_now_ns;
 use crate::hub::{Hub, Item, SubscribeError, Subscriber};
 use crate::probe::kernel_release;
 use validate::StreamControls;
-
-/// Messages buffered between a stream's task and the transport. Kept small:
-/// a slow client's backlog belongs in its subscriber queue, where it is
-/// counted.
-const STREAM_BUFFER: usize = 4;
 
 /// The `socktap.v1.Socktap` service.
 #[derive(Clone)]
@@ -37,11 +37,9 @@ impl SocktapService {
     }
 }
 
-type WatchStream = ReceiverStream<Result<pb::WatchEventsResponse, Status>>;
-
 #[tonic::async_trait]
 impl Socktap for SocktapService {
-    type WatchEventsStream = WatchStream;
+    type WatchEventsStream = EventStream;
 
     async fn watch_events(
         &self,
@@ -64,9 +62,7 @@ impl Socktap for SocktapService {
                 SubscribeError::TooMany(_) => Status::resource_exhausted(e.to_string()),
                 SubscribeError::ShuttingDown => Status::unavailable(e.to_string()),
             })?;
-        let (tx, rx) = mpsc::channel(STREAM_BUFFER);
-        tokio::spawn(stream_task(self.hub.clone(), sub, watch.controls, tx));
-        Ok(Response::new(ReceiverStream::new(rx)))
+        Ok(Response::new(EventStream::new(self.hub.clone(), sub, watch.controls)))
     }
 
     async fn get_status(&self, _: Request<pb::GetStatusRequest>) -> Result<Response<pb::GetStatusResponse>, Status> {
@@ -74,81 +70,120 @@ impl Socktap for SocktapService {
     }
 }
 
-/// Drains one subscriber's queue into its stream.
-async fn stream_task(
+/// One WatchEvents stream: the transport polls it, and it takes events
+/// straight from its subscriber's queue (no task or channel in between).
+/// Dropping it (the client went away, or the stream ended) unsubscribes.
+pub struct EventStream {
     hub: Hub,
     sub: Arc<Subscriber>,
     ctl: StreamControls,
-    tx: mpsc::Sender<Result<pb::WatchEventsResponse, Status>>,
-) {
-    let clock = hub.clock();
-    let mut remaining = ctl.limit;
-    let mut items = Vec::with_capacity(ctl.max_batch);
-    'stream: loop {
-        while !sub.is_ready() {
-            tokio::select! {
-                _ = sub.changed() => {}
-                _ = tx.closed() => break 'stream,
-            }
+    remaining: u64,
+    /// Messages built but not yet handed out (a loss notice splits a batch).
+    ready: VecDeque<pb::WatchEventsResponse>,
+    changed: Pin<Box<OwnedNotified>>,
+    /// Running while holding events back to fill a batch.
+    flush: Option<Pin<Box<Sleep>>>,
+    done: bool,
+}
+
+impl EventStream {
+    fn new(hub: Hub, sub: Arc<Subscriber>, ctl: StreamControls) -> Self {
+        let changed = Box::pin(sub.changed());
+        EventStream {
+            hub,
+            sub,
+            remaining: ctl.limit,
+            ctl,
+            ready: VecDeque::new(),
+            changed,
+            flush: None,
+            done: false,
         }
-        if !ctl.flush_delay.is_zero() && sub.queued() < ctl.max_batch {
-            tokio::select! {
-                _ = tokio::time::sleep(ctl.flush_delay) => {}
-                _ = tx.closed() => break 'stream,
-            }
-        }
-        items.clear();
-        let want = ctl.max_batch.min(remaining.try_into().unwrap_or(usize::MAX));
-        let ended = sub.take(want, &mut items);
+    }
+
+    /// Moves what is queued into `ready`. Returns true when the stream ends
+    /// after what was moved.
+    fn fill(&mut self) -> bool {
+        let clock = self.hub.clock();
+        let want = self.ctl.max_batch.min(self.remaining.try_into().unwrap_or(usize::MAX));
+        let mut items = Vec::with_capacity(want.min(4096));
+        let ended = self.sub.take(want, &mut items);
         let mut events = Vec::new();
         for item in &items {
             match item {
                 Item::Event(e) => events.push(convert::event(e, &clock)),
                 Item::Lost(l) => {
-                    if !send_events(&tx, &sub, &mut events, &mut remaining).await {
-                        break 'stream;
-                    }
+                    self.push_events(&mut events);
                     let msg = pb::watch_events_response::Message::Lost(convert::loss(l, &clock));
-                    if tx
-                        .send(Ok(pb::WatchEventsResponse { message: Some(msg) }))
-                        .await
-                        .is_err()
-                    {
-                        break 'stream;
-                    }
+                    self.ready.push_back(pb::WatchEventsResponse { message: Some(msg) });
                 }
             }
         }
-        if !send_events(&tx, &sub, &mut events, &mut remaining).await || remaining == 0 || ended {
-            break;
-        }
+        self.push_events(&mut events);
+        ended || self.remaining == 0
     }
-    hub.unsubscribe(sub.id);
+
+    fn push_events(&mut self, events: &mut Vec<pb::Event>) {
+        if events.is_empty() {
+            return;
+        }
+        let n = events.len() as u64;
+        self.sub.delivered(n);
+        self.remaining = self.remaining.saturating_sub(n);
+        let batch = pb::EventBatch {
+            events: std::mem::take(events),
+        };
+        self.ready.push_back(pb::WatchEventsResponse {
+            message: Some(pb::watch_events_response::Message::Events(batch)),
+        });
+    }
 }
 
-/// Sends the gathered events as one batch. False when the client is gone.
-async fn send_events(
-    tx: &mpsc::Sender<Result<pb::WatchEventsResponse, Status>>,
-    sub: &Subscriber,
-    events: &mut Vec<pb::Event>,
-    remaining: &mut u64,
-) -> bool {
-    if events.is_empty() {
-        return true;
+impl Stream for EventStream {
+    type Item = Result<pb::WatchEventsResponse, Status>;
+
+    fn poll_next(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
+        let this = self.get_mut();
+        loop {
+            if let Some(msg) = this.ready.pop_front() {
+                return Poll::Ready(Some(Ok(msg)));
+            }
+            if this.done {
+                return Poll::Ready(None);
+            }
+            if !this.sub.is_ready() {
+                // Re-arm first, then check again: a push in between leaves
+                // a permit, so no wakeup is lost.
+                match this.changed.as_mut().poll(cx) {
+                    Poll::Ready(()) => {
+                        this.changed = Box::pin(this.sub.changed());
+                        continue;
+                    }
+                    Poll::Pending => return Poll::Pending,
+                }
+            }
+            if !this.ctl.flush_delay.is_zero() && this.sub.queued() < this.ctl.max_batch {
+                let delay = this.ctl.flush_delay;
+                let sleep = this.flush.get_or_insert_with(|| Box::pin(tokio::time::sleep(delay)));
+                if sleep.as_mut().poll(cx).is_pending() {
+                    // The queue filling up also ends the wait.
+                    if let Poll::Ready(()) = this.changed.as_mut().poll(cx) {
+                        this.changed = Box::pin(this.sub.changed());
+                        continue;
+                    }
+                    return Poll::Pending;
+                }
+                this.flush = None;
+            }
+            this.done = this.fill();
+        }
     }
-    let n = events.len() as u64;
-    let batch = pb::EventBatch {
-        events: std::mem::take(events),
-    };
-    let msg = pb::WatchEventsResponse {
-        message: Some(pb::watch_events_response::Message::Events(batch)),
-    };
-    if tx.send(Ok(msg)).await.is_err() {
-        return false;
+}
+
+impl Drop for EventStream {
+    fn drop(&mut self) {
+        self.hub.unsubscribe(self.sub.id);
     }
-    sub.delivered(n);
-    *remaining = remaining.saturating_sub(n);
-    true
 }
 
 /// The status message.
