@@ -267,6 +267,27 @@ impl ProbeControl {
         Ok(())
     }
 
+    fn adopt_links(&self, skel: &mut skel::SocktapSkel<'_>) -> Result<(), ProbeError> {
+        let links = std::mem::take(&mut skel.links);
+        let mut a = self.attachments.lock().unwrap_or_else(|e| e.into_inner());
+        for link in [
+            links.st_fexit_send,
+            links.st_fexit_recv,
+            links.st_tp_send,
+            links.st_tp_recv,
+        ]
+        .into_iter()
+        .flatten()
+        {
+            let fd = link
+                .as_fd()
+                .try_clone_to_owned()
+                .map_err(|e| ProbeError::Setup(format!("duplicating a link fd: {e}")))?;
+            a.links.push(fd);
+        }
+        Ok(())
+    }
+
     /// Whether the programs are attached now (always, in kprobe mode).
     pub fn is_attached(&self) -> bool {
         let a = self.attachments.lock().unwrap_or_else(|e| e.into_inner());
@@ -353,9 +374,11 @@ impl Probe {
                 let mut loaded = loaded;
                 let started = control_of(&loaded.skel, loaded.mode, &thread_shared, &opts).and_then(|control| {
                     if loaded.mode != AttachMode::Kprobe {
-                        // The skeleton's own links proved the mode attaches;
-                        // from here on the control attaches and detaches.
-                        loaded.skel.links = Default::default();
+                        // From here on the control owns the links: it keeps
+                        // duplicates of the skeleton's link fds (a BPF link
+                        // lives while any fd refers to it) and detaches and
+                        // re-attaches with the gate.
+                        control.adopt_links(&mut loaded.skel)?;
                     }
                     control.set_enabled(opts.enabled)?;
                     Ok(Started {
