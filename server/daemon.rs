@@ -13,7 +13,8 @@ use socktap_proto::v1::socktap_server::SocktapServer;
 use tokio::net::{TcpListener, UnixListener};
 use tokio::sync::Notify;
 use tokio_stream::wrappers::{TcpListenerStream, UnixListenerStream};
-use tonic::transport::Server;
+use tonic::service::interceptor::InterceptedService;
+use tonic::transport::{Certificate, Identity, Server, ServerTlsConfig};
 use tonic_health::ServingStatus;
 use tracing::{info, warn};
 
@@ -62,6 +63,21 @@ pub enum Listener {
 }
 
 impl Listener {
+    /// Binds `addr`. A unix socket gets mode 0660 and, when given, the
+    /// group `unix_group` (so members of that group may connect); a stale
+    /// socket file is replaced.
+    pub async fn bind_with(addr: &ListenAddr, unix_group: Option<u32>) -> std::io::Result<Listener> {
+        let l = Self::bind(addr).await?;
+        if let Listener::Unix(_, path) = &l {
+            use std::os::unix::fs::PermissionsExt;
+            std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o660))?;
+            if let Some(gid) = unix_group {
+                std::os::unix::fs::chown(path, None, Some(gid))?;
+            }
+        }
+        Ok(l)
+    }
+
     /// Binds `addr`. A stale unix socket file is replaced.
     pub async fn bind(addr: &ListenAddr) -> std::io::Result<Listener> {
         match addr {
@@ -90,13 +106,68 @@ impl Listener {
     }
 }
 
+/// TLS material, PEM encoded.
+#[derive(Clone, Debug)]
+pub struct TlsOptions {
+    /// The server's certificate chain.
+    pub cert_pem: Vec<u8>,
+    /// The server's private key.
+    pub key_pem: Vec<u8>,
+    /// When set, clients must present a certificate signed by this CA (mTLS).
+    pub client_ca_pem: Option<Vec<u8>>,
+}
+
+/// Security and limits of the gRPC server.
+#[derive(Clone, Debug)]
+pub struct ServeOptions {
+    /// When set, Socktap RPCs need `authorization: Bearer <token>`; others
+    /// get UNAUTHENTICATED. Health and reflection stay open.
+    pub auth_token: Option<String>,
+    /// TLS (and mTLS) when set; plain-text HTTP/2 otherwise.
+    pub tls: Option<TlsOptions>,
+    /// HTTP/2 PING interval, so that vanished clients are noticed.
+    pub keepalive_interval: Duration,
+    /// How long a PING may go unanswered before the connection is closed.
+    pub keepalive_timeout: Duration,
+    /// Largest request message accepted, in bytes.
+    pub max_request_bytes: usize,
+    /// Concurrent HTTP/2 streams per connection.
+    pub max_streams_per_connection: u32,
+}
+
+impl Default for ServeOptions {
+    fn default() -> Self {
+        ServeOptions {
+            auth_token: None,
+            tls: None,
+            keepalive_interval: Duration::from_secs(30),
+            keepalive_timeout: Duration::from_secs(10),
+            max_request_bytes: 1 << 20,
+            max_streams_per_connection: 64,
+        }
+    }
+}
+
+/// Compares a request's `authorization` header with the expected bearer
+/// token in constant time.
+fn authorized(header: Option<&[u8]>, token: &str) -> bool {
+    let expected = format!("Bearer {token}");
+    let Some(got) = header else { return false };
+    got.len() == expected.len()
+        && got
+            .iter()
+            .zip(expected.as_bytes())
+            .fold(0u8, |acc, (a, b)| acc | (a ^ b))
+            == 0
+}
+
 /// Why serving failed.
 #[derive(Debug, thiserror::Error)]
 pub enum ServeError {
     /// Building the reflection service failed.
     #[error("building the reflection service: {0}")]
     Reflection(#[from] tonic_reflection::server::Error),
-    /// The transport failed.
+    /// The transport failed (or the TLS material was rejected).
     #[error("serving gRPC: {0}")]
     Transport(#[from] tonic::transport::Error),
 }
@@ -113,7 +184,12 @@ pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(2);
 /// Serves the API on `listener` until `shutdown` completes. Then health
 /// turns NOT_SERVING, every event stream ends (status OK) and the server
 /// drains for at most [`SHUTDOWN_GRACE`].
-pub async fn serve(hub: Hub, listener: Listener, shutdown: impl Future<Output = ()>) -> Result<(), ServeError> {
+pub async fn serve(
+    hub: Hub,
+    listener: Listener,
+    opts: ServeOptions,
+    shutdown: impl Future<Output = ()>,
+) -> Result<(), ServeError> {
     let (health, health_service) = tonic_health::server::health_reporter();
     health.set_serving::<SocktapServer<SocktapService>>().await;
     health.set_service_status("", ServingStatus::Serving).await;
@@ -126,15 +202,36 @@ pub async fn serve(hub: Hub, listener: Listener, shutdown: impl Future<Output = 
         .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
         .build_v1alpha()?;
 
-    let router = Server::builder()
+    let mut builder = Server::builder()
         // Event batches are large: HTTP/2's default 64 KiB windows would
         // stall each stream on WINDOW_UPDATE round trips.
         .initial_stream_window_size(Some(STREAM_WINDOW))
         .initial_connection_window_size(Some(CONNECTION_WINDOW))
+        .http2_keepalive_interval(Some(opts.keepalive_interval))
+        .http2_keepalive_timeout(Some(opts.keepalive_timeout))
+        .max_concurrent_streams(opts.max_streams_per_connection);
+    if let Some(tls) = &opts.tls {
+        let mut cfg = ServerTlsConfig::new().identity(Identity::from_pem(&tls.cert_pem, &tls.key_pem));
+        if let Some(ca) = &tls.client_ca_pem {
+            cfg = cfg.client_ca_root(Certificate::from_pem(ca));
+        }
+        builder = builder.tls_config(cfg)?;
+    }
+    let socktap =
+        SocktapServer::new(SocktapService::new(hub.clone())).max_decoding_message_size(opts.max_request_bytes);
+    let token = opts.auth_token.clone();
+    let socktap = InterceptedService::new(socktap, move |req: tonic::Request<()>| match &token {
+        None => Ok(req),
+        Some(t) if authorized(req.metadata().get("authorization").map(|v| v.as_bytes()), t) => Ok(req),
+        Some(_) => Err(tonic::Status::unauthenticated(
+            "missing or wrong bearer token (authorization: Bearer <token>)",
+        )),
+    });
+    let router = builder
         .add_service(health_service)
         .add_service(reflection_v1)
         .add_service(reflection_v1alpha)
-        .add_service(SocktapServer::new(SocktapService::new(hub.clone())));
+        .add_service(socktap);
 
     let hub_for_shutdown = hub.clone();
     let triggered = Arc::new(Notify::new());
@@ -177,5 +274,19 @@ async fn with_grace<T: Default>(
     tokio::select! {
         r = serving => r,
         _ = grace_expired => Ok(T::default()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn bearer_token_must_match_exactly() {
+        assert!(authorized(Some(b"Bearer s3cret"), "s3cret"));
+        assert!(!authorized(Some(b"Bearer s3cre"), "s3cret"));
+        assert!(!authorized(Some(b"Bearer s3creT"), "s3cret"));
+        assert!(!authorized(Some(b"s3cret"), "s3cret"));
+        assert!(!authorized(None, "s3cret"));
     }
 }

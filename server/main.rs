@@ -5,7 +5,9 @@ use std::time::Duration;
 
 use anyhow::Context;
 use clap::Parser;
-use socktap::daemon::{self, ListenAddr, Listener};
+use std::path::PathBuf;
+
+use socktap::daemon::{self, ListenAddr, Listener, ServeOptions, TlsOptions};
 use socktap::hub::{FilterLimits, Hub, HubConfig, Source};
 use socktap::probe::{ModeRequest, Probe, ProbeOptions};
 use tracing::{error, info};
@@ -50,6 +52,34 @@ struct Args {
     /// produces sends, which would produce more events.
     #[arg(long, env = "SOCKTAPD_TRACE_SELF")]
     trace_self: bool,
+    /// Group that may connect to a unix socket listener (the socket gets mode 0660).
+    #[arg(long, env = "SOCKTAPD_SOCKET_GROUP")]
+    socket_group: Option<String>,
+    /// File holding a bearer token that Socktap RPCs must present
+    /// (authorization: Bearer <token>). Health and reflection stay open.
+    #[arg(long, env = "SOCKTAPD_AUTH_TOKEN_FILE")]
+    auth_token_file: Option<PathBuf>,
+    /// TLS certificate chain (PEM). With --tls-key, serves TLS.
+    #[arg(long, env = "SOCKTAPD_TLS_CERT", requires = "tls_key")]
+    tls_cert: Option<PathBuf>,
+    /// TLS private key (PEM).
+    #[arg(long, env = "SOCKTAPD_TLS_KEY", requires = "tls_cert")]
+    tls_key: Option<PathBuf>,
+    /// CA (PEM) that client certificates must chain to: turns on mTLS.
+    #[arg(long, env = "SOCKTAPD_TLS_CLIENT_CA", requires = "tls_cert")]
+    tls_client_ca: Option<PathBuf>,
+    /// Seconds between HTTP/2 keepalive PINGs (dead clients are dropped).
+    #[arg(long, env = "SOCKTAPD_KEEPALIVE_SECS", default_value_t = 30, value_parser = clap::value_parser!(u64).range(1..))]
+    keepalive_secs: u64,
+    /// Seconds a keepalive PING may go unanswered.
+    #[arg(long, env = "SOCKTAPD_KEEPALIVE_TIMEOUT_SECS", default_value_t = 10, value_parser = clap::value_parser!(u64).range(1..))]
+    keepalive_timeout_secs: u64,
+    /// Largest request message, in bytes.
+    #[arg(long, env = "SOCKTAPD_MAX_REQUEST_BYTES", default_value_t = 1 << 20)]
+    max_request_bytes: usize,
+    /// Concurrent streams per client connection.
+    #[arg(long, env = "SOCKTAPD_MAX_STREAMS_PER_CONNECTION", default_value_t = 64, value_parser = clap::value_parser!(u32).range(1..))]
+    max_streams_per_connection: u32,
     /// Enable the kernel's BPF run-time statistics (shown by status; costs
     /// two clock reads per program run).
     #[arg(long, env = "SOCKTAPD_BPF_STATS")]
@@ -90,8 +120,19 @@ fn run(args: Args) -> anyhow::Result<()> {
 }
 
 async fn async_main(args: Args) -> anyhow::Result<()> {
+    let serve_opts = serve_options(&args)?;
+    let group = match &args.socket_group {
+        None => None,
+        Some(name) => Some(
+            nix::unistd::Group::from_name(name)
+                .with_context(|| format!("looking up group {name}"))?
+                .with_context(|| format!("--socket-group: no group named {name}"))?
+                .gid
+                .as_raw(),
+        ),
+    };
     // Bind first: a port in use is found before anything is loaded.
-    let listener = Listener::bind(&args.listen)
+    let listener = Listener::bind_with(&args.listen, group)
         .await
         .with_context(|| format!("cannot listen on {}", args.listen))?;
     let mut probe = Probe::start(ProbeOptions {
@@ -133,7 +174,7 @@ async fn async_main(args: Args) -> anyhow::Result<()> {
     });
     let addr = listener.local_addr();
     println!("socktapd: serving socktap.v1 on {addr} (attach mode {})", probe.mode());
-    let served = daemon::serve(hub, listener, shutdown_signal()).await;
+    let served = daemon::serve(hub, listener, serve_opts, shutdown_signal()).await;
     drop(probe); // detach and unload before exiting
     dispatch.abort();
     if let Err(e) = served {
@@ -142,6 +183,37 @@ async fn async_main(args: Args) -> anyhow::Result<()> {
     }
     info!("stopped");
     Ok(())
+}
+
+fn serve_options(args: &Args) -> anyhow::Result<ServeOptions> {
+    let read = |p: &PathBuf| std::fs::read(p).with_context(|| format!("reading {}", p.display()));
+    let auth_token = match &args.auth_token_file {
+        None => None,
+        Some(p) => {
+            let token = String::from_utf8(read(p)?)
+                .context("the auth token file is not UTF-8")?
+                .trim()
+                .to_owned();
+            anyhow::ensure!(!token.is_empty(), "--auth-token-file {} is empty", p.display());
+            Some(token)
+        }
+    };
+    let tls = match (&args.tls_cert, &args.tls_key) {
+        (Some(cert), Some(key)) => Some(TlsOptions {
+            cert_pem: read(cert)?,
+            key_pem: read(key)?,
+            client_ca_pem: args.tls_client_ca.as_ref().map(read).transpose()?,
+        }),
+        _ => None,
+    };
+    Ok(ServeOptions {
+        auth_token,
+        tls,
+        keepalive_interval: Duration::from_secs(args.keepalive_secs),
+        keepalive_timeout: Duration::from_secs(args.keepalive_timeout_secs),
+        max_request_bytes: args.max_request_bytes,
+        max_streams_per_connection: args.max_streams_per_connection,
+    })
 }
 
 async fn shutdown_signal() {

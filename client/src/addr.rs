@@ -5,7 +5,7 @@ use std::path::PathBuf;
 use std::str::FromStr;
 
 use socktap_proto::v1::socktap_client::SocktapClient;
-use tonic::transport::{Channel, ClientTlsConfig, Endpoint, Uri};
+use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity, Uri};
 
 /// socktapd's address: `host:port`, `http://host:port`, `https://host:port`
 /// or `unix:/path`.
@@ -69,8 +69,22 @@ pub struct ConnectError {
     pub cause: String,
 }
 
-/// Connects to socktapd.
+/// TLS material for `https://` addresses, PEM encoded.
+#[derive(Clone, Debug, Default)]
+pub struct ConnectOptions {
+    /// Trust this CA instead of the system's roots.
+    pub ca_cert_pem: Option<Vec<u8>>,
+    /// Present this certificate and key (for socktapd with mTLS).
+    pub client_identity_pem: Option<(Vec<u8>, Vec<u8>)>,
+}
+
+/// Connects to socktapd, trusting the system's roots for `https://`.
 pub async fn connect(addr: &DaemonAddr) -> Result<SocktapClient<Channel>, ConnectError> {
+    connect_with(addr, &ConnectOptions::default()).await
+}
+
+/// Connects to socktapd.
+pub async fn connect_with(addr: &DaemonAddr, opts: &ConnectOptions) -> Result<SocktapClient<Channel>, ConnectError> {
     let fail = |e: &dyn std::error::Error| ConnectError {
         addr: addr.clone(),
         cause: root_cause(e),
@@ -79,9 +93,15 @@ pub async fn connect(addr: &DaemonAddr) -> Result<SocktapClient<Channel>, Connec
         DaemonAddr::Uri { uri, tls } => {
             let mut ep = windows(Endpoint::from_shared(uri.clone()).map_err(|e| fail(&e))?);
             if *tls {
-                ep = ep
-                    .tls_config(ClientTlsConfig::new().with_native_roots())
-                    .map_err(|e| fail(&e))?;
+                let mut tls = ClientTlsConfig::new();
+                tls = match &opts.ca_cert_pem {
+                    Some(ca) => tls.ca_certificate(Certificate::from_pem(ca)),
+                    None => tls.with_native_roots(),
+                };
+                if let Some((cert, key)) = &opts.client_identity_pem {
+                    tls = tls.identity(Identity::from_pem(cert, key));
+                }
+                ep = ep.tls_config(tls).map_err(|e| fail(&e))?;
             }
             ep.connect().await.map_err(|e| fail(&e))?
         }

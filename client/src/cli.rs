@@ -10,7 +10,12 @@ use clap::{Args, Parser, Subcommand, ValueEnum};
 use socktap_proto::v1 as api;
 use tokio::time::Instant;
 
-use crate::addr::{connect, root_cause, ConnectError, DaemonAddr};
+use std::path::PathBuf;
+
+use socktap_proto::v1::socktap_client::SocktapClient;
+use tonic::transport::Channel;
+
+use crate::addr::{connect_with, root_cause, ConnectError, ConnectOptions, DaemonAddr};
 use crate::format;
 use crate::top::Top;
 
@@ -32,9 +37,67 @@ pub struct Cli {
     /// socktapd's address: host:port, http://host:port, https://host:port or unix:/path.
     #[arg(long, global = true, env = "SOCKTAP_ADDR", default_value = "127.0.0.1:50051")]
     pub addr: DaemonAddr,
+    /// File holding the bearer token socktapd requires (--auth-token-file there).
+    #[arg(long, global = true, env = "SOCKTAP_TOKEN_FILE")]
+    pub token_file: Option<PathBuf>,
+    /// CA certificate (PEM) to trust for https:// instead of the system's roots.
+    #[arg(long, global = true, env = "SOCKTAP_CA_CERT")]
+    pub ca_cert: Option<PathBuf>,
+    /// Client certificate (PEM), for socktapd with mTLS.
+    #[arg(long, global = true, env = "SOCKTAP_CLIENT_CERT", requires = "client_key")]
+    pub client_cert: Option<PathBuf>,
+    /// Client private key (PEM).
+    #[arg(long, global = true, env = "SOCKTAP_CLIENT_KEY", requires = "client_cert")]
+    pub client_key: Option<PathBuf>,
     /// What to do.
     #[command(subcommand)]
     pub command: Command,
+}
+
+/// How to reach and authenticate to socktapd.
+struct Session {
+    addr: DaemonAddr,
+    connect: ConnectOptions,
+    token: Option<String>,
+}
+
+impl Session {
+    fn new(cli: &Cli) -> Result<Session, Failure> {
+        let read = |p: &PathBuf| std::fs::read(p).map_err(|e| Failure::Input(format!("reading {}: {e}", p.display())));
+        let token = match &cli.token_file {
+            Some(p) => Some(String::from_utf8_lossy(&read(p)?).trim().to_owned()),
+            None => None,
+        };
+        let identity = match (&cli.client_cert, &cli.client_key) {
+            (Some(c), Some(k)) => Some((read(c)?, read(k)?)),
+            _ => None,
+        };
+        let connect = ConnectOptions {
+            ca_cert_pem: cli.ca_cert.as_ref().map(read).transpose()?,
+            client_identity_pem: identity,
+        };
+        Ok(Session {
+            addr: cli.addr.clone(),
+            connect,
+            token,
+        })
+    }
+
+    async fn client(&self) -> Result<SocktapClient<Channel>, Failure> {
+        Ok(connect_with(&self.addr, &self.connect).await?)
+    }
+
+    /// A request carrying the bearer token, when there is one.
+    fn request<T>(&self, msg: T) -> Result<tonic::Request<T>, Failure> {
+        let mut req = tonic::Request::new(msg);
+        if let Some(t) = &self.token {
+            let v = format!("Bearer {t}")
+                .parse()
+                .map_err(|_| Failure::Input("the token file holds characters a header cannot carry".into()))?;
+            req.metadata_mut().insert("authorization", v);
+        }
+        Ok(req)
+    }
 }
 
 /// The commands.
@@ -391,6 +454,9 @@ enum Failure {
     Rejected { addr: DaemonAddr, message: String },
     #[error("socktapd at {addr}: {status}")]
     Rpc { addr: DaemonAddr, status: String },
+    /// A file named on the command line could not be used.
+    #[error("{0}")]
+    Input(String),
     /// Our stdout was closed (e.g. `| head`): not an error.
     #[error("stdout closed")]
     Closed,
@@ -421,7 +487,7 @@ impl Failure {
     fn exit_code(&self) -> i32 {
         match self {
             Failure::Closed => 0,
-            Failure::Rejected { .. } => 2,
+            Failure::Rejected { .. } | Failure::Input(_) => 2,
             _ => 1,
         }
     }
@@ -464,10 +530,13 @@ pub fn parse(args: impl IntoIterator<Item = std::ffi::OsString>, err: &mut (dyn 
 /// Runs a command; returns the process exit code: 0 done (or stdout
 /// closed), 1 socktapd unreachable or failing, 2 bad input.
 pub async fn run(cli: Cli, out: &mut (dyn Write + Send), err: &mut (dyn Write + Send)) -> i32 {
-    let result = match &cli.command {
-        Command::Watch(a) => watch(&cli.addr, a, out, err).await,
-        Command::Status(a) => status(&cli.addr, a, out).await,
-        Command::Top(a) => top(&cli.addr, a, out).await,
+    let result = match Session::new(&cli) {
+        Err(f) => Err(f),
+        Ok(session) => match &cli.command {
+            Command::Watch(a) => watch(&session, a, out, err).await,
+            Command::Status(a) => status(&session, a, out).await,
+            Command::Top(a) => top(&session, a, out).await,
+        },
     };
     match result {
         Ok(()) => 0,
@@ -482,15 +551,16 @@ pub async fn run(cli: Cli, out: &mut (dyn Write + Send), err: &mut (dyn Write + 
 }
 
 async fn watch(
-    addr: &DaemonAddr,
+    session: &Session,
     a: &WatchArgs,
     out: &mut (dyn Write + Send),
     err: &mut (dyn Write + Send),
 ) -> Result<(), Failure> {
     let json = a.json || a.output == Output::Json;
-    let mut client = connect(addr).await?;
+    let mut client = session.client().await?;
+    let addr = &session.addr;
     let mut stream = client
-        .watch_events(a.to_request())
+        .watch_events(session.request(a.to_request())?)
         .await
         .map_err(|s| Failure::rpc(addr, s))?
         .into_inner();
@@ -531,10 +601,11 @@ async fn watch(
     }
 }
 
-async fn status(addr: &DaemonAddr, a: &StatusArgs, out: &mut (dyn Write + Send)) -> Result<(), Failure> {
-    let mut client = connect(addr).await?;
+async fn status(session: &Session, a: &StatusArgs, out: &mut (dyn Write + Send)) -> Result<(), Failure> {
+    let mut client = session.client().await?;
+    let addr = &session.addr;
     let s = client
-        .get_status(api::GetStatusRequest {})
+        .get_status(session.request(api::GetStatusRequest {})?)
         .await
         .map_err(|s| Failure::rpc(addr, s))?
         .into_inner();
@@ -545,10 +616,11 @@ async fn status(addr: &DaemonAddr, a: &StatusArgs, out: &mut (dyn Write + Send))
     flush(out)
 }
 
-async fn top(addr: &DaemonAddr, a: &TopArgs, out: &mut (dyn Write + Send)) -> Result<(), Failure> {
+async fn top(session: &Session, a: &TopArgs, out: &mut (dyn Write + Send)) -> Result<(), Failure> {
     use std::io::IsTerminal;
     let clear = io::stdout().is_terminal();
-    let mut client = connect(addr).await?;
+    let mut client = session.client().await?;
+    let addr = &session.addr;
     let (allow, deny) = a.filters.to_filters();
     let req = api::WatchEventsRequest {
         allow,
@@ -556,7 +628,7 @@ async fn top(addr: &DaemonAddr, a: &TopArgs, out: &mut (dyn Write + Send)) -> Re
         ..Default::default()
     };
     let mut stream = client
-        .watch_events(req)
+        .watch_events(session.request(req)?)
         .await
         .map_err(|s| Failure::rpc(addr, s))?
         .into_inner();

@@ -170,14 +170,27 @@ pub struct TestDaemon {
 
 impl TestDaemon {
     pub async fn start(hub: socktap::hub::Hub) -> TestDaemon {
+        Self::start_with(hub, Default::default()).await
+    }
+
+    /// Serves with these options; `url` is http:// or, with TLS, https://localhost.
+    pub async fn start_with(hub: socktap::hub::Hub, opts: socktap::daemon::ServeOptions) -> TestDaemon {
         use socktap::daemon::{serve, ListenAddr, Listener};
         init_logging();
         let listener = Listener::bind(&ListenAddr::Tcp("127.0.0.1:0".parse().unwrap()))
             .await
             .unwrap();
-        let url = format!("http://{}", listener.local_addr());
+        let port = match listener.local_addr() {
+            ListenAddr::Tcp(a) => a.port(),
+            ListenAddr::Unix(_) => unreachable!(),
+        };
+        let url = if opts.tls.is_some() {
+            format!("https://localhost:{port}")
+        } else {
+            format!("http://127.0.0.1:{port}")
+        };
         let (tx, rx) = tokio::sync::oneshot::channel();
-        let served = tokio::spawn(serve(hub.clone(), listener, async {
+        let served = tokio::spawn(serve(hub.clone(), listener, opts, async {
             let _ = rx.await;
         }));
         TestDaemon {
