@@ -120,6 +120,7 @@ fn run(args: Args) -> anyhow::Result<()> {
 }
 
 async fn async_main(args: Args) -> anyhow::Result<()> {
+    let shutdown = shutdown_signal()?;
     let serve_opts = serve_options(&args)?;
     let group = match &args.socket_group {
         None => None,
@@ -174,7 +175,7 @@ async fn async_main(args: Args) -> anyhow::Result<()> {
     });
     let addr = listener.local_addr();
     println!("socktapd: serving socktap.v1 on {addr} (attach mode {})", probe.mode());
-    let served = daemon::serve(hub, listener, serve_opts, shutdown_signal()).await;
+    let served = daemon::serve(hub, listener, serve_opts, shutdown).await;
     drop(probe); // detach and unload before exiting
     dispatch.abort();
     if let Err(e) = served {
@@ -216,17 +217,17 @@ fn serve_options(args: &Args) -> anyhow::Result<ServeOptions> {
     })
 }
 
-async fn shutdown_signal() {
+/// Installs the SIGINT/SIGTERM handlers now (so a signal that comes early,
+/// even while loading, is not fatal) and returns a future that completes
+/// on the first of them.
+fn shutdown_signal() -> anyhow::Result<impl std::future::Future<Output = ()>> {
     use tokio::signal::unix::{signal, SignalKind};
-    let mut term = match signal(SignalKind::terminate()) {
-        Ok(s) => s,
-        Err(e) => {
-            error!("cannot watch SIGTERM: {e}");
-            return std::future::pending().await;
+    let mut term = signal(SignalKind::terminate()).context("watching SIGTERM")?;
+    let mut int = signal(SignalKind::interrupt()).context("watching SIGINT")?;
+    Ok(async move {
+        tokio::select! {
+            _ = int.recv() => info!("SIGINT"),
+            _ = term.recv() => info!("SIGTERM"),
         }
-    };
-    tokio::select! {
-        _ = tokio::signal::ctrl_c() => info!("SIGINT"),
-        _ = term.recv() => info!("SIGTERM"),
-    }
+    })
 }

@@ -1,0 +1,190 @@
+//! Bounded soak tests against the real kernel: subscribe/cancel cycles and
+//! many concurrent subscribers leave nothing behind, and neither do 20
+//! restarts of socktapd. They print their figures (run with --nocapture;
+//! docs/reliability.md records the last run). Needs root.
+
+mod common;
+
+use std::collections::HashSet;
+use std::time::Duration;
+
+use common::*;
+use libbpf_rs::query::{LinkInfoIter, ProgInfoIter};
+use socktap::hub::{Hub, HubConfig, Source};
+use socktap::probe::ProbeOptions;
+use socktap_proto::v1 as pb;
+
+/// The two tests load programs; each counts the system's, so one at a time.
+static SERIAL: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+fn rss_kib() -> u64 {
+    std::fs::read_to_string("/proc/self/status")
+        .unwrap()
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.split_whitespace().next()?.parse().ok())
+        .unwrap()
+}
+
+fn socktap_programs() -> HashSet<u32> {
+    ProgInfoIter::default()
+        .filter(|p| p.name.to_string_lossy().starts_with("st_"))
+        .map(|p| p.id)
+        .collect()
+}
+
+async fn wait_for(what: &str, mut cond: impl FnMut() -> bool) {
+    for _ in 0..1000 {
+        if cond() {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    panic!("timed out waiting for {what}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn subscribe_cancel_cycles_and_200_subscribers_leave_nothing_behind() {
+    if !bpf_available("soak") {
+        return;
+    }
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    // Like socktapd, ignore this process: it is both the server and the 200
+    // clients, and serving its own events to 200 streams would feed back.
+    let mut probe = start_probe(ProbeOptions {
+        enabled: false,
+        ignore_pid: Some(std::process::id()),
+        ..Default::default()
+    });
+    let ids: HashSet<u32> = probe.control().program_ids().iter().copied().collect();
+    let batches = probe.take_receiver().unwrap();
+    let hub = Hub::new(
+        HubConfig {
+            max_subscribers: 256,
+            ..Default::default()
+        },
+        Source {
+            mode: Some(probe.mode()),
+            refused_modes: vec![],
+            probe: Some(probe.control().clone()),
+        },
+    );
+    tokio::spawn({
+        let hub = hub.clone();
+        async move { hub.run(batches).await }
+    });
+    let d = TestDaemon::start(hub.clone()).await;
+    let mut client = d.client().await;
+    let metrics = tokio::runtime::Handle::current().metrics();
+    let links = || LinkInfoIter::default().filter(|l| ids.contains(&l.prog_id)).count();
+
+    let cycle = |client: &mut socktap_proto::v1::socktap_client::SocktapClient<tonic::transport::Channel>| {
+        let mut c = client.clone();
+        async move {
+            let s = c.watch_events(pb::WatchEventsRequest::default()).await.unwrap();
+            drop(s);
+        }
+    };
+    // Warm up, then take the baseline.
+    for _ in 0..50 {
+        cycle(&mut client).await;
+    }
+    wait_for("no subscriber after warm-up", || hub.subscriber_count() == 0).await;
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let (rss0, tasks0) = (rss_kib(), metrics.num_alive_tasks());
+
+    for _ in 0..1000 {
+        cycle(&mut client).await;
+    }
+    // 4 connections of 50: one connection carries at most
+    // --max-streams-per-connection (64) streams at once.
+    let mut streams = Vec::new();
+    for _ in 0..4 {
+        let mut c = d.client().await;
+        for _ in 0..50 {
+            streams.push(
+                c.watch_events(pb::WatchEventsRequest::default())
+                    .await
+                    .unwrap()
+                    .into_inner(),
+            );
+        }
+    }
+    wait_for("200 subscribers", || hub.subscriber_count() == 200).await;
+    assert!(probe.control().is_attached(), "programs attached while subscribed");
+    let rss_peak = rss_kib();
+    drop(streams);
+    wait_for("every subscriber gone", || hub.subscriber_count() == 0).await;
+    wait_for("tasks back to baseline", || metrics.num_alive_tasks() <= tasks0).await;
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let (rss1, tasks1) = (rss_kib(), metrics.num_alive_tasks());
+    println!(
+        "soak: 1000 subscribe/cancel cycles + 200 concurrent subscribers: RSS {rss0} KiB before, {rss_peak} KiB with 200, \
+         {rss1} KiB after; tasks {tasks0} before, {tasks1} after; mode {}",
+        probe.mode()
+    );
+    assert!(
+        (rss1 as f64) <= rss0 as f64 * 1.10 && (rss1 as f64) >= rss0 as f64 * 0.90,
+        "RSS returns to baseline ±10 %: {rss0} -> {rss1} KiB"
+    );
+    assert!(tasks1 <= tasks0, "task count back to baseline: {tasks0} -> {tasks1}");
+    assert!(
+        !probe.control().is_attached() || probe.mode() == socktap::event::AttachMode::Kprobe,
+        "detached once idle"
+    );
+    if probe.mode() != socktap::event::AttachMode::Kprobe {
+        assert_eq!(links(), 0, "no link left while idle");
+    }
+    d.stop().await;
+    drop(probe);
+    wait_for("programs unloaded", || socktap_programs().is_disjoint(&ids)).await;
+}
+
+#[test]
+fn twenty_socktapd_restarts_leave_no_bpf_objects() {
+    if !bpf_available("restarts") {
+        return;
+    }
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let bin = env!("CARGO_BIN_EXE_socktapd");
+    let before = socktap_programs();
+    for i in 0..20 {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let mut child = std::process::Command::new(bin)
+            .args([
+                "--listen",
+                &format!("127.0.0.1:{port}"),
+                "--mode",
+                &test_mode().to_string(),
+            ])
+            .env("RUST_LOG", "error")
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        // Wait until it serves: the first stdout line says so.
+        let mut line = String::new();
+        std::io::BufRead::read_line(&mut std::io::BufReader::new(child.stdout.take().unwrap()), &mut line).unwrap();
+        assert!(line.contains("serving"), "start {i}: {line}");
+        // SAFETY: FFI; signals our own child.
+        unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+        let status = child.wait().unwrap();
+        assert!(status.success(), "restart {i}: socktapd exited with {status}");
+    }
+    let mut extra = HashSet::new();
+    for _ in 0..500 {
+        extra = socktap_programs().difference(&before).copied().collect();
+        if extra.is_empty() {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    println!(
+        "restarts: 20 starts and SIGTERMs, socktap programs left behind: {}",
+        extra.len()
+    );
+    assert!(extra.is_empty(), "programs left after 20 restarts: {extra:?}");
+}
