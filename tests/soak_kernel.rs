@@ -15,7 +15,7 @@ use socktap::probe::ProbeOptions;
 use socktap_proto::v1 as pb;
 
 /// The two tests load programs; each counts the system's, so one at a time.
-static SERIAL: std::sync::Mutex<()> = std::sync::Mutex::new(());
+static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 
 fn rss_kib() -> u64 {
     std::fs::read_to_string("/proc/self/status")
@@ -48,7 +48,7 @@ async fn subscribe_cancel_cycles_and_200_subscribers_leave_nothing_behind() {
     if !bpf_available("soak") {
         return;
     }
-    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let _serial = SERIAL.lock().await;
     // Like socktapd, ignore this process: it is both the server and the 200
     // clients, and serving its own events to 200 streams would feed back.
     let mut probe = start_probe(ProbeOptions {
@@ -145,7 +145,7 @@ fn twenty_socktapd_restarts_leave_no_bpf_objects() {
     if !bpf_available("restarts") {
         return;
     }
-    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let _serial = SERIAL.blocking_lock();
     let bin = env!("CARGO_BIN_EXE_socktapd");
     let before = socktap_programs();
     for i in 0..20 {
