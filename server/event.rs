@@ -358,4 +358,79 @@ mod tests {
         assert_eq!(Comm::from_kernel(b"ab\0cd").as_bytes(), b"ab");
         assert_eq!(Comm::from_kernel(&[b'x'; 16]).as_bytes().len(), 15);
     }
+
+    mod props {
+        use super::*;
+        use proptest::prelude::*;
+
+        fn raw_strategy() -> impl Strategy<Value = types::socktap_event> {
+            (
+                any::<[u64; 4]>(),
+                any::<[u8; 16]>(),
+                any::<[u8; 16]>(),
+                any::<i32>(),
+                any::<[u32; 5]>(),
+                any::<[u16; 2]>(),
+                prop_oneof![Just(AF_INET), Just(AF_INET6), any::<u16>()],
+                0u8..4,
+                0u8..5,
+                any::<[u8; 16]>(),
+            )
+                .prop_map(|(w, saddr, daddr, ret, ids, ports, family, kind, mode, comm)| {
+                    types::socktap_event {
+                        seq: w[0],
+                        ts_ns: w[1],
+                        cookie: w[2],
+                        cgroup_id: w[3],
+                        saddr,
+                        daddr,
+                        ret,
+                        pid: ids[0],
+                        tid: ids[1],
+                        uid: ids[2],
+                        netns: ids[3],
+                        cpu: ids[4],
+                        sport: ports[0],
+                        dport: ports[1],
+                        family,
+                        kind,
+                        mode,
+                        comm: comm.map(|b| b as i8),
+                    }
+                })
+        }
+
+        proptest! {
+            /// Any bytes at all: an event or an error, never a panic.
+            #[test]
+            fn decoding_arbitrary_bytes_never_panics(bytes in proptest::collection::vec(any::<u8>(), 0..256)) {
+                let _ = Event::decode(&bytes);
+            }
+
+            /// A well-formed record decodes to exactly its fields.
+            #[test]
+            fn decoding_keeps_every_field(raw in raw_strategy()) {
+                match Event::decode(&bytes_of(&raw)) {
+                    Ok(e) => {
+                        prop_assert_eq!((e.seq, e.timestamp_ns, e.cookie, e.cgroup_id), (raw.seq, raw.ts_ns, raw.cookie, raw.cgroup_id));
+                        prop_assert_eq!((e.pid, e.tid, e.uid, e.netns, e.cpu), (raw.pid, raw.tid, raw.uid, raw.netns, raw.cpu));
+                        prop_assert_eq!((e.local.port(), e.remote.port()), (raw.sport, raw.dport));
+                        if raw.ret < 0 {
+                            prop_assert_eq!((e.bytes, e.errno as i64), (0, -(raw.ret as i64)));
+                        } else {
+                            prop_assert_eq!((e.bytes, e.errno), (raw.ret as u32, 0));
+                        }
+                        prop_assert!(e.comm.as_bytes().len() <= 15);
+                    }
+                    Err(DecodeError::Invalid { field, .. }) => {
+                        let bad_kind = !(1..=2).contains(&raw.kind);
+                        let bad_mode = !(1..=3).contains(&raw.mode);
+                        let bad_family = raw.family != AF_INET && raw.family != AF_INET6;
+                        prop_assert!(bad_kind || bad_mode || bad_family, "rejected a valid record on {}", field);
+                    }
+                    Err(e) => prop_assert!(false, "unexpected {}", e),
+                }
+            }
+        }
+    }
 }

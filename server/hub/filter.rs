@@ -483,4 +483,133 @@ mod tests {
         let deny = Selector::compile(&[], &[pb::EventFilter::default()], FilterLimits::default()).unwrap_err();
         assert_eq!(deny.field, "deny[0]");
     }
+
+    mod props {
+        use super::*;
+        use proptest::prelude::*;
+
+        fn filter_strategy() -> impl Strategy<Value = pb::EventFilter> {
+            let small = |n| proptest::collection::vec(any::<u32>(), 0..n);
+            (
+                proptest::collection::vec(any::<u64>(), 0..4),
+                small(4),
+                proptest::collection::vec("[a-z]{0,17}", 0..3),
+                proptest::collection::vec("[a-z]{0,17}", 0..3),
+                small(3),
+                proptest::collection::vec(any::<u64>(), 0..3),
+                proptest::collection::vec(0u32..70_000, 0..3),
+                proptest::collection::vec(0u32..70_000, 0..3),
+                proptest::collection::vec(
+                    "([0-9]{1,3}\\.){3}[0-9]{1,3}(/[0-9]{1,2})?|[0-9a-f:]{2,12}(/[0-9]{1,3})?|[a-z/]{0,6}",
+                    0..3,
+                ),
+                proptest::collection::vec(-1i32..4, 0..3),
+                proptest::collection::vec(-1i32..4, 0..3),
+                any::<bool>(),
+            )
+                .prop_map(
+                    |(
+                        cookies,
+                        pids,
+                        comms,
+                        comm_prefixes,
+                        uids,
+                        cgroup_ids,
+                        local_ports,
+                        remote_ports,
+                        remote_cidrs,
+                        families,
+                        kinds,
+                        errors_only,
+                    )| pb::EventFilter {
+                        cookies,
+                        pids,
+                        comms,
+                        comm_prefixes,
+                        uids,
+                        cgroup_ids,
+                        local_ports,
+                        remote_ports,
+                        remote_cidrs,
+                        families,
+                        kinds,
+                        errors_only,
+                    },
+                )
+        }
+
+        fn event_strategy() -> impl Strategy<Value = Event> {
+            (
+                any::<u64>(),
+                any::<u32>(),
+                "[a-z]{0,15}",
+                any::<[u8; 4]>(),
+                any::<u16>(),
+                any::<bool>(),
+                any::<bool>(),
+                0u32..120,
+            )
+                .prop_map(|(cookie, pid, comm, ip, port, send, v6, errno)| {
+                    let remote = if v6 {
+                        std::net::SocketAddr::new(
+                            std::net::Ipv6Addr::from([
+                                0xfd, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, ip[0], ip[1], ip[2], ip[3],
+                            ])
+                            .into(),
+                            port,
+                        )
+                    } else {
+                        std::net::SocketAddr::new(std::net::Ipv4Addr::from(ip).into(), port)
+                    };
+                    let mut e = tests::ev(
+                        cookie,
+                        pid,
+                        &comm,
+                        "127.0.0.1:1",
+                        if send { EventKind::Send } else { EventKind::Recv },
+                        errno,
+                    );
+                    e.remote = remote;
+                    e
+                })
+        }
+
+        proptest! {
+            /// Any request: a compiled selector or a field error, never a
+            /// panic; and a compiled one matches any event without panicking.
+            #[test]
+            fn compiling_and_matching_never_panic(
+                allow in proptest::collection::vec(filter_strategy(), 0..3),
+                deny in proptest::collection::vec(filter_strategy(), 0..3),
+                events in proptest::collection::vec(event_strategy(), 0..8),
+            ) {
+                match Selector::compile(&allow, &deny, FilterLimits::default()) {
+                    Ok(sel) => for e in &events { let _ = sel.matches(e); },
+                    Err(err) => prop_assert!(err.field.starts_with("allow") || err.field.starts_with("deny"), "{}", err),
+                }
+            }
+
+            /// A filter made of an event's own fields allows it; the same
+            /// filter as a deny drops it, even alongside an allow.
+            #[test]
+            fn an_events_own_fields_match_it(e in event_strategy(), with_comm in any::<bool>()) {
+                let mut f = pb::EventFilter {
+                    cookies: vec![e.cookie],
+                    pids: vec![e.pid],
+                    remote_ports: if e.remote.port() == 0 { vec![] } else { vec![e.remote.port().into()] },
+                    remote_cidrs: vec![e.remote.ip().to_string()],
+                    kinds: vec![if e.kind == EventKind::Send { 1 } else { 2 }],
+                    errors_only: e.is_error(),
+                    ..Default::default()
+                };
+                if with_comm && !e.comm.as_bytes().is_empty() {
+                    f.comms = vec![e.comm.to_string()];
+                }
+                let allow = Selector::compile(std::slice::from_ref(&f), &[], FilterLimits::default()).unwrap();
+                prop_assert!(allow.matches(&e));
+                let deny = Selector::compile(&[f.clone()], &[f], FilterLimits::default()).unwrap();
+                prop_assert!(!deny.matches(&e), "deny wins");
+            }
+        }
+    }
 }

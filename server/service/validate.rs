@@ -205,4 +205,43 @@ mod tests {
             "max_flush_delay"
         );
     }
+
+    mod props {
+        use super::*;
+        use proptest::prelude::*;
+
+        proptest! {
+            /// Any combination of stream controls: validated or refused with
+            /// a named field, never a panic.
+            #[test]
+            fn validation_never_panics(
+                replay in any::<u32>(),
+                since in proptest::option::of((any::<i64>(), any::<i32>())),
+                resume in proptest::option::of(any::<u64>()),
+                limit in any::<u64>(),
+                batch in proptest::option::of(any::<u32>()),
+                delay in proptest::option::of((any::<i64>(), any::<i32>())),
+            ) {
+                let req = pb::WatchEventsRequest {
+                    replay_last: replay,
+                    since: since.map(|(seconds, nanos)| socktap_proto::Timestamp { seconds, nanos }),
+                    resume_after_seq: resume,
+                    limit,
+                    max_batch_events: batch,
+                    max_flush_delay: delay.map(|(seconds, nanos)| socktap_proto::Duration { seconds, nanos }),
+                    ..Default::default()
+                };
+                match check(req) {
+                    Ok(w) => {
+                        prop_assert!((1..=MAX_BATCH as usize).contains(&w.controls.max_batch));
+                        prop_assert!(w.controls.flush_delay <= MAX_FLUSH_DELAY);
+                    }
+                    Err(e) => prop_assert!(
+                        ["replay_last", "since", "since.nanos", "max_batch_events", "max_flush_delay"].contains(&e.field.as_str()),
+                        "unexpected field {}", e.field
+                    ),
+                }
+            }
+        }
+    }
 }
