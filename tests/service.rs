@@ -657,3 +657,36 @@ async fn status_reports_source_subscribers_and_counters() {
     assert!(sub.peer.starts_with("127.0.0.1:"), "{}", sub.peer);
     d.stop().await;
 }
+
+#[tokio::test]
+async fn max_flush_delay_gathers_separate_dispatches_into_one_message() {
+    let (hub, tx) = synthetic(HubConfig::default());
+    let d = TestDaemon::start(hub.clone()).await;
+    let req = pb::WatchEventsRequest {
+        max_flush_delay: Some(socktap_proto::Duration {
+            seconds: 0,
+            nanos: 300_000_000,
+        }),
+        max_batch_events: Some(1000),
+        limit: 30,
+        ..Default::default()
+    };
+    let mut s = d.client().await.watch_events(req).await.unwrap().into_inner();
+    wait_subscribers(&hub, 1).await;
+    for chunk in 0..3u64 {
+        let events = (chunk * 10..chunk * 10 + 10).map(|i| event(i, 1, 1)).collect();
+        tx.send(Batch {
+            events,
+            kernel_drops: 0,
+        })
+        .await
+        .unwrap();
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let Some(Message::Events(b)) = next_msg(&mut s).await else {
+        panic!("events")
+    };
+    assert_eq!(b.events.len(), 30, "three dispatches held back into one message");
+    assert!(next_msg(&mut s).await.is_none(), "limit reached");
+    d.stop().await;
+}
