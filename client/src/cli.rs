@@ -530,12 +530,21 @@ pub fn parse(args: impl IntoIterator<Item = std::ffi::OsString>, err: &mut (dyn 
 /// Runs a command; returns the process exit code: 0 done (or stdout
 /// closed), 1 socktapd unreachable or failing, 2 bad input.
 pub async fn run(cli: Cli, out: &mut (dyn Write + Send), err: &mut (dyn Write + Send)) -> i32 {
+    // Ctrl-C ends a stream cleanly; the handler is installed before
+    // anything else, so an early Ctrl-C is not fatal either.
+    let mut interrupt = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::interrupt()) {
+        Ok(s) => s,
+        Err(e) => {
+            let _ = writeln!(err, "socktap: cannot watch SIGINT: {e}");
+            return 1;
+        }
+    };
     let result = match Session::new(&cli) {
         Err(f) => Err(f),
         Ok(session) => match &cli.command {
-            Command::Watch(a) => watch(&session, a, out, err).await,
+            Command::Watch(a) => watch(&session, a, &mut interrupt, out, err).await,
             Command::Status(a) => status(&session, a, out).await,
-            Command::Top(a) => top(&session, a, out).await,
+            Command::Top(a) => top(&session, a, &mut interrupt, out).await,
         },
     };
     match result {
@@ -553,6 +562,7 @@ pub async fn run(cli: Cli, out: &mut (dyn Write + Send), err: &mut (dyn Write + 
 async fn watch(
     session: &Session,
     a: &WatchArgs,
+    interrupt: &mut tokio::signal::unix::Signal,
     out: &mut (dyn Write + Send),
     err: &mut (dyn Write + Send),
 ) -> Result<(), Failure> {
@@ -568,12 +578,10 @@ async fn watch(
         write_line(out, format::TABLE_HEADER)?;
         flush(out)?;
     }
-    let ctrl_c = tokio::signal::ctrl_c();
-    tokio::pin!(ctrl_c);
     loop {
         let msg = tokio::select! {
             m = stream.message() => m.map_err(|s| Failure::rpc(addr, s))?,
-            _ = &mut ctrl_c => return Ok(()),
+            _ = interrupt.recv() => return Ok(()),
         };
         let Some(msg) = msg.and_then(|m| m.message) else {
             return Ok(());
@@ -616,7 +624,12 @@ async fn status(session: &Session, a: &StatusArgs, out: &mut (dyn Write + Send))
     flush(out)
 }
 
-async fn top(session: &Session, a: &TopArgs, out: &mut (dyn Write + Send)) -> Result<(), Failure> {
+async fn top(
+    session: &Session,
+    a: &TopArgs,
+    interrupt: &mut tokio::signal::unix::Signal,
+    out: &mut (dyn Write + Send),
+) -> Result<(), Failure> {
     use std::io::IsTerminal;
     let clear = io::stdout().is_terminal();
     let mut client = session.client().await?;
@@ -632,8 +645,6 @@ async fn top(session: &Session, a: &TopArgs, out: &mut (dyn Write + Send)) -> Re
         .await
         .map_err(|s| Failure::rpc(addr, s))?
         .into_inner();
-    let ctrl_c = tokio::signal::ctrl_c();
-    tokio::pin!(ctrl_c);
     let mut ticker = tokio::time::interval_at(Instant::now() + a.interval, a.interval);
     let mut frame = Top::default();
     let mut frames = 0u64;
@@ -665,7 +676,7 @@ async fn top(session: &Session, a: &TopArgs, out: &mut (dyn Write + Send)) -> Re
                     return Ok(());
                 }
             }
-            _ = &mut ctrl_c => return Ok(()),
+            _ = interrupt.recv() => return Ok(()),
         }
     }
 }

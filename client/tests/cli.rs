@@ -522,3 +522,31 @@ fn unix_socket_addresses_work() {
     assert!(String::from_utf8_lossy(&r.stdout).contains("9.9.9"));
     let _ = std::fs::remove_dir_all(dir);
 }
+
+#[test]
+fn ctrl_c_ends_watch_and_top_cleanly() {
+    let addr = serve(Fake {
+        endless: true,
+        ..Default::default()
+    });
+    for cmd in ["watch", "top"] {
+        let mut child = Command::new(BIN)
+            .args(["--addr", &addr, cmd])
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        // Wait until it streams (watch prints at once; top after its first second).
+        let mut out = BufReader::new(child.stdout.take().unwrap());
+        let mut line = String::new();
+        out.read_line(&mut line).unwrap();
+        // SAFETY: FFI; signals our own child, as a terminal's Ctrl-C would.
+        unsafe { libc::kill(child.id() as i32, libc::SIGINT) };
+        std::thread::spawn(move || std::io::copy(&mut out, &mut std::io::sink()));
+        let mut stderr = String::new();
+        child.stderr.take().unwrap().read_to_string(&mut stderr).unwrap();
+        let status = child.wait().unwrap();
+        assert_eq!(status.code(), Some(0), "{cmd}: {stderr}");
+        assert!(!stderr.contains("panicked"), "{cmd}: {stderr}");
+    }
+}
