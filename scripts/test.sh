@@ -1,15 +1,34 @@
 #!/usr/bin/env bash
-# Runs every test: unit, unprivileged, and the ones that load BPF programs
-# into the running kernel. Those need root: when not root, the test binaries
-# are run through sudo (the build stays unprivileged).
+# Runs every test:
+#   1. cargo test: unit, unprivileged, and the tests that load BPF programs
+#      into the running kernel (root: when not root, the test binaries run
+#      through sudo; the build stays unprivileged);
+#   2. the kernel matrix (tests/vm/matrix.sh): fentry and kprobe on Debian
+#      kernels under QEMU;
+#   3. the benchmark's smoke test (zero loss at a modest rate, every
+#      configuration produces numbers; no timing is asserted).
+# SOCKTAP_SKIP_VM=1 skips step 2 outside CI (with a printed reason).
 # Usage: scripts/test.sh [cargo test args...]
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-# iperf3: the byte-exactness test against a program we did not write.
-scripts/deps.sh iperf3
+# iperf3: the byte-exactness test against a program we did not write;
+# bpftrace: the benchmark's peer configuration.
+scripts/deps.sh iperf3 bpftrace
 
 if [ "$(id -u)" -ne 0 ] && command -v sudo >/dev/null; then
   export CARGO_TARGET_X86_64_UNKNOWN_LINUX_GNU_RUNNER="sudo -E"
 fi
 cargo test --workspace --all-targets --locked "$@"
+
+if [ "${SOCKTAP_SKIP_VM:-}" = 1 ] && [ "${CI:-}" != true ]; then
+  echo "SKIPPED kernel matrix: SOCKTAP_SKIP_VM=1"
+else
+  tests/vm/matrix.sh
+fi
+
+# The debug binaries the tests just built: no second build of the world.
+cargo build --workspace --bins --locked
+sudo=()
+[ "$(id -u)" -eq 0 ] || sudo=(sudo)
+"${sudo[@]}" target/debug/socktap-bench --quick --seconds 0.5
