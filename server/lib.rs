@@ -19,5 +19,6 @@
 pub mod daemon;
 pub mod event;
 pub mod hub;
+pub mod privileges;
 pub mod probe;
 pub mod service;

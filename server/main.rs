@@ -52,6 +52,10 @@ struct Args {
     /// produces sends, which would produce more events.
     #[arg(long, env = "SOCKTAPD_TRACE_SELF")]
     trace_self: bool,
+    /// After loading the programs and binding the listener, switch to this
+    /// user and drop every capability (needs Linux >= 6.5; see README).
+    #[arg(long, env = "SOCKTAPD_USER")]
+    user: Option<String>,
     /// Group that may connect to a unix socket listener (the socket gets mode 0660).
     #[arg(long, env = "SOCKTAPD_SOCKET_GROUP")]
     socket_group: Option<String>,
@@ -173,6 +177,10 @@ async fn async_main(args: Args) -> anyhow::Result<()> {
         let hub = hub.clone();
         async move { hub.run(batches).await }
     });
+    if let Some(user) = &args.user {
+        socktap::privileges::drop_to_user(user)?;
+        info!(user = %user, "dropped root and every capability");
+    }
     let addr = listener.local_addr();
     println!("socktapd: serving socktap.v1 on {addr} (attach mode {})", probe.mode());
     let served = daemon::serve(hub, listener, serve_opts, shutdown).await;

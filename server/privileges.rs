@@ -1,0 +1,57 @@
+//! Dropping root once everything privileged is done.
+//!
+//! After the BPF programs are loaded and attached and the listener is bound,
+//! socktapd keeps serving through file descriptors it already holds: maps
+//! (the gate, counters), programs (re-attached with BPF_RAW_TRACEPOINT_OPEN),
+//! the ring buffer (mmap + epoll) and the listening socket. None of that
+//! needs a capability on kernels that check `bpf()` capabilities per command
+//! (Linux ≥ 6.5), so `--user` drops them all.
+
+use nix::unistd::{setgroups, setresgid, setresuid, User};
+
+/// Why the drop failed.
+#[derive(Debug, thiserror::Error)]
+pub enum DropError {
+    /// The kernel checks bpf() capabilities for every command before 6.5,
+    /// so the gate could not be switched without CAP_BPF.
+    #[error("--user needs Linux >= 6.5 (this is {0}): older kernels require CAP_BPF for every bpf() call; use contrib/socktapd.service's capabilities instead")]
+    OldKernel(String),
+    /// No such user.
+    #[error("--user: no user named {0}")]
+    NoSuchUser(String),
+    /// A system call failed.
+    #[error("--user {user}: {what} failed: {errno}")]
+    Call {
+        /// The user asked for.
+        user: String,
+        /// Which call.
+        what: &'static str,
+        /// The error.
+        errno: nix::errno::Errno,
+    },
+}
+
+/// Switches every thread of the process to `name`'s uid and gid (glibc
+/// applies set*id to all threads). Leaving uid 0 without keep-caps clears
+/// each thread's permitted, effective and ambient capabilities.
+pub fn drop_to_user(name: &str) -> Result<(), DropError> {
+    let call = |what, errno| DropError::Call {
+        user: name.to_owned(),
+        what,
+        errno,
+    };
+    let release = crate::probe::kernel_release();
+    let mut v = release
+        .split(|c: char| !c.is_ascii_digit())
+        .filter_map(|p| p.parse::<u32>().ok());
+    if (v.next().unwrap_or(0), v.next().unwrap_or(0)) < (6, 5) {
+        return Err(DropError::OldKernel(release));
+    }
+    let user = User::from_name(name)
+        .map_err(|e| call("looking up the user", e))?
+        .ok_or_else(|| DropError::NoSuchUser(name.to_owned()))?;
+    setgroups(&[user.gid]).map_err(|e| call("setgroups", e))?;
+    setresgid(user.gid, user.gid, user.gid).map_err(|e| call("setresgid", e))?;
+    setresuid(user.uid, user.uid, user.uid).map_err(|e| call("setresuid", e))?;
+    Ok(())
+}

@@ -1,0 +1,123 @@
+//! `socktapd --user nobody`: after loading, attaching and binding, every
+//! thread runs as nobody with no capability, and socktapd keeps serving:
+//! the gate re-attaches the programs for a new subscriber, and the events
+//! carry the socket's exact bytes. Needs root.
+
+mod common;
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+use common::*;
+use socktap_client::{api, connect, DaemonAddr};
+
+fn status_field(path: &std::path::Path, field: &str) -> String {
+    std::fs::read_to_string(path)
+        .unwrap()
+        .lines()
+        .find_map(|l| l.strip_prefix(field).map(|v| v.trim().to_owned()))
+        .unwrap_or_default()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn socktapd_serves_as_nobody_with_no_capability() {
+    if !bpf_available("privdrop") {
+        return;
+    }
+    let kernel_ok = {
+        let r = socktap::probe::kernel_release();
+        let mut v = r
+            .split(|c: char| !c.is_ascii_digit())
+            .filter_map(|p| p.parse::<u32>().ok());
+        (v.next().unwrap_or(0), v.next().unwrap_or(0)) >= (6, 5)
+    };
+    if !kernel_ok {
+        eprintln!("SKIPPED privdrop: bpf() checks capabilities per command only from Linux 6.5");
+        return;
+    }
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let mut child = Command::new(env!("CARGO_BIN_EXE_socktapd"))
+        .args([
+            "--listen",
+            &format!("127.0.0.1:{port}"),
+            "--user",
+            "nobody",
+            "--mode",
+            &test_mode().to_string(),
+        ])
+        .env("RUST_LOG", "error")
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut line = String::new();
+    BufReader::new(child.stdout.take().unwrap())
+        .read_line(&mut line)
+        .unwrap();
+    assert!(line.contains("serving"), "{line}");
+
+    // Every thread: uid nobody, no capability at all.
+    let pid = child.id();
+    let tasks: Vec<_> = std::fs::read_dir(format!("/proc/{pid}/task"))
+        .unwrap()
+        .map(|t| t.unwrap().path())
+        .collect();
+    assert!(tasks.len() > 1, "socktapd runs several threads");
+    for t in &tasks {
+        let status = t.join("status");
+        assert_eq!(
+            status_field(&status, "Uid:").split_whitespace().collect::<Vec<_>>(),
+            ["65534"; 4],
+            "{t:?}"
+        );
+        assert_eq!(status_field(&status, "CapEff:"), "0000000000000000", "{t:?}");
+        assert_eq!(status_field(&status, "CapPrm:"), "0000000000000000", "{t:?}");
+    }
+
+    // Still serving: a new subscriber opens the gate (re-attaching the
+    // programs as nobody) and gets a socket's exact bytes.
+    let (mut c, mut s) = tcp_pair(false);
+    let cookie = so_cookie(&c);
+    let addr: DaemonAddr = format!("127.0.0.1:{port}").parse().unwrap();
+    let mut client = connect(&addr).await.unwrap();
+    let req = api::WatchEventsRequest {
+        allow: vec![api::EventFilter {
+            cookies: vec![cookie],
+            ..Default::default()
+        }],
+        limit: 1,
+        ..Default::default()
+    };
+    let mut stream = client.watch_events(req).await.unwrap().into_inner();
+    for _ in 0..200 {
+        if client
+            .get_status(api::GetStatusRequest {})
+            .await
+            .unwrap()
+            .into_inner()
+            .kernel_gate_open
+        {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    c.write_all(&[1u8; 1234]).unwrap();
+    s.read_exact(&mut [0u8; 1234]).unwrap();
+    let msg = tokio::time::timeout(Duration::from_secs(10), stream.message())
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+    let Some(api::watch_events_response::Message::Events(b)) = msg.message else {
+        panic!("events")
+    };
+    assert_eq!((b.events[0].cookie, b.events[0].bytes), (cookie, 1234));
+
+    // SAFETY: FFI; signals our own child.
+    unsafe { libc::kill(pid as i32, libc::SIGTERM) };
+    assert!(child.wait().unwrap().success(), "clean exit as nobody");
+}
