@@ -250,3 +250,113 @@ async fn an_oversized_request_is_refused_naming_the_limit() {
         .expect("the server carries on");
     d.stop().await;
 }
+
+#[tokio::test]
+async fn garbage_on_the_wire_costs_nothing_lasting() {
+    use tokio::io::AsyncWriteExt;
+    let h = hub();
+    let d = TestDaemon::start(h.clone()).await;
+    let addr = d.url.trim_start_matches("http://").to_owned();
+    let junk: Vec<Vec<u8>> = vec![
+        b"GET / HTTP/1.1\r\nHost: x\r\n\r\n".to_vec(),
+        (0..4096u32).map(|i| (i.wrapping_mul(2654435761) >> 24) as u8).collect(),
+        // A valid HTTP/2 preface, then a frame header claiming 16 MB.
+        [
+            b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n".as_slice(),
+            &[0xff, 0xff, 0xff, 0x00, 0x00, 0, 0, 0, 1],
+        ]
+        .concat(),
+        Vec::new(),
+    ];
+    for j in &junk {
+        for _ in 0..20 {
+            let mut s = tokio::net::TcpStream::connect(&addr).await.unwrap();
+            let _ = s.write_all(j).await;
+            drop(s);
+        }
+    }
+    let st = d
+        .client()
+        .await
+        .get_status(pb::GetStatusRequest {})
+        .await
+        .expect("still serving");
+    assert_eq!(st.into_inner().subscribers.len(), 0);
+    d.stop().await;
+}
+
+/// Relays one TCP connection until `freeze` is set; then holds both sockets
+/// open and forwards nothing, like a peer whose host vanished.
+async fn freezable_relay(target: String, freeze: tokio::sync::watch::Receiver<bool>) -> String {
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = l.local_addr().unwrap().to_string();
+    tokio::spawn(async move {
+        let (client, _) = l.accept().await.unwrap();
+        let server = tokio::net::TcpStream::connect(target).await.unwrap();
+        let (cr, cw) = client.into_split();
+        let (sr, sw) = server.into_split();
+        for (mut r, mut w) in [(cr, sw), (sr, cw)] {
+            let mut freeze = freeze.clone();
+            tokio::spawn(async move {
+                use tokio::io::{AsyncReadExt, AsyncWriteExt};
+                let mut buf = vec![0u8; 65536];
+                loop {
+                    tokio::select! {
+                        n = r.read(&mut buf) => match n {
+                            Ok(0) | Err(_) => return,
+                            Ok(n) => if w.write_all(&buf[..n]).await.is_err() { return },
+                        },
+                        _ = async {
+                            while !*freeze.borrow_and_update() {
+                                if freeze.changed().await.is_err() {
+                                    std::future::pending::<()>().await;
+                                }
+                            }
+                        } => {
+                            // Hold both halves open (the task owns them) forever,
+                            // forwarding nothing.
+                            std::future::pending::<()>().await;
+                        }
+                    }
+                }
+            });
+        }
+    });
+    addr
+}
+
+#[tokio::test]
+async fn a_client_that_vanishes_is_dropped_by_keepalive() {
+    let h = hub();
+    let opts = ServeOptions {
+        keepalive_interval: std::time::Duration::from_secs(1),
+        keepalive_timeout: std::time::Duration::from_secs(1),
+        ..Default::default()
+    };
+    let d = TestDaemon::start_with(h.clone(), opts).await;
+    let (freeze_tx, freeze_rx) = tokio::sync::watch::channel(false);
+    let relay = freezable_relay(d.url.trim_start_matches("http://").to_owned(), freeze_rx).await;
+    let channel = tonic::transport::Endpoint::from_shared(format!("http://{relay}"))
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    let mut c = pb::socktap_client::SocktapClient::new(channel);
+    let _stream = c.watch_events(pb::WatchEventsRequest::default()).await.unwrap();
+    assert_eq!(h.subscriber_count(), 1);
+    freeze_tx.send(true).unwrap();
+    // The client's process still holds the stream, but its host is gone.
+    let start = std::time::Instant::now();
+    while h.subscriber_count() > 0 {
+        assert!(
+            start.elapsed() < std::time::Duration::from_secs(15),
+            "keepalive never dropped the vanished client"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    eprintln!(
+        "vanished client dropped after {:?} (keepalive 1 s + timeout 1 s)",
+        start.elapsed()
+    );
+    d.stop().await;
+}
