@@ -16,6 +16,7 @@
 //! }
 //! ```
 
+pub mod convert;
 pub mod daemon;
 pub mod event;
 pub mod hub;

@@ -133,10 +133,7 @@ async fn filtered_subscribers_get_exactly_their_sockets_bytes_and_shutdown_detac
 
     let st = client.get_status(pb::GetStatusRequest {}).await.unwrap().into_inner();
     assert_eq!(st.subscribers.len(), 2);
-    assert_eq!(
-        st.attach_mode,
-        socktap::service::convert::mode(Some(probe.mode())) as i32
-    );
+    assert_eq!(st.attach_mode, socktap::convert::mode(Some(probe.mode())) as i32);
     assert_eq!(st.programs.len(), ids.len(), "status lists the loaded programs");
     assert!(st.kernel_events_produced >= st.events_read);
 

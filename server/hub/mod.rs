@@ -229,8 +229,11 @@ impl Hub {
                 s.announce(loss);
             }
         }
-        for s in &st.subscribers {
-            s.offer(&events);
+        if !st.subscribers.is_empty() {
+            let mut converted = vec![None; events.len()];
+            for s in &st.subscribers {
+                s.offer(&events, &mut converted, &self.inner.clock);
+            }
         }
         let cap = self.inner.config.history_events;
         if cap > 0 {
@@ -275,11 +278,12 @@ impl Hub {
             Start::ReplayLast(n) => {
                 let mut last: Vec<Event> = history.iter().rev().filter(matching).take(n).copied().collect();
                 last.reverse();
-                sub.preload(None, last.into_iter());
+                sub.preload(None, last.into_iter(), &self.inner.clock);
             }
             Start::Since(t) => sub.preload(
                 None,
                 history.iter().filter(|e| e.timestamp_ns >= t).filter(matching).copied(),
+                &self.inner.clock,
             ),
             Start::ResumeAfter(seq) => {
                 let oldest = history.front().map(|e| e.seq);
@@ -294,7 +298,11 @@ impl Hub {
                     }),
                     _ => None,
                 };
-                sub.preload(loss, history.iter().filter(|e| e.seq > seq).filter(matching).copied());
+                sub.preload(
+                    loss,
+                    history.iter().filter(|e| e.seq > seq).filter(matching).copied(),
+                    &self.inner.clock,
+                );
             }
         }
         st.subscribers.push(sub.clone());
@@ -353,5 +361,78 @@ impl Hub {
         }
         debug!(open = want, "kernel gate");
         st.gate_open = want;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::event::{Comm, EventKind};
+
+    fn event(seq: u64, cookie: u64) -> Event {
+        Event {
+            seq,
+            timestamp_ns: 1,
+            cookie,
+            kind: EventKind::Send,
+            bytes: 1,
+            errno: 0,
+            pid: 1,
+            tid: 1,
+            uid: 0,
+            cgroup_id: 1,
+            netns: 1,
+            cpu: 0,
+            comm: Comm::from_kernel(b"t"),
+            local: "127.0.0.1:1".parse().unwrap(),
+            remote: "127.0.0.1:2".parse().unwrap(),
+            mode: AttachMode::Tracepoint,
+        }
+    }
+
+    #[test]
+    fn subscribers_taking_the_same_event_share_one_conversion() {
+        let hub = Hub::new(HubConfig::default(), Source::default());
+        let everything = Selector::default();
+        let only_7 = Selector::compile(
+            &[pb::EventFilter {
+                cookies: vec![7],
+                ..Default::default()
+            }],
+            &[],
+            FilterLimits::default(),
+        )
+        .unwrap();
+        let a = hub
+            .subscribe("a".into(), Default::default(), everything.clone(), Start::Live)
+            .unwrap();
+        let b = hub
+            .subscribe("b".into(), Default::default(), everything, Start::Live)
+            .unwrap();
+        let c = hub
+            .subscribe("c".into(), Default::default(), only_7, Start::Live)
+            .unwrap();
+        hub.dispatch(Batch {
+            events: vec![event(1, 5), event(2, 6)],
+            kernel_drops: 0,
+        });
+        let take = |s: &Subscriber| {
+            let mut v = Vec::new();
+            s.take(10, &mut v);
+            v.into_iter()
+                .map(|i| match i {
+                    Item::Event(e) => e,
+                    Item::Lost(l) => panic!("unexpected loss {l:?}"),
+                })
+                .collect::<Vec<_>>()
+        };
+        let (ea, eb, ec) = (take(&a), take(&b), take(&c));
+        assert_eq!(ea.len(), 2);
+        assert!(
+            ea.iter().zip(&eb).all(|(x, y)| Arc::ptr_eq(x, y)),
+            "converted once, shared"
+        );
+        assert_eq!(ea[1].seq, 2);
+        assert!(ec.is_empty(), "a subscriber that matches nothing gets nothing");
     }
 }

@@ -11,7 +11,8 @@ use socktap_proto::v1 as pb;
 use tokio::sync::Notify;
 
 use super::filter::Selector;
-use crate::event::Event;
+use crate::convert;
+use crate::event::{Event, WallClock};
 
 /// Where events were lost.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -42,10 +43,11 @@ pub struct Loss {
 }
 
 /// What a subscriber's stream delivers, in order.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq)]
 pub enum Item {
-    /// An event.
-    Event(Event),
+    /// An event, already in its API form, shared by every subscriber that
+    /// takes it.
+    Event(Arc<pb::Event>),
     /// A loss notice.
     Lost(Loss),
 }
@@ -118,14 +120,20 @@ impl Subscriber {
     }
 
     /// Queues the events that match this subscriber's filters; never waits.
-    pub(super) fn offer(&self, events: &[Event]) {
+    /// `converted[i]` caches the API form of `events[i]`: the first
+    /// subscriber that takes an event converts it, the others share it.
+    pub(super) fn offer(&self, events: &[Event], converted: &mut [Option<Arc<pb::Event>>], clock: &WallClock) {
         let mut q = self.lock();
         let mut matched = 0u64;
         let mut lost = 0u64;
-        for e in events.iter().filter(|e| self.selector.matches(e)) {
+        for (e, slot) in events.iter().zip(converted.iter_mut()) {
+            if !self.selector.matches(e) {
+                continue;
+            }
             matched += 1;
             if q.events < self.capacity {
-                q.items.push_back(Item::Event(*e));
+                let shared = slot.get_or_insert_with(|| Arc::new(convert::event(e, clock)));
+                q.items.push_back(Item::Event(shared.clone()));
                 q.events += 1;
             } else {
                 lost += 1;
@@ -142,14 +150,14 @@ impl Subscriber {
 
     /// Queues events from history, regardless of capacity (they are few and
     /// were asked for explicitly).
-    pub(super) fn preload(&self, loss: Option<Loss>, events: impl Iterator<Item = Event>) {
+    pub(super) fn preload(&self, loss: Option<Loss>, events: impl Iterator<Item = Event>, clock: &WallClock) {
         let mut q = self.lock();
         if let Some(l) = loss {
             q.items.push_back(Item::Lost(l));
         }
         let before = q.events;
         for e in events {
-            q.items.push_back(Item::Event(e));
+            q.items.push_back(Item::Event(Arc::new(convert::event(&e, clock))));
             q.events += 1;
         }
         self.matched.fetch_add((q.events - before) as u64, Ordering::Relaxed);

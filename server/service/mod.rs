@@ -3,7 +3,6 @@
 //! transport asks for them; it ends when the client goes away, the limit is
 //! reached, or the hub shuts down.
 
-pub mod convert;
 pub mod validate;
 
 use std::collections::VecDeque;
@@ -19,6 +18,7 @@ use tokio::time::Sleep;
 use tokio_stream::Stream;
 use tonic::{Request, Response, Status};
 
+use crate::convert;
 use crate::event::monotonic_now_ns;
 use crate::hub::{Hub, Item, SubscribeError, Subscriber};
 use crate::probe::kernel_release;
@@ -109,12 +109,14 @@ impl EventStream {
         let mut items = Vec::with_capacity(want.min(4096));
         let ended = self.sub.take(want, &mut items);
         let mut events = Vec::new();
-        for item in &items {
+        for item in items {
             match item {
-                Item::Event(e) => events.push(convert::event(e, &clock)),
+                // Converted once by the hub; cloned only if another
+                // subscriber still holds the same event.
+                Item::Event(e) => events.push(Arc::unwrap_or_clone(e)),
                 Item::Lost(l) => {
                     self.push_events(&mut events);
-                    let msg = pb::watch_events_response::Message::Lost(convert::loss(l, &clock));
+                    let msg = pb::watch_events_response::Message::Lost(convert::loss(&l, &clock));
                     self.ready.push_back(pb::WatchEventsResponse { message: Some(msg) });
                 }
             }

@@ -1,4 +1,5 @@
-//! Rust values to API messages.
+//! Rust values to API messages (used by the hub, which converts each event
+//! once for all the subscribers that take it, and by the service).
 
 use std::time::SystemTime;
 
