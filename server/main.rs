@@ -81,8 +81,9 @@ struct Args {
     /// Largest request message, in bytes.
     #[arg(long, env = "SOCKTAPD_MAX_REQUEST_BYTES", default_value_t = 1 << 20)]
     max_request_bytes: usize,
-    /// Concurrent streams per client connection.
-    #[arg(long, env = "SOCKTAPD_MAX_STREAMS_PER_CONNECTION", default_value_t = 64, value_parser = clap::value_parser!(u32).range(1..))]
+    /// Concurrent WatchEvents streams per client connection (TCP); more get
+    /// RESOURCE_EXHAUSTED. HTTP/2 allows 16 more streams for unary calls.
+    #[arg(long, env = "SOCKTAPD_MAX_STREAMS_PER_CONNECTION", default_value_t = 32, value_parser = clap::value_parser!(u32).range(1..1_000_000))]
     max_streams_per_connection: u32,
     /// Enable the kernel's BPF run-time statistics (shown by status; costs
     /// two clock reads per program run).
@@ -161,6 +162,7 @@ async fn async_main(args: Args) -> anyhow::Result<()> {
             queue_events: args.queue_events as usize,
             history_events: args.history_events as usize,
             max_subscribers: args.max_subscribers as usize,
+            max_subscribers_per_connection: args.max_streams_per_connection as usize,
             record_always: args.record_always,
             filter_limits: FilterLimits {
                 max_filters: args.max_filters as usize,
@@ -221,7 +223,7 @@ fn serve_options(args: &Args) -> anyhow::Result<ServeOptions> {
         keepalive_interval: Duration::from_secs(args.keepalive_secs),
         keepalive_timeout: Duration::from_secs(args.keepalive_timeout_secs),
         max_request_bytes: args.max_request_bytes,
-        max_streams_per_connection: args.max_streams_per_connection,
+        max_streams_per_connection: args.max_streams_per_connection + 16,
     })
 }
 

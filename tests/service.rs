@@ -519,6 +519,34 @@ async fn subscriber_limit_is_resource_exhausted_and_disconnects_are_cleaned_up()
 }
 
 #[tokio::test]
+async fn streams_per_connection_are_limited_with_resource_exhausted() {
+    let (hub, _tx) = synthetic(HubConfig {
+        max_subscribers_per_connection: 3,
+        ..Default::default()
+    });
+    let d = TestDaemon::start(hub.clone()).await;
+    let mut one = d.client().await;
+    let mut held = Vec::new();
+    for _ in 0..3 {
+        held.push(one.watch_events(pb::WatchEventsRequest::default()).await.unwrap());
+    }
+    let err = one.watch_events(pb::WatchEventsRequest::default()).await.unwrap_err();
+    assert_eq!(err.code(), Code::ResourceExhausted);
+    assert!(
+        err.message().starts_with("max_subscribers_per_connection"),
+        "{}",
+        err.message()
+    );
+    // Another connection is not affected, and unary calls still pass.
+    let mut other = d.client().await;
+    held.push(other.watch_events(pb::WatchEventsRequest::default()).await.unwrap());
+    one.get_status(pb::GetStatusRequest {}).await.unwrap();
+    drop(held);
+    wait_subscribers(&hub, 0).await;
+    d.stop().await;
+}
+
+#[tokio::test]
 async fn health_serving_then_not_serving_and_shutdown_ends_streams() {
     use tonic_health::pb::health_client::HealthClient;
     use tonic_health::pb::HealthCheckRequest;

@@ -96,12 +96,12 @@ async fn subscribe_cancel_cycles_and_200_subscribers_leave_nothing_behind() {
     for _ in 0..1000 {
         cycle(&mut client).await;
     }
-    // 4 connections of 50: one connection carries at most
-    // --max-streams-per-connection (64) streams at once.
+    // 8 connections of 25: one connection carries at most
+    // max_subscribers_per_connection (32) streams.
     let mut streams = Vec::new();
-    for _ in 0..4 {
+    for _ in 0..8 {
         let mut c = d.client().await;
-        for _ in 0..50 {
+        for _ in 0..25 {
             streams.push(
                 c.watch_events(pb::WatchEventsRequest::default())
                     .await

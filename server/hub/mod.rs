@@ -33,6 +33,9 @@ pub struct HubConfig {
     pub history_events: usize,
     /// Concurrent subscribers.
     pub max_subscribers: usize,
+    /// Concurrent subscribers on one client connection (TCP peers only: a
+    /// unix socket gives every client the same peer name).
+    pub max_subscribers_per_connection: usize,
     /// Keep the kernel gate open (and history filling) with no subscriber.
     pub record_always: bool,
     /// Limits on filters.
@@ -45,6 +48,7 @@ impl Default for HubConfig {
             queue_events: 65_536,
             history_events: 65_536,
             max_subscribers: 128,
+            max_subscribers_per_connection: 32,
             record_always: false,
             filter_limits: FilterLimits::default(),
         }
@@ -81,6 +85,9 @@ pub enum SubscribeError {
     /// The subscriber limit is reached.
     #[error("max_subscribers: the limit of {0} concurrent subscribers is reached")]
     TooMany(usize),
+    /// The per-connection subscriber limit is reached.
+    #[error("max_subscribers_per_connection: the limit of {0} streams on one connection is reached; open another connection")]
+    TooManyOnConnection(usize),
     /// The hub is shutting down.
     #[error("socktapd is shutting down")]
     ShuttingDown,
@@ -261,6 +268,12 @@ impl Hub {
         }
         if st.subscribers.len() >= self.inner.config.max_subscribers {
             return Err(SubscribeError::TooMany(self.inner.config.max_subscribers));
+        }
+        let per_conn = self.inner.config.max_subscribers_per_connection;
+        if peer.parse::<std::net::SocketAddr>().is_ok()
+            && st.subscribers.iter().filter(|s| s.peer == peer).count() >= per_conn
+        {
+            return Err(SubscribeError::TooManyOnConnection(per_conn));
         }
         let id = st.next_id;
         st.next_id += 1;

@@ -59,7 +59,9 @@ impl Socktap for SocktapService {
             .hub
             .subscribe(peer, req, watch.selector, watch.start)
             .map_err(|e| match e {
-                SubscribeError::TooMany(_) => Status::resource_exhausted(e.to_string()),
+                SubscribeError::TooMany(_) | SubscribeError::TooManyOnConnection(_) => {
+                    Status::resource_exhausted(e.to_string())
+                }
                 SubscribeError::ShuttingDown => Status::unavailable(e.to_string()),
             })?;
         Ok(Response::new(EventStream::new(self.hub.clone(), sub, watch.controls)))
