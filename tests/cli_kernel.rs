@@ -7,7 +7,7 @@ use std::io::{Read, Write};
 use std::time::Duration;
 
 use common::*;
-use socktap::hub::{Hub, HubConfig, Source};
+use socktap::hub::HubConfig;
 use socktap::probe::ProbeOptions;
 use socktap_client::api;
 
@@ -16,24 +16,12 @@ async fn watch_json_reports_a_sockets_exact_bytes() {
     if !bpf_available("cli_kernel") {
         return;
     }
-    let mut probe = start_probe(ProbeOptions {
-        enabled: false,
-        ..Default::default()
-    });
-    let batches = probe.take_receiver().unwrap();
-    let hub = Hub::new(
-        HubConfig::default(),
-        Source {
-            mode: Some(probe.mode()),
-            refused_modes: vec![],
-            probe: Some(probe.control().clone()),
-        },
-    );
-    tokio::spawn({
-        let hub = hub.clone();
-        async move { hub.run(batches).await }
-    });
-    let d = TestDaemon::start(hub.clone()).await;
+    let KernelDaemon {
+        probe: _probe,
+        hub,
+        daemon: d,
+        ..
+    } = kernel_daemon(ProbeOptions::default(), HubConfig::default()).await;
 
     let (mut c, mut s) = tcp_pair(true);
     let cookie = so_cookie(&c);

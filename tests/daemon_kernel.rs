@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use common::*;
 use libbpf_rs::query::ProgInfoIter;
-use socktap::hub::{Hub, HubConfig, Source};
+use socktap::hub::HubConfig;
 use socktap::probe::ProbeOptions;
 use socktap_proto::v1 as pb;
 use socktap_proto::v1::watch_events_response::Message;
@@ -58,25 +58,13 @@ async fn filtered_subscribers_get_exactly_their_sockets_bytes_and_shutdown_detac
     if !bpf_available("daemon_kernel") {
         return;
     }
-    let mut probe = start_probe(ProbeOptions {
-        enabled: false,
-        ..Default::default()
-    });
+    let KernelDaemon {
+        probe,
+        hub,
+        daemon: d,
+        dispatch,
+    } = kernel_daemon(ProbeOptions::default(), HubConfig::default()).await;
     let ids: HashSet<u32> = probe.control().program_ids().iter().copied().collect();
-    let batches = probe.take_receiver().unwrap();
-    let hub = Hub::new(
-        HubConfig::default(),
-        Source {
-            mode: Some(probe.mode()),
-            refused_modes: vec![],
-            probe: Some(probe.control().clone()),
-        },
-    );
-    let dispatch = tokio::spawn({
-        let hub = hub.clone();
-        async move { hub.run(batches).await }
-    });
-    let d = TestDaemon::start(hub.clone()).await;
     let mut client = d.client().await;
 
     // With no subscriber the gate is closed: the kernel writes nothing.

@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use common::*;
 use libbpf_rs::query::{LinkInfoIter, ProgInfoIter};
-use socktap::hub::{Hub, HubConfig, Source};
+use socktap::hub::HubConfig;
 use socktap::probe::ProbeOptions;
 use socktap_proto::v1 as pb;
 
@@ -51,29 +51,20 @@ async fn subscribe_cancel_cycles_and_200_subscribers_leave_nothing_behind() {
     let _serial = SERIAL.lock().await;
     // Like socktapd, ignore this process: it is both the server and the 200
     // clients, and serving its own events to 200 streams would feed back.
-    let mut probe = start_probe(ProbeOptions {
-        enabled: false,
-        ignore_pid: Some(std::process::id()),
-        ..Default::default()
-    });
-    let ids: HashSet<u32> = probe.control().program_ids().iter().copied().collect();
-    let batches = probe.take_receiver().unwrap();
-    let hub = Hub::new(
+    let KernelDaemon {
+        probe, hub, daemon: d, ..
+    } = kernel_daemon(
+        ProbeOptions {
+            ignore_pid: Some(std::process::id()),
+            ..Default::default()
+        },
         HubConfig {
             max_subscribers: 256,
             ..Default::default()
         },
-        Source {
-            mode: Some(probe.mode()),
-            refused_modes: vec![],
-            probe: Some(probe.control().clone()),
-        },
-    );
-    tokio::spawn({
-        let hub = hub.clone();
-        async move { hub.run(batches).await }
-    });
-    let d = TestDaemon::start(hub.clone()).await;
+    )
+    .await;
+    let ids: HashSet<u32> = probe.control().program_ids().iter().copied().collect();
     let mut client = d.client().await;
     let metrics = tokio::runtime::Handle::current().metrics();
     let links = || LinkInfoIter::default().filter(|l| ids.contains(&l.prog_id)).count();

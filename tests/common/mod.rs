@@ -229,3 +229,35 @@ pub async fn next_msg(
         .expect("stream ok")
         .map(|m| m.message.expect("message set"))
 }
+
+/// socktapd assembled in-process on the real kernel: a probe in the mode
+/// under test (gate closed until someone subscribes), the hub dispatching
+/// its batches, and the gRPC server.
+pub struct KernelDaemon {
+    pub probe: Probe,
+    pub hub: socktap::hub::Hub,
+    pub daemon: TestDaemon,
+    pub dispatch: tokio::task::JoinHandle<()>,
+}
+
+pub async fn kernel_daemon(opts: ProbeOptions, config: socktap::hub::HubConfig) -> KernelDaemon {
+    let mut probe = start_probe(ProbeOptions { enabled: false, ..opts });
+    let batches = probe.take_receiver().unwrap();
+    let source = socktap::hub::Source {
+        mode: Some(probe.mode()),
+        refused_modes: vec![],
+        probe: Some(probe.control().clone()),
+    };
+    let hub = socktap::hub::Hub::new(config, source);
+    let dispatch = tokio::spawn({
+        let hub = hub.clone();
+        async move { hub.run(batches).await }
+    });
+    let daemon = TestDaemon::start(hub.clone()).await;
+    KernelDaemon {
+        probe,
+        hub,
+        daemon,
+        dispatch,
+    }
+}
