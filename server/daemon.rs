@@ -217,8 +217,13 @@ pub async fn serve(
         }
         builder = builder.tls_config(cfg)?;
     }
-    let socktap =
-        SocktapServer::new(SocktapService::new(hub.clone())).max_decoding_message_size(opts.max_request_bytes);
+    let socktap = SocktapServer::new(SocktapService::with_max_request_bytes(
+        hub.clone(),
+        opts.max_request_bytes,
+    ))
+    // The service answers RESOURCE_EXHAUSTED over the limit; the decoder
+    // only bounds memory, far above it (OUT_OF_RANGE past that).
+    .max_decoding_message_size(opts.max_request_bytes.saturating_mul(16).max(4 << 20));
     let token = opts.auth_token.clone();
     let socktap = InterceptedService::new(socktap, move |req: tonic::Request<()>| match &token {
         None => Ok(req),

@@ -208,3 +208,27 @@ fn a_closed_gate_detaches_fentry_and_tracepoint_programs() {
         assert_eq!(links_to(&ids).is_empty(), !kprobe, "round {round}: detached again");
     }
 }
+
+#[test]
+fn bpf_stats_report_run_counts_and_time() {
+    use std::io::{Read, Write};
+    if !bpf_available("bpf_stats") {
+        return;
+    }
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let probe = start_probe(ProbeOptions {
+        bpf_stats: true,
+        ..Default::default()
+    });
+    let (mut c, mut s) = tcp_pair(false);
+    for _ in 0..10 {
+        c.write_all(b"x").unwrap();
+        s.read_exact(&mut [0u8; 1]).unwrap();
+    }
+    let stats = probe.control().program_stats();
+    assert_eq!(stats.len(), probe.control().program_ids().len(), "{stats:?}");
+    let runs: u64 = stats.iter().map(|p| p.run_count).sum();
+    let time: u64 = stats.iter().map(|p| p.run_time_ns).sum();
+    assert!(runs >= 20, "10 sends and 10 receives ran the programs: {stats:?}");
+    assert!(time > 0, "{stats:?}");
+}

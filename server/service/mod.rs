@@ -28,12 +28,19 @@ use validate::StreamControls;
 #[derive(Clone)]
 pub struct SocktapService {
     hub: Hub,
+    max_request_bytes: usize,
 }
 
 impl SocktapService {
     /// A service over `hub`.
     pub fn new(hub: Hub) -> Self {
-        SocktapService { hub }
+        Self::with_max_request_bytes(hub, usize::MAX)
+    }
+
+    /// A service that refuses requests whose encoding is larger than
+    /// `max_request_bytes` with RESOURCE_EXHAUSTED.
+    pub fn with_max_request_bytes(hub: Hub, max_request_bytes: usize) -> Self {
+        SocktapService { hub, max_request_bytes }
     }
 }
 
@@ -50,6 +57,13 @@ impl Socktap for SocktapService {
             .map(|a| a.to_string())
             .unwrap_or_else(|| "local".into());
         let req = request.into_inner();
+        let size = prost::Message::encoded_len(&req);
+        if size > self.max_request_bytes {
+            return Err(Status::resource_exhausted(format!(
+                "max_request_bytes: the request has {size} bytes, over the limit of {}",
+                self.max_request_bytes
+            )));
+        }
         let clock = self.hub.clock();
         let now = clock.unix_ns(monotonic_now_ns());
         let cfg = self.hub.config();
