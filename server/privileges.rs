@@ -40,12 +40,9 @@ pub fn drop_to_user(name: &str) -> Result<(), DropError> {
         what,
         errno,
     };
-    let release = crate::probe::kernel_release();
-    let mut v = release
-        .split(|c: char| !c.is_ascii_digit())
-        .filter_map(|p| p.parse::<u32>().ok());
-    if (v.next().unwrap_or(0), v.next().unwrap_or(0)) < (6, 5) {
-        return Err(DropError::OldKernel(release));
+    // An unparseable release counts as too old: refuse rather than guess.
+    if crate::probe::kernel_version().unwrap_or((0, 0)) < (6, 5) {
+        return Err(DropError::OldKernel(crate::probe::kernel_release()));
     }
     let user = User::from_name(name)
         .map_err(|e| call("looking up the user", e))?

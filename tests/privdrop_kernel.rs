@@ -25,13 +25,7 @@ async fn socktapd_serves_as_nobody_with_no_capability() {
     if !bpf_available("privdrop") {
         return;
     }
-    let kernel_ok = {
-        let r = socktap::probe::kernel_release();
-        let mut v = r
-            .split(|c: char| !c.is_ascii_digit())
-            .filter_map(|p| p.parse::<u32>().ok());
-        (v.next().unwrap_or(0), v.next().unwrap_or(0)) >= (6, 5)
-    };
+    let kernel_ok = socktap::probe::kernel_version().unwrap_or((0, 0)) >= (6, 5);
     if !kernel_ok {
         eprintln!("SKIPPED privdrop: bpf() checks capabilities per command only from Linux 6.5");
         return;

@@ -130,13 +130,15 @@ pub fn kernel_release() -> String {
         .unwrap_or_else(|_| "unknown".to_owned())
 }
 
-fn kernel_before(major: u32, minor: u32) -> bool {
+/// The running kernel's (major, minor) version, if its release parses.
+pub fn kernel_version() -> Option<(u32, u32)> {
     let release = kernel_release();
     let mut parts = release
         .split(|c: char| !c.is_ascii_digit())
         .filter_map(|p| p.parse::<u32>().ok());
-    match (parts.next(), parts.next()) {
-        (Some(a), Some(b)) => (a, b) < (major, minor),
-        _ => false,
-    }
+    Some((parts.next()?, parts.next()?))
+}
+
+fn kernel_before(major: u32, minor: u32) -> bool {
+    kernel_version().is_some_and(|v| v < (major, minor))
 }

@@ -24,7 +24,7 @@ use libbpf_rs::{MapCore, MapFlags, MapHandle, PrintLevel};
 use tokio::sync::mpsc;
 
 pub use error::{errno_name, ModeRefusal, ProbeError, Stage};
-pub use loader::kernel_release;
+pub use loader::{kernel_release, kernel_version};
 
 use crate::event::{AttachMode, Event};
 use skel::types;
