@@ -13,9 +13,9 @@ use socktap_client::api;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn watch_json_reports_a_sockets_exact_bytes() {
-    if !bpf_available("cli_kernel") {
+    let Some(_bpf) = bpf_available("cli_kernel") else {
         return;
-    }
+    };
     let KernelDaemon {
         probe: _probe,
         hub,

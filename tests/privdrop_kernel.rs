@@ -22,9 +22,9 @@ fn status_field(path: &std::path::Path, field: &str) -> String {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn socktapd_serves_as_nobody_with_no_capability() {
-    if !bpf_available("privdrop") {
+    let Some(_bpf) = bpf_available("privdrop") else {
         return;
-    }
+    };
     let kernel_ok = socktap::probe::kernel_version().unwrap_or((0, 0)) >= (6, 5);
     if !kernel_ok {
         eprintln!("SKIPPED privdrop: bpf() checks capabilities per command only from Linux 6.5");

@@ -30,9 +30,9 @@ fn links_to(ids: &HashSet<u32>) -> Vec<u32> {
 
 #[test]
 fn auto_picks_the_first_mode_the_kernel_accepts_and_says_why() {
-    if !bpf_available("auto_mode") {
+    let Some(_bpf) = bpf_available("auto_mode") else {
         return;
-    }
+    };
     let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
     // What each mode does when forced.
     let forced: Vec<(AttachMode, Result<(), ProbeError>)> = AttachMode::ALL
@@ -88,9 +88,9 @@ fn auto_picks_the_first_mode_the_kernel_accepts_and_says_why() {
 
 #[test]
 fn a_forced_unavailable_mode_is_a_clear_error() {
-    if !bpf_available("forced_mode_error") {
+    let Some(_bpf) = bpf_available("forced_mode_error") else {
         return;
-    }
+    };
     let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
     let mut refused_any = false;
     for m in AttachMode::ALL {
@@ -130,9 +130,9 @@ fn bad_options_are_rejected_before_loading() {
 
 #[test]
 fn dropping_the_probe_leaves_no_program_or_link_behind() {
-    if !bpf_available("no_leaks") {
+    let Some(_bpf) = bpf_available("no_leaks") else {
         return;
-    }
+    };
     let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
     let before = our_programs();
     let probe = start_probe(ProbeOptions::default());
@@ -170,9 +170,9 @@ fn dropping_the_probe_leaves_no_program_or_link_behind() {
 #[test]
 fn a_closed_gate_detaches_fentry_and_tracepoint_programs() {
     use std::io::{Read, Write};
-    if !bpf_available("gate_detach") {
+    let Some(_bpf) = bpf_available("gate_detach") else {
         return;
-    }
+    };
     let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
     let mut probe = start_probe(ProbeOptions {
         enabled: false,
@@ -212,9 +212,9 @@ fn a_closed_gate_detaches_fentry_and_tracepoint_programs() {
 #[test]
 fn bpf_stats_report_run_counts_and_time() {
     use std::io::{Read, Write};
-    if !bpf_available("bpf_stats") {
+    let Some(_bpf) = bpf_available("bpf_stats") else {
         return;
-    }
+    };
     let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
     let probe = start_probe(ProbeOptions {
         bpf_stats: true,

@@ -14,9 +14,6 @@ use socktap::hub::HubConfig;
 use socktap::probe::ProbeOptions;
 use socktap_proto::v1 as pb;
 
-/// The two tests load programs; each counts the system's, so one at a time.
-static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
-
 fn rss_kib() -> u64 {
     std::fs::read_to_string("/proc/self/status")
         .unwrap()
@@ -45,10 +42,9 @@ async fn wait_for(what: &str, mut cond: impl FnMut() -> bool) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn subscribe_cancel_cycles_and_200_subscribers_leave_nothing_behind() {
-    if !bpf_available("soak") {
+    let Some(_bpf) = bpf_available("soak") else {
         return;
-    }
-    let _serial = SERIAL.lock().await;
+    };
     // Like socktapd, ignore this process: it is both the server and the 200
     // clients, and serving its own events to 200 streams would feed back.
     let KernelDaemon {
@@ -133,10 +129,9 @@ async fn subscribe_cancel_cycles_and_200_subscribers_leave_nothing_behind() {
 
 #[test]
 fn twenty_socktapd_restarts_leave_no_bpf_objects() {
-    if !bpf_available("restarts") {
+    let Some(_bpf) = bpf_available("restarts") else {
         return;
-    }
-    let _serial = SERIAL.blocking_lock();
+    };
     let bin = env!("CARGO_BIN_EXE_socktapd");
     let before = socktap_programs();
     for i in 0..20 {

@@ -10,10 +10,44 @@ use socktap::event::Event;
 use socktap::probe::{Batch, ModeRequest, Probe, ProbeOptions};
 use tokio::sync::mpsc::Receiver;
 
-/// True when this process may load BPF tracing programs. Outside CI a
-/// missing capability skips the test with a printed reason; under CI=true it
-/// fails it, since CI runs as root.
-pub fn bpf_available(test: &str) -> bool {
+/// The right to use BPF in this test binary, one test at a time: see
+/// [`bpf_available`]. Released on drop.
+pub struct BpfSlot(());
+
+static BPF_BUSY: std::sync::Mutex<bool> = std::sync::Mutex::new(false);
+static BPF_FREED: std::sync::Condvar = std::sync::Condvar::new();
+
+impl BpfSlot {
+    fn acquire() -> BpfSlot {
+        let mut busy = BPF_BUSY.lock().unwrap_or_else(|e| e.into_inner());
+        while *busy {
+            busy = BPF_FREED.wait(busy).unwrap_or_else(|e| e.into_inner());
+        }
+        *busy = true;
+        BpfSlot(())
+    }
+}
+
+impl Drop for BpfSlot {
+    fn drop(&mut self) {
+        *BPF_BUSY.lock().unwrap_or_else(|e| e.into_inner()) = false;
+        BPF_FREED.notify_one();
+    }
+}
+
+/// `Some` when this process may load BPF tracing programs, holding the
+/// binary's one [`BpfSlot`] until dropped. Outside CI a missing capability
+/// skips the test with a printed reason (`None`); under CI=true it fails
+/// it, since CI runs as root.
+///
+/// The privileged tests of one binary take turns because they count bytes
+/// exactly and the kernel does not keep that exact across another test's
+/// attach: in fentry mode, attaching or detaching any program on
+/// `tcp_sendmsg`/`tcp_recvmsg` replaces the function's BPF trampoline, and
+/// the kernel then skips the fexit programs of calls still in flight (a
+/// blocked send or recv), so those calls are never reported. See
+/// `fentry_misses_calls_in_flight_across_a_trampoline_update` in probe.rs.
+pub fn bpf_available(test: &str) -> Option<BpfSlot> {
     init_logging();
     let reason = if !std::path::Path::new("/sys/kernel/btf/vmlinux").exists() {
         Some("no kernel BTF at /sys/kernel/btf/vmlinux")
@@ -23,13 +57,13 @@ pub fn bpf_available(test: &str) -> bool {
         None
     };
     match reason {
-        None => true,
+        None => Some(BpfSlot::acquire()),
         Some(r) if std::env::var("CI").as_deref() == Ok("true") => {
             panic!("{test}: {r}, and CI=true: privileged tests must run in CI")
         }
         Some(r) => {
             eprintln!("SKIPPED {test}: {r}");
-            false
+            None
         }
     }
 }
