@@ -156,7 +156,6 @@ async fn async_main(args: Args) -> anyhow::Result<()> {
         info!("passed over: {r}");
     }
     info!(mode = %probe.mode(), "probe attached");
-    let batches = probe.take_receiver().context("probe receiver already taken")?;
     let hub = Hub::new(
         HubConfig {
             queue_events: args.queue_events as usize,
@@ -175,9 +174,11 @@ async fn async_main(args: Args) -> anyhow::Result<()> {
             probe: Some(probe.control().clone()),
         },
     );
-    let dispatch = tokio::spawn({
+    // Dispatch on the reader thread: no hop between the ring buffer and the
+    // subscribers' queues.
+    probe.deliver_to({
         let hub = hub.clone();
-        async move { hub.run(batches).await }
+        move |batch| hub.dispatch(batch)
     });
     if let Some(user) = &args.user {
         socktap::privileges::drop_to_user(user)?;
@@ -187,7 +188,6 @@ async fn async_main(args: Args) -> anyhow::Result<()> {
     println!("socktapd: serving socktap.v1 on {addr} (attach mode {})", probe.mode());
     let served = daemon::serve(hub, listener, serve_opts, shutdown).await;
     drop(probe); // detach and unload before exiting
-    dispatch.abort();
     if let Err(e) = served {
         error!("{e}");
         return Err(e.into());

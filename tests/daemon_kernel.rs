@@ -58,12 +58,7 @@ async fn filtered_subscribers_get_exactly_their_sockets_bytes_and_shutdown_detac
     let Some(_bpf) = bpf_available("daemon_kernel") else {
         return;
     };
-    let KernelDaemon {
-        probe,
-        hub,
-        daemon: d,
-        dispatch,
-    } = kernel_daemon(ProbeOptions::default(), HubConfig::default()).await;
+    let KernelDaemon { probe, hub, daemon: d } = kernel_daemon(ProbeOptions::default(), HubConfig::default()).await;
     let ids: HashSet<u32> = probe.control().program_ids().iter().copied().collect();
     let mut client = d.client().await;
 
@@ -129,8 +124,7 @@ async fn filtered_subscribers_get_exactly_their_sockets_bytes_and_shutdown_detac
     d.stop().await;
     assert!(watch_c.message().await.unwrap().is_none());
     assert!(watch_s.message().await.unwrap().is_none());
-    drop(probe);
-    dispatch.await.unwrap();
+    drop(probe); // joins the reader thread, which dispatched to the hub
     let mut left = ids.clone();
     for _ in 0..500 {
         let live: HashSet<u32> = ProgInfoIter::default().map(|p| p.id).collect();

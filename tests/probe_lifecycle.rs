@@ -4,15 +4,13 @@
 mod common;
 
 use std::collections::HashSet;
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use common::*;
 use libbpf_rs::query::{LinkInfoIter, ProgInfoIter};
 use socktap::event::AttachMode;
 use socktap::probe::{ModeRequest, Probe, ProbeError, ProbeOptions};
-
-static SERIAL: Mutex<()> = Mutex::new(());
 
 fn our_programs() -> HashSet<u32> {
     ProgInfoIter::default()
@@ -33,7 +31,6 @@ fn auto_picks_the_first_mode_the_kernel_accepts_and_says_why() {
     let Some(_bpf) = bpf_available("auto_mode") else {
         return;
     };
-    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
     // What each mode does when forced.
     let forced: Vec<(AttachMode, Result<(), ProbeError>)> = AttachMode::ALL
         .iter()
@@ -91,7 +88,6 @@ fn a_forced_unavailable_mode_is_a_clear_error() {
     let Some(_bpf) = bpf_available("forced_mode_error") else {
         return;
     };
-    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
     let mut refused_any = false;
     for m in AttachMode::ALL {
         if let Err(e) = Probe::start(ProbeOptions {
@@ -133,7 +129,6 @@ fn dropping_the_probe_leaves_no_program_or_link_behind() {
     let Some(_bpf) = bpf_available("no_leaks") else {
         return;
     };
-    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
     let before = our_programs();
     let probe = start_probe(ProbeOptions::default());
     let ids: HashSet<u32> = probe.control().program_ids().iter().copied().collect();
@@ -173,7 +168,6 @@ fn a_closed_gate_detaches_fentry_and_tracepoint_programs() {
     let Some(_bpf) = bpf_available("gate_detach") else {
         return;
     };
-    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
     let mut probe = start_probe(ProbeOptions {
         enabled: false,
         ..Default::default()
@@ -215,7 +209,6 @@ fn bpf_stats_report_run_counts_and_time() {
     let Some(_bpf) = bpf_available("bpf_stats") else {
         return;
     };
-    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
     let probe = start_probe(ProbeOptions {
         bpf_stats: true,
         ..Default::default()
@@ -231,4 +224,45 @@ fn bpf_stats_report_run_counts_and_time() {
     let time: u64 = stats.iter().map(|p| p.run_time_ns).sum();
     assert!(runs >= 20, "10 sends and 10 receives ran the programs: {stats:?}");
     assert!(time > 0, "{stats:?}");
+}
+
+#[test]
+fn a_sink_gets_queued_batches_first_then_everything_in_order() {
+    let Some(_bpf) = bpf_available("deliver_to") else {
+        return;
+    };
+    use std::io::{Read, Write};
+    let mut probe = start_probe(ProbeOptions::default());
+    let (mut c, mut s) = tcp_pair(false);
+    let sc = so_cookie(&s);
+    let mut exchange = |n: usize| {
+        c.write_all(&vec![1u8; n]).unwrap();
+        s.read_exact(&mut vec![0u8; n]).unwrap();
+    };
+    exchange(11); // lands in the channel
+    std::thread::sleep(Duration::from_millis(100));
+    let seen = Arc::new(Mutex::new(Vec::new()));
+    probe.deliver_to({
+        let seen = seen.clone();
+        move |batch| seen.lock().unwrap().extend(batch.events)
+    });
+    assert!(probe.take_receiver().is_none(), "the channel is gone");
+    exchange(22); // goes straight to the sink
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    let recvs = loop {
+        let recvs: Vec<u32> = seen
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|e| e.cookie == sc && e.kind == socktap::event::EventKind::Recv)
+            .map(|e| e.bytes)
+            .collect();
+        if recvs.len() >= 2 || std::time::Instant::now() > deadline {
+            break recvs;
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    };
+    assert_eq!(recvs, [11, 22], "both receives, in order");
+    let seqs: Vec<u64> = seen.lock().unwrap().iter().map(|e| e.seq).collect();
+    assert!(seqs.windows(2).all(|w| w[0] < w[1]), "sequence order kept: {seqs:?}");
 }

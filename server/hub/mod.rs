@@ -11,7 +11,7 @@ pub mod filter;
 pub mod subscriber;
 
 use std::collections::VecDeque;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -118,6 +118,10 @@ struct State {
     next_id: u64,
     gate_open: bool,
     shutting_down: bool,
+    /// When the rate was last measured, and events_read then.
+    rate_mark: (Instant, u64),
+    /// Events per second over the second before `rate_mark`.
+    rate: f64,
 }
 
 struct Inner {
@@ -128,9 +132,6 @@ struct Inner {
     state: Mutex<State>,
     events_read: AtomicU64,
     kernel_drops: AtomicU64,
-    /// f64 bits.
-    rate: AtomicU64,
-    running: AtomicBool,
 }
 
 /// The fan-out hub. Cheap to clone.
@@ -154,11 +155,11 @@ impl Hub {
                     next_id: 1,
                     gate_open: true,
                     shutting_down: false,
+                    rate_mark: (Instant::now(), 0),
+                    rate: 0.0,
                 }),
                 events_read: AtomicU64::new(0),
                 kernel_drops: AtomicU64::new(0),
-                rate: AtomicU64::new(0),
-                running: AtomicBool::new(false),
             }),
         };
         hub.update_gate(&mut hub.lock());
@@ -189,31 +190,27 @@ impl Hub {
         self.inner.started.elapsed()
     }
 
-    /// Dispatches batches until the source closes its channel.
+    /// Dispatches batches until the source closes its channel. (socktapd
+    /// instead calls [`Hub::dispatch`] on the probe's reader thread, see
+    /// [`crate::probe::Probe::deliver_to`].)
     pub async fn run(&self, mut batches: mpsc::Receiver<Batch>) {
-        self.inner.running.store(true, Ordering::Relaxed);
-        let mut tick = tokio::time::interval(Duration::from_secs(1));
-        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        let mut last = (Instant::now(), 0u64);
-        loop {
-            tokio::select! {
-                batch = batches.recv() => match batch {
-                    Some(b) => self.dispatch(b),
-                    None => break,
-                },
-                _ = tick.tick() => {
-                    let now = Instant::now();
-                    let read = self.inner.events_read.load(Ordering::Relaxed);
-                    let secs = now.duration_since(last.0).as_secs_f64();
-                    if secs > 0.0 {
-                        let rate = (read - last.1) as f64 / secs;
-                        self.inner.rate.store(rate.to_bits(), Ordering::Relaxed);
-                    }
-                    last = (now, read);
-                }
-            }
+        while let Some(b) = batches.recv().await {
+            self.dispatch(b);
         }
         debug!("event source closed");
+    }
+
+    /// Events per second over the last measured second or so (a quiet source
+    /// decays to 0).
+    fn events_per_second(&self, st: &State) -> f64 {
+        let read = self.inner.events_read.load(Ordering::Relaxed);
+        let (at, mark) = st.rate_mark;
+        let secs = at.elapsed().as_secs_f64();
+        if secs > 2.0 {
+            read.saturating_sub(mark) as f64 / secs
+        } else {
+            st.rate
+        }
     }
 
     /// Hands one batch to every subscriber and to history.
@@ -221,6 +218,12 @@ impl Hub {
         let Batch { events, kernel_drops } = batch;
         self.inner.events_read.fetch_add(events.len() as u64, Ordering::Relaxed);
         let mut st = self.lock();
+        let secs = st.rate_mark.0.elapsed().as_secs_f64();
+        if secs >= 1.0 {
+            let read = self.inner.events_read.load(Ordering::Relaxed);
+            st.rate = read.saturating_sub(st.rate_mark.1) as f64 / secs;
+            st.rate_mark = (Instant::now(), read);
+        }
         if kernel_drops > 0 {
             self.inner.kernel_drops.fetch_add(kernel_drops, Ordering::Relaxed);
             let now = monotonic_now_ns();
@@ -351,7 +354,7 @@ impl Hub {
         let st = self.lock();
         HubStatus {
             events_read: self.inner.events_read.load(Ordering::Relaxed),
-            events_per_second: f64::from_bits(self.inner.rate.load(Ordering::Relaxed)),
+            events_per_second: self.events_per_second(&st),
             kernel_drops: self.inner.kernel_drops.load(Ordering::Relaxed),
             history_len: st.history.len(),
             history_capacity: self.inner.config.history_events,

@@ -148,6 +148,17 @@ pub struct Batch {
     pub kernel_drops: u64,
 }
 
+/// A function the reader thread hands each batch to, on its own thread (see
+/// [`Probe::deliver_to`]).
+pub type Sink = Box<dyn FnMut(Batch) + Send>;
+
+/// Where the reader thread hands batches: the channel of
+/// [`Probe::take_receiver`] until [`Probe::deliver_to`] installs a sink.
+pub(crate) enum Consumer {
+    Channel(mpsc::Sender<Batch>),
+    Sink(Sink),
+}
+
 /// Counters shared between the reader thread and everyone else.
 #[derive(Default, Debug)]
 pub(crate) struct Shared {
@@ -338,6 +349,7 @@ pub struct Probe {
     refused: Vec<ModeRefusal>,
     control: ProbeControl,
     receiver: Option<mpsc::Receiver<Batch>>,
+    consumer: Arc<Mutex<Consumer>>,
     thread: Option<JoinHandle<()>>,
     _stats: Option<OwnedFd>,
 }
@@ -358,6 +370,8 @@ impl Probe {
 
         let shared = Arc::new(Shared::default());
         let (tx, rx) = mpsc::channel(opts.channel_batches);
+        let consumer = Arc::new(Mutex::new(Consumer::Channel(tx)));
+        let thread_consumer = consumer.clone();
         let (ready_tx, ready_rx) = std::sync::mpsc::sync_channel::<Result<Started, ProbeError>>(1);
         let thread_shared = shared.clone();
         let thread = std::thread::Builder::new()
@@ -390,7 +404,7 @@ impl Probe {
                 let ok = started.is_ok();
                 let _ = ready_tx.send(started);
                 if ok {
-                    reader::run(&loaded.skel, &thread_shared, tx, opts.poll_interval);
+                    reader::run(&loaded.skel, &thread_shared, &thread_consumer, opts.poll_interval);
                 }
             })
             .map_err(|e| ProbeError::Setup(format!("spawning the reader thread: {e}")))?;
@@ -404,6 +418,7 @@ impl Probe {
                 refused: s.refused,
                 control: s.control,
                 receiver: Some(rx),
+                consumer,
                 thread: Some(thread),
                 _stats: stats,
             }),
@@ -427,6 +442,22 @@ impl Probe {
     /// Takes the channel the batches arrive on (once).
     pub fn take_receiver(&mut self) -> Option<mpsc::Receiver<Batch>> {
         self.receiver.take()
+    }
+
+    /// Hands every batch from now on to `sink`, called on the reader thread
+    /// itself: no channel, task or wakeup between the ring buffer and the
+    /// consumer (socktapd dispatches to its subscribers this way). The sink
+    /// must not block: while it runs, nothing is read and the kernel ring
+    /// fills. Batches already waiting in the channel go to the sink first,
+    /// in order; the channel is closed.
+    pub fn deliver_to(&mut self, mut sink: impl FnMut(Batch) + Send + 'static) {
+        let mut consumer = self.consumer.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(mut rx) = self.receiver.take() {
+            while let Ok(batch) = rx.try_recv() {
+                sink(batch);
+            }
+        }
+        *consumer = Consumer::Sink(Box::new(sink));
     }
 
     /// A cloneable handle to the probe's gate and counters.

@@ -7,12 +7,12 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use libbpf_rs::{MapCore, MapFlags, RingBufferBuilder};
+use std::sync::Mutex;
 use tokio::sync::mpsc::error::TrySendError;
-use tokio::sync::mpsc::Sender;
 use tracing::{debug, warn};
 
 use super::skel::SocktapSkel;
-use super::{Batch, Shared};
+use super::{Batch, Consumer, Shared};
 use crate::event::Event;
 
 /// How long the reader sleeps between polls while the gate is closed and
@@ -22,7 +22,7 @@ const IDLE_POLL: Duration = Duration::from_millis(200);
 const BACKOFF: Duration = Duration::from_micros(200);
 
 /// Reads until `shared.stop` is set. Returns when the skeleton may be dropped.
-pub(crate) fn run(skel: &SocktapSkel<'_>, shared: &Arc<Shared>, tx: Sender<Batch>, poll: Duration) {
+pub(crate) fn run(skel: &SocktapSkel<'_>, shared: &Arc<Shared>, consumer: &Mutex<Consumer>, poll: Duration) {
     let pending: RefCell<Vec<Event>> = RefCell::new(Vec::with_capacity(4096));
     let mut builder = RingBufferBuilder::new();
     let added = builder.add(&skel.maps.events, |data: &[u8]| {
@@ -75,33 +75,37 @@ pub(crate) fn run(skel: &SocktapSkel<'_>, shared: &Arc<Shared>, tx: Sender<Batch
         // order; hand them on in sequence order (cheap: nearly sorted).
         events.sort_by_key(|e| e.seq);
         shared.events_read.fetch_add(events.len() as u64, Ordering::Relaxed);
-        if consumer_gone {
-            continue;
-        }
         let mut batch = Batch {
             events,
             kernel_drops: new_drops,
         };
-        loop {
-            match tx.try_send(batch) {
-                Ok(()) => break,
-                Err(TrySendError::Closed(_)) => {
-                    debug!("probe consumer went away; discarding events from now on");
-                    consumer_gone = true;
-                    break;
-                }
-                Err(TrySendError::Full(b)) => {
-                    // The consumer is behind: wait for it. Meanwhile the
-                    // kernel ring fills, and what it cannot hold is counted
-                    // there as drops.
-                    if shared.stop.load(Ordering::Acquire) {
+        let mut consumer = consumer.lock().unwrap_or_else(|e| e.into_inner());
+        match &mut *consumer {
+            Consumer::Sink(sink) => sink(batch),
+            Consumer::Channel(tx) => loop {
+                match tx.try_send(batch) {
+                    Ok(()) => break,
+                    Err(TrySendError::Closed(_)) => {
+                        if !consumer_gone {
+                            debug!("probe consumer went away; discarding events until a sink is installed");
+                            consumer_gone = true;
+                        }
                         break;
                     }
-                    batch = b;
-                    std::thread::sleep(BACKOFF);
+                    Err(TrySendError::Full(b)) => {
+                        // The consumer is behind: wait for it. Meanwhile the
+                        // kernel ring fills, and what it cannot hold is
+                        // counted there as drops.
+                        if shared.stop.load(Ordering::Acquire) {
+                            break;
+                        }
+                        batch = b;
+                        std::thread::sleep(BACKOFF);
+                    }
                 }
-            }
+            },
         }
+        drop(consumer);
         pending.borrow_mut().reserve(4096);
     }
 }

@@ -271,27 +271,21 @@ pub struct KernelDaemon {
     pub probe: Probe,
     pub hub: socktap::hub::Hub,
     pub daemon: TestDaemon,
-    pub dispatch: tokio::task::JoinHandle<()>,
 }
 
 pub async fn kernel_daemon(opts: ProbeOptions, config: socktap::hub::HubConfig) -> KernelDaemon {
     let mut probe = start_probe(ProbeOptions { enabled: false, ..opts });
-    let batches = probe.take_receiver().unwrap();
     let source = socktap::hub::Source {
         mode: Some(probe.mode()),
         refused_modes: vec![],
         probe: Some(probe.control().clone()),
     };
     let hub = socktap::hub::Hub::new(config, source);
-    let dispatch = tokio::spawn({
+    // As socktapd does: dispatch on the probe's reader thread.
+    probe.deliver_to({
         let hub = hub.clone();
-        async move { hub.run(batches).await }
+        move |batch| hub.dispatch(batch)
     });
     let daemon = TestDaemon::start(hub.clone()).await;
-    KernelDaemon {
-        probe,
-        hub,
-        daemon,
-        dispatch,
-    }
+    KernelDaemon { probe, hub, daemon }
 }
