@@ -8,6 +8,10 @@ use prost::Message;
 
 const PROTO: &str = "socktap/v1/socktap.proto";
 
+/// The messages the server-side view generates itself: the event and those
+/// that contain it.
+const WIRE_OWN: [&str; 3] = ["Event", "EventBatch", "WatchEventsResponse"];
+
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     println!("cargo:rerun-if-changed={PROTO}");
     let out = PathBuf::from(std::env::var("OUT_DIR")?);
@@ -18,7 +22,32 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     tonic_prost_build::configure()
         .compile_well_known_types(true)
         .extern_path(".google.protobuf", "::pbjson_types")
-        .compile_fds(fds)?;
+        .compile_fds(fds.clone())?;
+    // The server's view of the same service: identical on the wire, but an
+    // Event is a pre-encoded message (`wire::EncodedEvent`), so socktapd
+    // encodes each event once and shares the bytes among subscribers. Every
+    // other type is the public one.
+    let wire_out = out.join("wire");
+    std::fs::create_dir_all(&wire_out)?;
+    let mut wire = tonic_prost_build::configure()
+        .build_client(false)
+        .out_dir(&wire_out)
+        .compile_well_known_types(true)
+        .extern_path(".google.protobuf", "::pbjson_types")
+        .extern_path(".socktap.v1.Event", "crate::wire::EncodedEvent");
+    for file in &fds.file {
+        if file.package() != "socktap.v1" {
+            continue;
+        }
+        let names = file.message_type.iter().map(|m| m.name()).chain(file.enum_type.iter().map(|e| e.name()));
+        for name in names {
+            if !WIRE_OWN.contains(&name) {
+                wire = wire.extern_path(format!(".socktap.v1.{name}"), format!("crate::v1::{name}"));
+            }
+        }
+    }
+    wire.compile_fds(fds.clone())?;
+
     pbjson_build::Builder::new()
         .register_descriptors(&descriptor)?
         .build(&[".socktap.v1"])?;

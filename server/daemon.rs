@@ -9,7 +9,7 @@ use std::str::FromStr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use socktap_proto::v1::socktap_server::SocktapServer;
+use socktap_proto::wire::socktap_server::SocktapServer;
 use tokio::net::{TcpListener, UnixListener};
 use tokio::sync::Notify;
 use tokio_stream::wrappers::{TcpListenerStream, UnixListenerStream};

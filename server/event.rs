@@ -256,6 +256,13 @@ impl WallClock {
         }
     }
 
+    /// A clock with a given offset (for tests and replays).
+    pub fn with_offset(realtime_minus_monotonic_ns: i128) -> Self {
+        WallClock {
+            realtime_minus_monotonic_ns,
+        }
+    }
+
     /// Wall-clock nanoseconds since the Unix epoch of a monotonic timestamp.
     pub fn unix_ns(&self, monotonic_ns: u64) -> i128 {
         monotonic_ns as i128 + self.realtime_minus_monotonic_ns

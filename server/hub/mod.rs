@@ -24,6 +24,9 @@ use crate::probe::{Batch, ProbeControl};
 pub use filter::{FieldError, FilterLimits, Selector};
 pub use subscriber::{Item, Loss, LossSource, Subscriber, SubscriberCounters};
 
+/// About the size of an encoded IPv4 event; buffers are sized by it.
+const ENCODED_EVENT_BYTES: usize = 112;
+
 /// Sizes and limits of the hub.
 #[derive(Clone, Copy, Debug)]
 pub struct HubConfig {
@@ -240,9 +243,10 @@ impl Hub {
             }
         }
         if !st.subscribers.is_empty() {
-            let mut converted = vec![None; events.len()];
+            let mut encoded = vec![None; events.len()];
+            let mut buf = prost::bytes::BytesMut::with_capacity(events.len() * ENCODED_EVENT_BYTES);
             for s in &st.subscribers {
-                s.offer(&events, &mut converted, &self.inner.clock);
+                s.offer(&events, &mut encoded, &mut buf, &self.inner.clock);
             }
         }
         let cap = self.inner.config.history_events;
@@ -445,10 +449,11 @@ mod tests {
         let (ea, eb, ec) = (take(&a), take(&b), take(&c));
         assert_eq!(ea.len(), 2);
         assert!(
-            ea.iter().zip(&eb).all(|(x, y)| Arc::ptr_eq(x, y)),
-            "converted once, shared"
+            ea.iter().zip(&eb).all(|(x, y)| x.0.as_ptr() == y.0.as_ptr()),
+            "encoded once, shared"
         );
-        assert_eq!(ea[1].seq, 2);
+        let decoded = <pb::Event as prost::Message>::decode(ea[1].0.clone()).unwrap();
+        assert_eq!(decoded.seq, 2);
         assert!(ec.is_empty(), "a subscriber that matches nothing gets nothing");
     }
 }

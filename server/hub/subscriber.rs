@@ -5,6 +5,9 @@
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
+
+use prost::bytes::BytesMut;
+use socktap_proto::wire::EncodedEvent;
 use std::time::SystemTime;
 
 use socktap_proto::v1 as pb;
@@ -45,9 +48,9 @@ pub struct Loss {
 /// What a subscriber's stream delivers, in order.
 #[derive(Clone, Debug, PartialEq)]
 pub enum Item {
-    /// An event, already in its API form, shared by every subscriber that
-    /// takes it.
-    Event(Arc<pb::Event>),
+    /// An event, already encoded in its API form; the bytes are shared by
+    /// every subscriber that takes it.
+    Event(EncodedEvent),
     /// A loss notice.
     Lost(Loss),
 }
@@ -120,19 +123,26 @@ impl Subscriber {
     }
 
     /// Queues the events that match this subscriber's filters; never waits.
-    /// `converted[i]` caches the API form of `events[i]`: the first
-    /// subscriber that takes an event converts it, the others share it.
-    pub(super) fn offer(&self, events: &[Event], converted: &mut [Option<Arc<pb::Event>>], clock: &WallClock) {
+    /// `encoded[i]` caches the encoded API form of `events[i]`: the first
+    /// subscriber that takes an event encodes it (into `buf`, shared by the
+    /// batch), the others share the bytes.
+    pub(super) fn offer(
+        &self,
+        events: &[Event],
+        encoded: &mut [Option<EncodedEvent>],
+        buf: &mut BytesMut,
+        clock: &WallClock,
+    ) {
         let mut q = self.lock();
         let mut matched = 0u64;
         let mut lost = 0u64;
-        for (e, slot) in events.iter().zip(converted.iter_mut()) {
+        for (e, slot) in events.iter().zip(encoded.iter_mut()) {
             if !self.selector.matches(e) {
                 continue;
             }
             matched += 1;
             if q.events < self.capacity {
-                let shared = slot.get_or_insert_with(|| Arc::new(convert::event(e, clock)));
+                let shared = slot.get_or_insert_with(|| convert::encoded_event(e, clock, buf));
                 q.items.push_back(Item::Event(shared.clone()));
                 q.events += 1;
             } else {
@@ -156,8 +166,9 @@ impl Subscriber {
             q.items.push_back(Item::Lost(l));
         }
         let before = q.events;
+        let mut buf = BytesMut::new();
         for e in events {
-            q.items.push_back(Item::Event(Arc::new(convert::event(&e, clock))));
+            q.items.push_back(Item::Event(convert::encoded_event(&e, clock, &mut buf)));
             q.events += 1;
         }
         self.matched.fetch_add((q.events - before) as u64, Ordering::Relaxed);

@@ -14,7 +14,7 @@ use std::fmt;
 use std::mem::MaybeUninit;
 use std::os::fd::{AsFd, AsRawFd, FromRawFd, OwnedFd};
 use std::str::FromStr;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, Once};
 use std::thread::JoinHandle;
 use std::time::Duration;
@@ -70,9 +70,14 @@ pub struct ProbeOptions {
     pub mode: ModeRequest,
     /// Kernel ring buffer size in bytes: a power of two, at least one page.
     pub ring_buffer_bytes: u32,
-    /// The kernel wakes the reader at most once per this interval; events
-    /// in between are picked up by the same wakeup or the next timed poll.
+    /// At low event rates the kernel wakes the reader at most once per this
+    /// interval (so at most this late); events in between are picked up by
+    /// the same wakeup or the next timed poll.
     pub wakeup_interval: Duration,
+    /// At high event rates (above [`BATCH_ABOVE_RATE`] events/s) the reader
+    /// widens the kernel's wakeup interval to this: fewer, larger batches,
+    /// each event delayed at most about this long.
+    pub batch_interval: Duration,
     /// How long the reader waits for a wakeup before draining anyway.
     pub poll_interval: Duration,
     /// Capacity, in batches, of the channel to the consumer. When it is
@@ -94,6 +99,7 @@ impl Default for ProbeOptions {
             mode: ModeRequest::Auto,
             ring_buffer_bytes: 8 << 20,
             wakeup_interval: Duration::from_micros(50),
+            batch_interval: Duration::from_micros(500),
             poll_interval: Duration::from_millis(1),
             channel_batches: 256,
             enabled: true,
@@ -119,10 +125,18 @@ impl ProbeOptions {
                 reason: "must be at least 1".into(),
             });
         }
-        if self.wakeup_interval.as_nanos() > u32::MAX as u128 {
+        for (option, d) in [("wakeup_interval", self.wakeup_interval), ("batch_interval", self.batch_interval)] {
+            if d.as_nanos() > u32::MAX as u128 {
+                return Err(ProbeError::InvalidOption {
+                    option,
+                    reason: "must be below 4.29 s".into(),
+                });
+            }
+        }
+        if self.batch_interval < self.wakeup_interval {
             return Err(ProbeError::InvalidOption {
-                option: "wakeup_interval",
-                reason: "must be below 4.29 s".into(),
+                option: "batch_interval",
+                reason: "must be at least wakeup_interval".into(),
             });
         }
         Ok(())
@@ -159,11 +173,22 @@ pub(crate) enum Consumer {
     Sink(Sink),
 }
 
+/// Above this many events per second (over [`RATE_WINDOW`]) the reader
+/// switches the kernel to [`ProbeOptions::batch_interval`]; below
+/// [`UNBATCH_BELOW_RATE`] back to [`ProbeOptions::wakeup_interval`].
+pub const BATCH_ABOVE_RATE: u64 = 20_000;
+/// See [`BATCH_ABOVE_RATE`].
+pub const UNBATCH_BELOW_RATE: u64 = 10_000;
+/// The window over which the reader measures the event rate.
+pub const RATE_WINDOW: Duration = Duration::from_millis(10);
+
 /// Counters shared between the reader thread and everyone else.
 #[derive(Default, Debug)]
 pub(crate) struct Shared {
     stop: AtomicBool,
     enabled: AtomicBool,
+    /// The kernel's wakeup interval now, ns.
+    wakeup_interval_ns: AtomicU32,
     events_read: AtomicU64,
     kernel_drops: AtomicU64,
     decode_errors: AtomicU64,
@@ -202,7 +227,6 @@ pub struct ProbeControl {
     control: Arc<MapHandle>,
     counters: Arc<MapHandle>,
     shared: Arc<Shared>,
-    wakeup_interval_ns: u32,
     ignore_tgid: u32,
     program_ids: Arc<[u32]>,
     attachments: Arc<Mutex<Attachments>>,
@@ -261,21 +285,39 @@ impl ProbeControl {
         if enabled {
             attachments.attach()?;
         }
+        self.write_control(enabled, self.shared.wakeup_interval_ns.load(Ordering::Relaxed))?;
+        if !enabled {
+            attachments.links.clear(); // closing a link detaches it
+        }
+        self.shared.enabled.store(enabled, Ordering::Relaxed);
+        Ok(())
+    }
+
+    /// Sets the kernel's wakeup interval (the reader adapts it to the rate).
+    pub(crate) fn set_wakeup_interval(&self, ns: u32) -> Result<(), ProbeError> {
+        let _serial = self.attachments.lock().unwrap_or_else(|e| e.into_inner());
+        self.write_control(self.shared.enabled.load(Ordering::Relaxed), ns)?;
+        self.shared.wakeup_interval_ns.store(ns, Ordering::Relaxed);
+        Ok(())
+    }
+
+    /// The kernel's wakeup interval now.
+    pub fn wakeup_interval(&self) -> Duration {
+        Duration::from_nanos(self.shared.wakeup_interval_ns.load(Ordering::Relaxed).into())
+    }
+
+    /// Writes the control entry; callers hold the attachments lock.
+    fn write_control(&self, enabled: bool, wakeup_interval_ns: u32) -> Result<(), ProbeError> {
         let value = types::socktap_control {
             enabled: enabled.into(),
-            wakeup_interval_ns: self.wakeup_interval_ns,
+            wakeup_interval_ns,
             ignore_tgid: self.ignore_tgid,
         };
         // SAFETY: socktap_control is Plain (see skel.rs): no padding.
         let bytes = unsafe { plain::as_bytes(&value) };
         self.control
             .update(&0u32.to_ne_bytes(), bytes, MapFlags::ANY)
-            .map_err(|e| ProbeError::Setup(format!("updating the control map: {e:#}")))?;
-        if !enabled {
-            attachments.links.clear(); // closing a link detaches it
-        }
-        self.shared.enabled.store(enabled, Ordering::Relaxed);
-        Ok(())
+            .map_err(|e| ProbeError::Setup(format!("updating the control map: {e:#}")))
     }
 
     fn adopt_links(&self, skel: &mut skel::SocktapSkel<'_>) -> Result<(), ProbeError> {
@@ -401,10 +443,10 @@ impl Probe {
                         control,
                     })
                 });
-                let ok = started.is_ok();
+                let control = started.as_ref().ok().map(|s| s.control.clone());
                 let _ = ready_tx.send(started);
-                if ok {
-                    reader::run(&loaded.skel, &thread_shared, &thread_consumer, opts.poll_interval);
+                if let Some(control) = control {
+                    reader::run(&loaded.skel, &control, &thread_consumer, &opts);
                 }
             })
             .map_err(|e| ProbeError::Setup(format!("spawning the reader thread: {e}")))?;
@@ -511,8 +553,12 @@ fn control_of(
     Ok(ProbeControl {
         control: Arc::new(handle(&skel.maps.control, "control")?),
         counters: Arc::new(handle(&skel.maps.counters, "counters")?),
-        shared: shared.clone(),
-        wakeup_interval_ns: opts.wakeup_interval.as_nanos() as u32,
+        shared: {
+            shared
+                .wakeup_interval_ns
+                .store(opts.wakeup_interval.as_nanos() as u32, Ordering::Relaxed);
+            shared.clone()
+        },
         ignore_tgid: opts.ignore_pid.unwrap_or(0),
         program_ids: program_ids.into(),
         attachments: Arc::new(Mutex::new(Attachments {

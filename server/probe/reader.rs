@@ -3,8 +3,7 @@
 
 use std::cell::RefCell;
 use std::sync::atomic::Ordering;
-use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use libbpf_rs::{MapCore, MapFlags, RingBufferBuilder};
 use std::sync::Mutex;
@@ -12,7 +11,7 @@ use tokio::sync::mpsc::error::TrySendError;
 use tracing::{debug, warn};
 
 use super::skel::SocktapSkel;
-use super::{Batch, Consumer, Shared};
+use super::{Batch, Consumer, ProbeControl, ProbeOptions, BATCH_ABOVE_RATE, RATE_WINDOW, UNBATCH_BELOW_RATE};
 use crate::event::Event;
 
 /// How long the reader sleeps between polls while the gate is closed and
@@ -22,7 +21,10 @@ const IDLE_POLL: Duration = Duration::from_millis(200);
 const BACKOFF: Duration = Duration::from_micros(200);
 
 /// Reads until `shared.stop` is set. Returns when the skeleton may be dropped.
-pub(crate) fn run(skel: &SocktapSkel<'_>, shared: &Arc<Shared>, consumer: &Mutex<Consumer>, poll: Duration) {
+pub(crate) fn run(skel: &SocktapSkel<'_>, control: &ProbeControl, consumer: &Mutex<Consumer>, opts: &ProbeOptions) {
+    let shared = &control.shared;
+    let poll = opts.poll_interval;
+    let mut pacing = Pacing::new(opts);
     let pending: RefCell<Vec<Event>> = RefCell::new(Vec::with_capacity(4096));
     let mut builder = RingBufferBuilder::new();
     let added = builder.add(&skel.maps.events, |data: &[u8]| {
@@ -68,6 +70,11 @@ pub(crate) fn run(skel: &SocktapSkel<'_>, shared: &Arc<Shared>, consumer: &Mutex
         shared.kernel_drops.store(drops_total, Ordering::Relaxed);
 
         let mut events = std::mem::take(&mut *pending.borrow_mut());
+        if let Some(ns) = pacing.observe(events.len()) {
+            if let Err(e) = control.set_wakeup_interval(ns) {
+                warn!("{e}");
+            }
+        }
         if events.is_empty() && new_drops == 0 {
             continue;
         }
@@ -107,6 +114,54 @@ pub(crate) fn run(skel: &SocktapSkel<'_>, shared: &Arc<Shared>, consumer: &Mutex
         }
         drop(consumer);
         pending.borrow_mut().reserve(4096);
+    }
+}
+
+/// Adapts the kernel's wakeup interval to the event rate: at low rates each
+/// event wakes the reader within `wakeup_interval` (low latency); above
+/// [`BATCH_ABOVE_RATE`] events/s it wakes at most once per `batch_interval`
+/// (fewer, larger batches: a wakeup costs microseconds of scheduler time on
+/// both sides). Hysteresis down to [`UNBATCH_BELOW_RATE`].
+struct Pacing {
+    low_ns: u32,
+    high_ns: u32,
+    batching: bool,
+    window_start: Instant,
+    window_events: u64,
+}
+
+impl Pacing {
+    fn new(opts: &ProbeOptions) -> Self {
+        Pacing {
+            low_ns: opts.wakeup_interval.as_nanos() as u32,
+            high_ns: opts.batch_interval.as_nanos() as u32,
+            batching: false,
+            window_start: Instant::now(),
+            window_events: 0,
+        }
+    }
+
+    /// Counts a drain; returns the interval to switch to, if it changes.
+    fn observe(&mut self, events: usize) -> Option<u32> {
+        self.window_events += events as u64;
+        let elapsed = self.window_start.elapsed();
+        if elapsed < RATE_WINDOW || self.low_ns == self.high_ns {
+            return None;
+        }
+        let rate = self.window_events as f64 / elapsed.as_secs_f64();
+        self.window_start = Instant::now();
+        self.window_events = 0;
+        let batching = if self.batching {
+            rate >= UNBATCH_BELOW_RATE as f64
+        } else {
+            rate > BATCH_ABOVE_RATE as f64
+        };
+        if batching == self.batching {
+            return None;
+        }
+        self.batching = batching;
+        debug!(rate, batching, "wakeup pacing changed");
+        Some(if batching { self.high_ns } else { self.low_ns })
     }
 }
 

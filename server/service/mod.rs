@@ -12,7 +12,8 @@ use std::sync::Arc;
 use std::task::{Context, Poll};
 
 use socktap_proto::v1 as pb;
-use socktap_proto::v1::socktap_server::Socktap;
+use socktap_proto::wire;
+use socktap_proto::wire::socktap_server::Socktap;
 use tokio::sync::futures::OwnedNotified;
 use tokio::time::Sleep;
 use tokio_stream::Stream;
@@ -24,7 +25,8 @@ use crate::hub::{Hub, Item, SubscribeError, Subscriber};
 use crate::probe::kernel_release;
 use validate::StreamControls;
 
-/// The `socktap.v1.Socktap` service.
+/// The `socktap.v1.Socktap` service (its server view, [`wire`]: events go
+/// out as the bytes the hub encoded once).
 #[derive(Clone)]
 pub struct SocktapService {
     hub: Hub,
@@ -95,7 +97,7 @@ pub struct EventStream {
     ctl: StreamControls,
     remaining: u64,
     /// Messages built but not yet handed out (a loss notice splits a batch).
-    ready: VecDeque<pb::WatchEventsResponse>,
+    ready: VecDeque<wire::WatchEventsResponse>,
     changed: Pin<Box<OwnedNotified>>,
     /// Running while holding events back to fill a batch.
     flush: Option<Pin<Box<Sleep>>>,
@@ -127,13 +129,12 @@ impl EventStream {
         let mut events = Vec::new();
         for item in items {
             match item {
-                // Converted once by the hub; cloned only if another
-                // subscriber still holds the same event.
-                Item::Event(e) => events.push(Arc::unwrap_or_clone(e)),
+                // Encoded once by the hub; the bytes are shared.
+                Item::Event(e) => events.push(e),
                 Item::Lost(l) => {
                     self.push_events(&mut events);
-                    let msg = pb::watch_events_response::Message::Lost(convert::loss(&l, &clock));
-                    self.ready.push_back(pb::WatchEventsResponse { message: Some(msg) });
+                    let msg = wire::watch_events_response::Message::Lost(convert::loss(&l, &clock));
+                    self.ready.push_back(wire::WatchEventsResponse { message: Some(msg) });
                 }
             }
         }
@@ -141,24 +142,24 @@ impl EventStream {
         ended || self.remaining == 0
     }
 
-    fn push_events(&mut self, events: &mut Vec<pb::Event>) {
+    fn push_events(&mut self, events: &mut Vec<wire::EncodedEvent>) {
         if events.is_empty() {
             return;
         }
         let n = events.len() as u64;
         self.sub.delivered(n);
         self.remaining = self.remaining.saturating_sub(n);
-        let batch = pb::EventBatch {
+        let batch = wire::EventBatch {
             events: std::mem::take(events),
         };
-        self.ready.push_back(pb::WatchEventsResponse {
-            message: Some(pb::watch_events_response::Message::Events(batch)),
+        self.ready.push_back(wire::WatchEventsResponse {
+            message: Some(wire::watch_events_response::Message::Events(batch)),
         });
     }
 }
 
 impl Stream for EventStream {
-    type Item = Result<pb::WatchEventsResponse, Status>;
+    type Item = Result<wire::WatchEventsResponse, Status>;
 
     fn poll_next(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
         let this = self.get_mut();
