@@ -4,10 +4,49 @@
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
-use socktap_proto::v1::socktap_client::SocktapClient;
-use socktap_proto::v1::watch_events_response::Message;
-use socktap_proto::v1::{EventFilter, LossSource, WatchEventsRequest};
+use socktap_proto::v1::{EventFilter, LossSource, LostEvents, WatchEventsRequest};
 use tokio::task::JoinHandle;
+use tonic::codegen::http::uri::PathAndQuery;
+
+/// `socktap.v1.WatchEventsResponse` as the benchmark's subscriber reads it:
+/// the same wire format, decoding of each event only the fields it uses
+/// (prost skips the others without allocating). A consumer that decodes
+/// every field into `socktap.v1.Event` spends more of the machine's CPU;
+/// `--subscriber-decode full` measures that.
+#[derive(Clone, PartialEq, prost::Message)]
+struct LeanResponse {
+    #[prost(oneof = "LeanMessage", tags = "1, 2")]
+    message: Option<LeanMessage>,
+}
+
+#[derive(Clone, PartialEq, prost::Oneof)]
+enum LeanMessage {
+    #[prost(message, tag = "1")]
+    Events(LeanBatch),
+    #[prost(message, tag = "2")]
+    Lost(LostEvents),
+}
+
+#[derive(Clone, PartialEq, prost::Message)]
+struct LeanBatch {
+    #[prost(message, repeated, tag = "1")]
+    events: Vec<LeanEvent>,
+}
+
+#[derive(Clone, PartialEq, prost::Message)]
+struct LeanEvent {
+    #[prost(uint64, tag = "3")]
+    monotonic_ns: u64,
+}
+
+/// How the subscriber decodes events.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum Decode {
+    /// Only the timestamp it measures latency with.
+    Lean,
+    /// Every field, into `socktap.v1.Event` (strings allocated).
+    Full,
+}
 
 /// What one subscriber saw.
 #[derive(Clone, Debug, Default)]
@@ -42,7 +81,7 @@ pub struct Subscribers {
 
 impl Subscribers {
     /// Subscribes once per cookie list.
-    pub fn start(url: &str, filters: Vec<Vec<u64>>) -> Subscribers {
+    pub fn start(url: &str, filters: Vec<Vec<u64>>, decode: Decode) -> Subscribers {
         let stop = Arc::new(AtomicBool::new(false));
         let tasks = filters
             .into_iter()
@@ -50,7 +89,14 @@ impl Subscribers {
             .map(|(i, cookies)| {
                 let url = url.to_owned();
                 let stop = stop.clone();
-                tokio::spawn(async move { run(url, cookies, i as u64, stop).await })
+                tokio::spawn(async move {
+                    match decode {
+                        Decode::Lean => run::<LeanResponse>(url, cookies, i as u64, stop).await,
+                        Decode::Full => {
+                            run::<socktap_proto::v1::WatchEventsResponse>(url, cookies, i as u64, stop).await
+                        }
+                    }
+                })
             })
             .collect();
         Subscribers { stop, tasks }
@@ -68,7 +114,32 @@ impl Subscribers {
     }
 }
 
-async fn run(url: String, cookies: Vec<u64>, seed: u64, stop: Arc<AtomicBool>) -> Result<Seen, String> {
+/// What the subscriber needs of a response, whichever way it was decoded.
+trait Response: prost::Message + Default + Send + 'static {
+    /// Event timestamps (monotonic ns), or the loss notice.
+    fn view(self) -> Option<Result<Vec<u64>, LostEvents>>;
+}
+
+impl Response for LeanResponse {
+    fn view(self) -> Option<Result<Vec<u64>, LostEvents>> {
+        Some(match self.message? {
+            LeanMessage::Events(b) => Ok(b.events.into_iter().map(|e| e.monotonic_ns).collect()),
+            LeanMessage::Lost(l) => Err(l),
+        })
+    }
+}
+
+impl Response for socktap_proto::v1::WatchEventsResponse {
+    fn view(self) -> Option<Result<Vec<u64>, LostEvents>> {
+        use socktap_proto::v1::watch_events_response::Message;
+        Some(match self.message? {
+            Message::Events(b) => Ok(b.events.into_iter().map(|e| e.monotonic_ns).collect()),
+            Message::Lost(l) => Err(l),
+        })
+    }
+}
+
+async fn run<R: Response>(url: String, cookies: Vec<u64>, seed: u64, stop: Arc<AtomicBool>) -> Result<Seen, String> {
     let channel = tonic::transport::Endpoint::from_shared(url)
         .map_err(|e| e.to_string())?
         .initial_stream_window_size(4 << 20)
@@ -76,7 +147,7 @@ async fn run(url: String, cookies: Vec<u64>, seed: u64, stop: Arc<AtomicBool>) -
         .connect()
         .await
         .map_err(|e| e.to_string())?;
-    let mut client = SocktapClient::new(channel).max_decoding_message_size(64 << 20);
+    let mut client = tonic::client::Grpc::new(channel).max_decoding_message_size(64 << 20);
     let req = WatchEventsRequest {
         allow: vec![EventFilter {
             cookies,
@@ -85,7 +156,14 @@ async fn run(url: String, cookies: Vec<u64>, seed: u64, stop: Arc<AtomicBool>) -
         max_batch_events: Some(4096),
         ..Default::default()
     };
-    let mut stream = client.watch_events(req).await.map_err(|e| e.to_string())?.into_inner();
+    client.ready().await.map_err(|e| e.to_string())?;
+    let codec = tonic_prost::ProstCodec::<WatchEventsRequest, R>::default();
+    let path = PathAndQuery::from_static("/socktap.v1.Socktap/WatchEvents");
+    let mut stream = client
+        .server_streaming(tonic::Request::new(req), path, codec)
+        .await
+        .map_err(|e| e.to_string())?
+        .into_inner();
     let mut seen = Seen::default();
     let mut tick = seed;
     let ticker = tokio::time::sleep(std::time::Duration::from_millis(20));
@@ -99,27 +177,27 @@ async fn run(url: String, cookies: Vec<u64>, seed: u64, stop: Arc<AtomicBool>) -
                 continue;
             }
         };
-        let Some(msg) = msg.and_then(|m| m.message) else {
+        let Some(msg) = msg.and_then(R::view) else {
             return Ok(seen);
         };
         match msg {
-            Message::Events(b) => {
+            Ok(stamps) => {
                 let now = monotonic_ns();
-                seen.events += b.events.len() as u64;
-                for e in &b.events {
+                seen.events += stamps.len() as u64;
+                for ts in stamps {
                     // A cheap deterministic sampler once the buffer is full.
                     tick = tick.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
                     if seen.latencies_ns.len() < MAX_SAMPLES {
-                        seen.latencies_ns.push(now.saturating_sub(e.monotonic_ns));
+                        seen.latencies_ns.push(now.saturating_sub(ts));
                     } else {
                         let j = (tick >> 33) as usize % (seen.events as usize);
                         if j < MAX_SAMPLES {
-                            seen.latencies_ns[j] = now.saturating_sub(e.monotonic_ns);
+                            seen.latencies_ns[j] = now.saturating_sub(ts);
                         }
                     }
                 }
             }
-            Message::Lost(l) => match l.source() {
+            Err(l) => match l.source() {
                 LossSource::KernelRingBuffer => seen.lost_kernel += l.count,
                 LossSource::SubscriberQueue => seen.lost_queue += l.count,
                 _ => seen.lost_history += l.count,

@@ -39,7 +39,11 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         if file.package() != "socktap.v1" {
             continue;
         }
-        let names = file.message_type.iter().map(|m| m.name()).chain(file.enum_type.iter().map(|e| e.name()));
+        let names = file
+            .message_type
+            .iter()
+            .map(|m| m.name())
+            .chain(file.enum_type.iter().map(|e| e.name()));
         for name in names {
             if !WIRE_OWN.contains(&name) {
                 wire = wire.extern_path(format!(".socktap.v1.{name}"), format!("crate::v1::{name}"));

@@ -135,8 +135,15 @@ pub fn encode_event(e: &Event, clock: &WallClock, buf: &mut impl BufMut) {
 
     varint(1, e.seq, buf);
     let t = timestamp(clock.unix_ns(e.timestamp_ns));
-    let t_len = if t.seconds != 0 { 1 + encoded_len_varint(t.seconds as u64) } else { 0 }
-        + if t.nanos != 0 { 1 + encoded_len_varint(t.nanos as i64 as u64) } else { 0 };
+    let t_len = if t.seconds != 0 {
+        1 + encoded_len_varint(t.seconds as u64)
+    } else {
+        0
+    } + if t.nanos != 0 {
+        1 + encoded_len_varint(t.nanos as i64 as u64)
+    } else {
+        0
+    };
     encode_key(2, WireType::LengthDelimited, buf);
     encode_varint(t_len as u64, buf);
     varint(1, t.seconds as u64, buf);
@@ -218,8 +225,22 @@ mod tests {
 
     fn any_event() -> impl Strategy<Value = Event> {
         (
-            (any::<u64>(), any::<u64>(), any::<u64>(), any::<bool>(), any::<u32>(), any::<u32>()),
-            (any::<u32>(), any::<u32>(), any::<u32>(), any::<u64>(), any::<u32>(), any::<u32>()),
+            (
+                any::<u64>(),
+                any::<u64>(),
+                any::<u64>(),
+                any::<bool>(),
+                any::<u32>(),
+                any::<u32>(),
+            ),
+            (
+                any::<u32>(),
+                any::<u32>(),
+                any::<u32>(),
+                any::<u64>(),
+                any::<u32>(),
+                any::<u32>(),
+            ),
             (prop::collection::vec(any::<u8>(), 0..16), addr(), addr(), 0..3u8),
         )
             .prop_map(|(a, b, c)| Event {

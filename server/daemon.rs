@@ -12,7 +12,7 @@ use std::time::Duration;
 use socktap_proto::wire::socktap_server::SocktapServer;
 use tokio::net::{TcpListener, UnixListener};
 use tokio::sync::Notify;
-use tokio_stream::wrappers::{TcpListenerStream, UnixListenerStream};
+use tokio_stream::wrappers::UnixListenerStream;
 use tonic::service::interceptor::InterceptedService;
 use tonic::transport::{Certificate, Identity, Server, ServerTlsConfig};
 use tonic_health::ServingStatus;
@@ -257,7 +257,11 @@ pub async fn serve(
     let (served, unix_path) = match listener {
         Listener::Tcp(l) => {
             info!(addr = %l.local_addr().map(|a| a.to_string()).unwrap_or_default(), "serving");
-            let serving = router.serve_with_incoming_shutdown(TcpListenerStream::new(l), on_shutdown);
+            // TCP_NODELAY: a stream's frames go out as soon as they are
+            // written; with Nagle, a small batch behind an unacknowledged
+            // one waited for the peer's delayed ACK (tens of ms).
+            let incoming = tonic::transport::server::TcpIncoming::from(l).with_nodelay(Some(true));
+            let serving = router.serve_with_incoming_shutdown(incoming, on_shutdown);
             (with_grace(serving, grace_expired).await, None)
         }
         Listener::Unix(l, path) => {

@@ -168,7 +168,8 @@ impl Subscriber {
         let before = q.events;
         let mut buf = BytesMut::new();
         for e in events {
-            q.items.push_back(Item::Event(convert::encoded_event(&e, clock, &mut buf)));
+            q.items
+                .push_back(Item::Event(convert::encoded_event(&e, clock, &mut buf)));
             q.events += 1;
         }
         self.matched.fetch_add((q.events - before) as u64, Ordering::Relaxed);

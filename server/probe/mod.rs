@@ -125,7 +125,10 @@ impl ProbeOptions {
                 reason: "must be at least 1".into(),
             });
         }
-        for (option, d) in [("wakeup_interval", self.wakeup_interval), ("batch_interval", self.batch_interval)] {
+        for (option, d) in [
+            ("wakeup_interval", self.wakeup_interval),
+            ("batch_interval", self.batch_interval),
+        ] {
             if d.as_nanos() > u32::MAX as u128 {
                 return Err(ProbeError::InvalidOption {
                     option,
