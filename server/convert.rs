@@ -6,7 +6,7 @@ use std::time::SystemTime;
 use std::io::Write;
 
 use prost::bytes::{BufMut, BytesMut};
-use prost::encoding::{encode_key, encode_varint, encoded_len_varint, WireType};
+use prost::encoding::{encoded_len_varint, WireType};
 use socktap_proto::v1 as pb;
 use socktap_proto::wire::EncodedEvent;
 use socktap_proto::{Duration, Timestamp};
@@ -16,6 +16,13 @@ use crate::hub::{Loss, LossSource};
 
 /// A wall-clock timestamp from ns since the Unix epoch.
 pub fn timestamp(unix_ns: i128) -> Timestamp {
+    if let Ok(ns) = u64::try_from(unix_ns) {
+        // The usual case, without 128-bit division.
+        return Timestamp {
+            seconds: (ns / 1_000_000_000) as i64,
+            nanos: (ns % 1_000_000_000) as i32,
+        };
+    }
     Timestamp {
         seconds: unix_ns.div_euclid(1_000_000_000) as i64,
         nanos: unix_ns.rem_euclid(1_000_000_000) as i32,
@@ -84,103 +91,139 @@ pub fn event(e: &Event, clock: &WallClock) -> pb::Event {
 
 /// Appends the protobuf encoding of `convert::event(e, clock)` to `buf`,
 /// byte for byte what prost would write, without building the message:
-/// no allocation (addresses are formatted on the stack). The hub encodes
-/// each event once this way and every stream sends the same bytes.
+/// no allocation, the fields written into a stack buffer and appended in
+/// one copy (addresses formatted on the stack, IPv4 digit by digit). The
+/// hub encodes each event once this way and every stream sends the bytes.
 pub fn encode_event(e: &Event, clock: &WallClock, buf: &mut impl BufMut) {
-    fn varint(tag: u32, v: u64, buf: &mut impl BufMut) {
-        if v != 0 {
-            encode_key(tag, WireType::Varint, buf);
-            encode_varint(v, buf);
-        }
-    }
-    fn bytes(tag: u32, v: &[u8], buf: &mut impl BufMut) {
-        if !v.is_empty() {
-            encode_key(tag, WireType::LengthDelimited, buf);
-            encode_varint(v.len() as u64, buf);
-            buf.put_slice(v);
-        }
-    }
-    fn ip(addr: std::net::IpAddr, out: &mut [u8; 48]) -> usize {
-        match addr {
-            // The common case, written digit by digit (the formatter costs
-            // several times more); the same text as `Display`.
-            std::net::IpAddr::V4(v4) => {
-                let mut n = 0;
-                for (i, octet) in v4.octets().into_iter().enumerate() {
-                    if i > 0 {
-                        out[n] = b'.';
-                        n += 1;
-                    }
-                    if octet >= 100 {
-                        out[n] = b'0' + octet / 100;
-                        n += 1;
-                    }
-                    if octet >= 10 {
-                        out[n] = b'0' + octet / 10 % 10;
-                        n += 1;
-                    }
-                    out[n] = b'0' + octet % 10;
-                    n += 1;
-                }
-                n
-            }
-            std::net::IpAddr::V6(_) => {
-                let mut w = std::io::Cursor::new(&mut out[..]);
-                // 48 bytes hold the longest IPv6 text form (45).
-                let _ = write!(w, "{addr}");
-                w.position() as usize
-            }
-        }
-    }
-
-    varint(1, e.seq, buf);
+    let mut w = FieldWriter::default();
+    w.varint(1, e.seq);
     let t = timestamp(clock.unix_ns(e.timestamp_ns));
-    let t_len = if t.seconds != 0 {
-        1 + encoded_len_varint(t.seconds as u64)
-    } else {
-        0
-    } + if t.nanos != 0 {
-        1 + encoded_len_varint(t.nanos as i64 as u64)
-    } else {
-        0
-    };
-    encode_key(2, WireType::LengthDelimited, buf);
-    encode_varint(t_len as u64, buf);
-    varint(1, t.seconds as u64, buf);
-    varint(2, t.nanos as i64 as u64, buf);
-    varint(3, e.timestamp_ns, buf);
-    varint(4, e.cookie, buf);
+    let (secs, nanos) = (t.seconds as u64, t.nanos as i64 as u64);
+    let t_len = if secs != 0 { 1 + encoded_len_varint(secs) } else { 0 }
+        + if nanos != 0 { 1 + encoded_len_varint(nanos) } else { 0 };
+    w.key(2, WireType::LengthDelimited);
+    w.raw_varint(t_len as u64);
+    w.varint(1, secs);
+    w.varint(2, nanos);
+    w.varint(3, e.timestamp_ns);
+    w.varint(4, e.cookie);
     let kind = match e.kind {
         EventKind::Send => pb::EventKind::Send,
         EventKind::Recv => pb::EventKind::Recv,
     };
-    varint(5, kind as i32 as u64, buf);
-    varint(6, e.bytes.into(), buf);
-    varint(7, e.errno.into(), buf);
-    varint(8, e.pid.into(), buf);
-    varint(9, e.tid.into(), buf);
+    w.varint(5, kind as i32 as u64);
+    w.varint(6, e.bytes.into());
+    w.varint(7, e.errno.into());
+    w.varint(8, e.pid.into());
+    w.varint(9, e.tid.into());
     match std::str::from_utf8(e.comm.as_bytes()) {
-        Ok(c) => bytes(10, c.as_bytes(), buf),
-        Err(_) => bytes(10, e.comm.to_string_lossy().as_bytes(), buf),
+        Ok(c) => w.bytes(10, c.as_bytes()),
+        Err(_) => w.bytes(10, e.comm.to_string_lossy().as_bytes()),
     }
-    varint(11, e.uid.into(), buf);
-    varint(12, e.cgroup_id, buf);
-    varint(13, e.netns.into(), buf);
+    w.varint(11, e.uid.into());
+    w.varint(12, e.cgroup_id);
+    w.varint(13, e.netns.into());
     let family = if e.remote.is_ipv4() {
         pb::AddressFamily::Ipv4
     } else {
         pb::AddressFamily::Ipv6
     };
-    varint(14, family as i32 as u64, buf);
-    let mut text = [0u8; 48];
-    let n = ip(e.local.ip(), &mut text);
-    bytes(15, &text[..n], buf);
-    varint(16, e.local.port().into(), buf);
-    let n = ip(e.remote.ip(), &mut text);
-    bytes(17, &text[..n], buf);
-    varint(18, e.remote.port().into(), buf);
-    varint(19, e.cpu.into(), buf);
-    varint(20, mode(Some(e.mode)) as i32 as u64, buf);
+    w.varint(14, family as i32 as u64);
+    w.ip(15, e.local.ip());
+    w.varint(16, e.local.port().into());
+    w.ip(17, e.remote.ip());
+    w.varint(18, e.remote.port().into());
+    w.varint(19, e.cpu.into());
+    w.varint(20, mode(Some(e.mode)) as i32 as u64);
+    buf.put_slice(w.written());
+}
+
+/// A protobuf writer into a fixed stack buffer, for [`encode_event`]: an
+/// event takes at most ~330 bytes (20 varint fields, a 16-byte name, two
+/// 45-byte addresses).
+struct FieldWriter {
+    buf: [u8; 512],
+    len: usize,
+}
+
+impl Default for FieldWriter {
+    fn default() -> Self {
+        FieldWriter { buf: [0; 512], len: 0 }
+    }
+}
+
+impl FieldWriter {
+    fn written(&self) -> &[u8] {
+        &self.buf[..self.len]
+    }
+
+    fn raw_varint(&mut self, mut v: u64) {
+        while v >= 0x80 {
+            self.buf[self.len] = v as u8 | 0x80;
+            self.len += 1;
+            v >>= 7;
+        }
+        self.buf[self.len] = v as u8;
+        self.len += 1;
+    }
+
+    fn key(&mut self, tag: u32, wire_type: WireType) {
+        self.raw_varint(u64::from(tag << 3 | wire_type as u32));
+    }
+
+    /// A varint field; proto3 leaves out zero.
+    fn varint(&mut self, tag: u32, v: u64) {
+        if v != 0 {
+            self.key(tag, WireType::Varint);
+            self.raw_varint(v);
+        }
+    }
+
+    /// A string or bytes field; proto3 leaves out empty ones.
+    fn bytes(&mut self, tag: u32, v: &[u8]) {
+        if !v.is_empty() {
+            self.key(tag, WireType::LengthDelimited);
+            self.raw_varint(v.len() as u64);
+            self.buf[self.len..self.len + v.len()].copy_from_slice(v);
+            self.len += v.len();
+        }
+    }
+
+    /// An address as text, the same as `Display`.
+    fn ip(&mut self, tag: u32, addr: std::net::IpAddr) {
+        let mut text = [0u8; 48];
+        let n = match addr {
+            // The common case, digit by digit (the formatter costs several
+            // times more).
+            std::net::IpAddr::V4(v4) => {
+                let mut n = 0;
+                for (i, octet) in v4.octets().into_iter().enumerate() {
+                    if i > 0 {
+                        text[n] = b'.';
+                        n += 1;
+                    }
+                    if octet >= 100 {
+                        text[n] = b'0' + octet / 100;
+                        n += 1;
+                    }
+                    if octet >= 10 {
+                        text[n] = b'0' + octet / 10 % 10;
+                        n += 1;
+                    }
+                    text[n] = b'0' + octet % 10;
+                    n += 1;
+                }
+                n
+            }
+            std::net::IpAddr::V6(_) => {
+                let mut c = std::io::Cursor::new(&mut text[..]);
+                // 48 bytes hold the longest IPv6 text form (45).
+                let _ = write!(c, "{addr}");
+                c.position() as usize
+            }
+        };
+        self.bytes(tag, &text[..n]);
+    }
 }
 
 /// [`encode_event`] into a shared buffer: the returned bytes are split off
