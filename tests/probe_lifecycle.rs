@@ -266,3 +266,51 @@ fn a_sink_gets_queued_batches_first_then_everything_in_order() {
     let seqs: Vec<u64> = seen.lock().unwrap().iter().map(|e| e.seq).collect();
     assert!(seqs.windows(2).all(|w| w[0] < w[1]), "sequence order kept: {seqs:?}");
 }
+
+#[test]
+fn the_reader_widens_the_wakeup_interval_under_load_and_narrows_it_after() {
+    let Some(_bpf) = bpf_available("pacing") else {
+        return;
+    };
+    use std::io::{Read, Write};
+    let opts = ProbeOptions::default();
+    let (low, high) = (opts.wakeup_interval, opts.batch_interval);
+    let mut probe = start_probe(opts);
+    probe.deliver_to(|_| {});
+    let control = probe.control().clone();
+    assert_eq!(control.wakeup_interval(), low, "starts with the low-rate interval");
+    let load = std::thread::spawn(|| {
+        let (mut c, mut s) = tcp_pair(false);
+        let end = std::time::Instant::now() + Duration::from_millis(500);
+        let mut b = [0u8; 1];
+        let mut calls = 0u64;
+        while std::time::Instant::now() < end {
+            c.write_all(&b).unwrap();
+            s.read_exact(&mut b).unwrap();
+            calls += 2;
+        }
+        calls
+    });
+    let mut widened = false;
+    while !load.is_finished() {
+        widened |= control.wakeup_interval() == high;
+        std::thread::sleep(Duration::from_millis(2));
+    }
+    let rate = load.join().unwrap() * 2; // calls per second
+    eprintln!("pacing: {rate} events/s, widened: {widened}");
+    // A slow machine (the TCG VMs of the kernel matrix) may not reach the
+    // threshold: then the interval must stay short.
+    if rate > socktap::probe::BATCH_ABOVE_RATE * 5 / 4 {
+        assert!(widened, "{rate} events/s should switch to the batch interval");
+    } else if rate < socktap::probe::UNBATCH_BELOW_RATE {
+        assert!(!widened, "{rate} events/s must keep the low-rate interval");
+    }
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    while control.wakeup_interval() != low {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "back to the low-rate interval once quiet"
+        );
+        std::thread::sleep(Duration::from_millis(5));
+    }
+}

@@ -70,7 +70,7 @@ pub(crate) fn run(skel: &SocktapSkel<'_>, control: &ProbeControl, consumer: &Mut
         shared.kernel_drops.store(drops_total, Ordering::Relaxed);
 
         let mut events = std::mem::take(&mut *pending.borrow_mut());
-        if let Some(ns) = pacing.observe(events.len()) {
+        if let Some(ns) = pacing.observe(events.len(), Instant::now()) {
             if let Err(e) = control.set_wakeup_interval(ns) {
                 warn!("{e}");
             }
@@ -141,15 +141,16 @@ impl Pacing {
         }
     }
 
-    /// Counts a drain; returns the interval to switch to, if it changes.
-    fn observe(&mut self, events: usize) -> Option<u32> {
+    /// Counts a drain of `events` at `now`; returns the interval to switch
+    /// to, if it changes.
+    fn observe(&mut self, events: usize, now: Instant) -> Option<u32> {
         self.window_events += events as u64;
-        let elapsed = self.window_start.elapsed();
+        let elapsed = now.saturating_duration_since(self.window_start);
         if elapsed < RATE_WINDOW || self.low_ns == self.high_ns {
             return None;
         }
         let rate = self.window_events as f64 / elapsed.as_secs_f64();
-        self.window_start = Instant::now();
+        self.window_start = now;
         self.window_events = 0;
         let batching = if self.batching {
             rate >= UNBATCH_BELOW_RATE as f64
@@ -182,4 +183,54 @@ pub(crate) fn u64_of(bytes: &[u8]) -> u64 {
         .and_then(|b| b.try_into().ok())
         .map(u64::from_ne_bytes)
         .unwrap_or(0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Feeds `rate` events/s for `ms` milliseconds in 1 ms drains; returns
+    /// the last switch made, if any.
+    fn feed(p: &mut Pacing, t: &mut Instant, rate: u64, ms: u64) -> Option<u32> {
+        let mut last = None;
+        for _ in 0..ms {
+            *t += Duration::from_millis(1);
+            if let Some(ns) = p.observe((rate / 1000) as usize, *t) {
+                last = Some(ns);
+            }
+        }
+        last
+    }
+
+    #[test]
+    fn pacing_batches_above_20k_per_second_and_returns_below_10k() {
+        let opts = ProbeOptions::default();
+        let mut p = Pacing::new(&opts);
+        let mut t = p.window_start;
+        let (low, high) = (50_000, 500_000);
+        assert_eq!(
+            feed(&mut p, &mut t, 5_000, 50),
+            None,
+            "low rate: stays at the short interval"
+        );
+        assert_eq!(
+            feed(&mut p, &mut t, 15_000, 50),
+            None,
+            "between the thresholds: no change"
+        );
+        assert_eq!(feed(&mut p, &mut t, 300_000, 50), Some(high), "high rate: batches");
+        assert_eq!(feed(&mut p, &mut t, 15_000, 50), None, "hysteresis: keeps batching");
+        assert_eq!(feed(&mut p, &mut t, 2_000, 50), Some(low), "low again: short interval");
+    }
+
+    #[test]
+    fn pacing_is_off_when_both_intervals_are_equal() {
+        let opts = ProbeOptions {
+            batch_interval: ProbeOptions::default().wakeup_interval,
+            ..Default::default()
+        };
+        let mut p = Pacing::new(&opts);
+        let mut t = p.window_start;
+        assert_eq!(feed(&mut p, &mut t, 1_000_000, 100), None);
+    }
 }
