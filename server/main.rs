@@ -94,7 +94,8 @@ struct Args {
     #[arg(long, env = "SOCKTAPD_WAKEUP_INTERVAL_US", default_value_t = 50)]
     wakeup_interval_us: u64,
     /// Above 20k events/s, the kernel wakes the reader at most once per
-    /// this many microseconds (fewer, larger batches).
+    /// this many microseconds (fewer, larger batches); never less than
+    /// --wakeup-interval-us.
     #[arg(long, env = "SOCKTAPD_BATCH_INTERVAL_US", default_value_t = 500)]
     batch_interval_us: u64,
     /// The reader drains the ring at least this often, in microseconds.
@@ -150,7 +151,7 @@ async fn async_main(args: Args) -> anyhow::Result<()> {
         mode: args.mode,
         ring_buffer_bytes: args.ring_buffer_bytes,
         wakeup_interval: Duration::from_micros(args.wakeup_interval_us),
-        batch_interval: Duration::from_micros(args.batch_interval_us),
+        batch_interval: Duration::from_micros(args.batch_interval_us.max(args.wakeup_interval_us)),
         poll_interval: Duration::from_micros(args.poll_interval_us),
         enabled: args.record_always,
         ignore_pid: (!args.trace_self).then(std::process::id),
