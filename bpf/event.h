@@ -51,7 +51,8 @@ struct socktap_event {
 struct socktap_control {
 	/* 0: nobody wants events, write nothing; 1: emit events */
 	__u32 enabled;
-	/* wake the reader when this many ns have passed since the last wakeup */
+	/* 0: wake the reader when it has caught up (the ring buffer's rule);
+	 * else wake it when this many ns have passed since the last wakeup */
 	__u32 wakeup_interval_ns;
 	/* a process whose calls are not reported (socktapd itself), 0: none */
 	__u32 ignore_tgid;

@@ -167,12 +167,16 @@ static __always_inline void emit(struct socktap_control *cfg, __u64 pid_tgid, st
 		fill_sock_probe_read(e, sk);
 
 	/*
-	 * Batched wakeups: wake the reader at most once per wakeup interval.
-	 * At low rates every event wakes it (low latency); at high rates the
-	 * reader is woken a bounded number of times per second and drains
-	 * many events per wakeup, and its timed poll picks up the tail.
+	 * Wakeups. Interval 0 (low rates): the ring buffer's own rule, which
+	 * wakes the reader exactly when it has caught up (it has consumed
+	 * everything before this record), so no event waits in the ring for
+	 * a later one. Otherwise (userspace sets it at high rates): wake the
+	 * reader at most once per interval; it drains many events per wakeup
+	 * and its timed poll picks up the tail.
 	 */
-	if (now - st->last_wakeup_ns >= cfg->wakeup_interval_ns) {
+	if (!cfg->wakeup_interval_ns) {
+		flags = 0;
+	} else if (now - st->last_wakeup_ns >= cfg->wakeup_interval_ns) {
 		st->last_wakeup_ns = now;
 		flags = BPF_RB_FORCE_WAKEUP;
 	}

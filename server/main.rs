@@ -89,9 +89,10 @@ struct Args {
     /// two clock reads per program run).
     #[arg(long, env = "SOCKTAPD_BPF_STATS")]
     bpf_stats: bool,
-    /// At low event rates the kernel wakes the reader at most once per this
-    /// many microseconds.
-    #[arg(long, env = "SOCKTAPD_WAKEUP_INTERVAL_US", default_value_t = 50)]
+    /// At low event rates, 0 wakes the reader as soon as it has caught up
+    /// (every event is read at once); N wakes it at most once per N
+    /// microseconds.
+    #[arg(long, env = "SOCKTAPD_WAKEUP_INTERVAL_US", default_value_t = 0)]
     wakeup_interval_us: u64,
     /// Above 20k events/s, the kernel wakes the reader at most once per
     /// this many microseconds (fewer, larger batches); never less than

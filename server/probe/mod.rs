@@ -70,9 +70,10 @@ pub struct ProbeOptions {
     pub mode: ModeRequest,
     /// Kernel ring buffer size in bytes: a power of two, at least one page.
     pub ring_buffer_bytes: u32,
-    /// At low event rates the kernel wakes the reader at most once per this
-    /// interval (so at most this late); events in between are picked up by
-    /// the same wakeup or the next timed poll.
+    /// At low event rates: zero (the default) lets the kernel wake the
+    /// reader whenever it has caught up, so every event is read at once; a
+    /// positive interval wakes it at most once per interval instead, and
+    /// events in between wait for the next wakeup or timed poll.
     pub wakeup_interval: Duration,
     /// At high event rates (above [`BATCH_ABOVE_RATE`] events/s) the reader
     /// widens the kernel's wakeup interval to this: fewer, larger batches,
@@ -98,7 +99,7 @@ impl Default for ProbeOptions {
         ProbeOptions {
             mode: ModeRequest::Auto,
             ring_buffer_bytes: 8 << 20,
-            wakeup_interval: Duration::from_micros(50),
+            wakeup_interval: Duration::ZERO,
             batch_interval: Duration::from_micros(500),
             poll_interval: Duration::from_millis(1),
             channel_batches: 256,
