@@ -97,4 +97,12 @@ struct sock {
 	__u16 sk_protocol;
 } __attribute__((preserve_access_index));
 
+/* A TCP socket's struct sock is the start of its inet_sock. inet_sport
+ * keeps the local port after the kernel unbinds it (skc_num becomes 0 when
+ * a reset closes the socket while data is still there to read). */
+struct inet_sock {
+	struct sock sk;
+	__be16 inet_sport;
+} __attribute__((preserve_access_index));
+
 #endif /* SOCKTAP_KERNEL_H */

@@ -95,6 +95,8 @@ static __always_inline void fill_sock_direct(struct socktap_event *e, struct soc
 {
 	e->netns = sk->__sk_common.skc_net.net->ns.inum;
 	e->sport = sk->__sk_common.skc_num;
+	if (!e->sport) /* unbound after a reset: see struct inet_sock */
+		e->sport = __builtin_bswap16(BPF_CORE_READ((struct inet_sock *)sk, inet_sport));
 	e->dport = __builtin_bswap16(sk->__sk_common.skc_dport);
 	e->family = sk->__sk_common.skc_family;
 	if (e->family == AF_INET6 && bpf_core_field_exists(sk->__sk_common.skc_v6_daddr)) {
@@ -113,6 +115,8 @@ static __always_inline void fill_sock_probe_read(struct socktap_event *e, struct
 {
 	e->netns = BPF_CORE_READ(sk, __sk_common.skc_net.net, ns.inum);
 	e->sport = BPF_CORE_READ(sk, __sk_common.skc_num);
+	if (!e->sport) /* unbound after a reset: see struct inet_sock */
+		e->sport = __builtin_bswap16(BPF_CORE_READ((struct inet_sock *)sk, inet_sport));
 	e->dport = __builtin_bswap16(BPF_CORE_READ(sk, __sk_common.skc_dport));
 	e->family = BPF_CORE_READ(sk, __sk_common.skc_family);
 	if (e->family == AF_INET6 && bpf_core_field_exists(sk->__sk_common.skc_v6_daddr)) {

@@ -445,3 +445,52 @@ fn fentry_misses_calls_in_flight_across_a_trampoline_update() {
     };
     assert_eq!(sizes, expected, "{:?} mode", probe.mode());
 }
+
+/// A recv that reads data after the peer reset the connection: the kernel
+/// has already unbound the local port (`skc_num` is 0 then), yet the event
+/// must still name the socket's local address and port. Seen with curl
+/// against socktapd's port, whose HTTP/2 server resets an HTTP/1 client.
+#[test]
+fn a_recv_after_a_reset_keeps_the_local_port() {
+    let Some(_bpf) = bpf_available("reset") else {
+        return;
+    };
+    let mut probe = start_probe(ProbeOptions::default());
+    let mut rx = probe.take_receiver().unwrap();
+    let (mut c, mut s) = tcp_pair(false);
+    let cc = so_cookie(&c);
+    let local = c.local_addr().unwrap();
+    s.write_all(b"last words").unwrap();
+    // Linger 0: close() sends a RST instead of a FIN.
+    let linger = libc::linger {
+        l_onoff: 1,
+        l_linger: 0,
+    };
+    // SAFETY: FFI; `linger` is a live local of the size given.
+    let rc = unsafe {
+        libc::setsockopt(
+            std::os::fd::AsRawFd::as_raw_fd(&s),
+            libc::SOL_SOCKET,
+            libc::SO_LINGER,
+            (&linger as *const libc::linger).cast(),
+            std::mem::size_of::<libc::linger>() as libc::socklen_t,
+        )
+    };
+    assert_eq!(rc, 0);
+    drop(s);
+    std::thread::sleep(Duration::from_millis(50));
+    let mut buf = [0u8; 64];
+    let n = c.read(&mut buf).unwrap_or(0);
+    let events = collect(
+        &mut rx,
+        |e| e.cookie == cc && e.kind == EventKind::Recv,
+        |ev| !ev.is_empty(),
+        WAIT,
+        SETTLE,
+    );
+    eprintln!("read {n} bytes after the reset; events: {events:?}");
+    assert!(!events.is_empty(), "the recv is reported");
+    for e in &events {
+        assert_eq!(e.local, local, "local address and port of {e:?}");
+    }
+}
