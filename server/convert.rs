@@ -1,5 +1,7 @@
-//! Rust values to API messages (used by the hub, which converts each event
-//! once for all the subscribers that take it, and by the service).
+//! Rust values to API messages. The hub sends events as the bytes of
+//! [`encode_event`], written once for all subscribers; [`event`] builds the
+//! same message as a value (for library users, and as the reference the
+//! encoder is tested against).
 
 use std::time::SystemTime;
 

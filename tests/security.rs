@@ -129,22 +129,28 @@ async fn status_over(url: &str, opts: &ConnectOptions) -> Result<pb::GetStatusRe
         .map_err(|e| e.to_string())
 }
 
-#[tokio::test]
-async fn mtls_refuses_clients_without_a_trusted_certificate() {
-    let p = pki();
+/// A daemon serving TLS with the PKI's server certificate; with
+/// `client_ca`, clients must present a certificate signed by it (mTLS).
+async fn tls_daemon(p: &Pki, client_ca: Option<&str>) -> TestDaemon {
     let tls = TlsOptions {
         cert_pem: p.server.0.clone().into_bytes(),
         key_pem: p.server.1.clone().into_bytes(),
-        client_ca_pem: Some(p.ca.clone().into_bytes()),
+        client_ca_pem: client_ca.map(|ca| ca.as_bytes().to_vec()),
     };
-    let d = TestDaemon::start_with(
+    TestDaemon::start_with(
         hub(),
         ServeOptions {
             tls: Some(tls),
             ..Default::default()
         },
     )
-    .await;
+    .await
+}
+
+#[tokio::test]
+async fn mtls_refuses_clients_without_a_trusted_certificate() {
+    let p = pki();
+    let d = tls_daemon(&p, Some(&p.ca)).await;
     let trusted = |id: &(String, String)| ConnectOptions {
         ca_cert_pem: Some(p.ca.clone().into_bytes()),
         client_identity_pem: Some((id.0.clone().into_bytes(), id.1.clone().into_bytes())),
@@ -172,19 +178,7 @@ async fn mtls_refuses_clients_without_a_trusted_certificate() {
 #[tokio::test]
 async fn tls_without_client_certificates() {
     let p = pki();
-    let tls = TlsOptions {
-        cert_pem: p.server.0.into_bytes(),
-        key_pem: p.server.1.into_bytes(),
-        client_ca_pem: None,
-    };
-    let d = TestDaemon::start_with(
-        hub(),
-        ServeOptions {
-            tls: Some(tls),
-            ..Default::default()
-        },
-    )
-    .await;
+    let d = tls_daemon(&p, None).await;
     let opts = ConnectOptions {
         ca_cert_pem: Some(p.ca.into_bytes()),
         client_identity_pem: None,

@@ -1,5 +1,6 @@
 //! The kernel probe: loads socktap's BPF programs in the best attach mode
-//! the kernel accepts, and delivers decoded events to Rust code on a channel.
+//! the kernel accepts, and delivers decoded events to Rust code: on a
+//! channel, or to a sink called on the reader thread ([`Probe::deliver_to`]).
 //!
 //! The ring buffer is read on a thread of its own, which owns the BPF
 //! objects; dropping the [`Probe`] stops that thread and detaches and
