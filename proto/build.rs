@@ -8,9 +8,12 @@ use prost::Message;
 
 const PROTO: &str = "socktap/v1/socktap.proto";
 
-/// The messages the server-side view generates itself: the event and those
-/// that contain it.
-const WIRE_OWN: [&str; 3] = ["Event", "EventBatch", "WatchEventsResponse"];
+/// The message the server-side view generates itself: the one that holds the
+/// pre-encoded batch.
+const WIRE_OWN: [&str; 1] = ["WatchEventsResponse"];
+
+/// The message the server-side view replaces with a hand-written type.
+const WIRE_ENCODED: (&str, &str) = ("EventBatch", "crate::wire::EncodedEventBatch");
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     println!("cargo:rerun-if-changed={PROTO}");
@@ -24,9 +27,9 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         .extern_path(".google.protobuf", "::pbjson_types")
         .compile_fds(fds.clone())?;
     // The server's view of the same service: identical on the wire, but an
-    // Event is a pre-encoded message (`wire::EncodedEvent`), so socktapd
-    // encodes each event once and shares the bytes among subscribers. Every
-    // other type is the public one.
+    // EventBatch is runs of pre-encoded events (`wire::EncodedEventBatch`),
+    // so socktapd encodes each event once and shares the bytes among
+    // subscribers. Every other type is the public one.
     let wire_out = out.join("wire");
     std::fs::create_dir_all(&wire_out)?;
     let mut wire = tonic_prost_build::configure()
@@ -34,7 +37,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         .out_dir(&wire_out)
         .compile_well_known_types(true)
         .extern_path(".google.protobuf", "::pbjson_types")
-        .extern_path(".socktap.v1.Event", "crate::wire::EncodedEvent");
+        .extern_path(format!(".socktap.v1.{}", WIRE_ENCODED.0), WIRE_ENCODED.1);
     for file in &fds.file {
         if file.package() != "socktap.v1" {
             continue;
@@ -45,7 +48,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             .map(|m| m.name())
             .chain(file.enum_type.iter().map(|e| e.name()));
         for name in names {
-            if !WIRE_OWN.contains(&name) {
+            if !WIRE_OWN.contains(&name) && name != WIRE_ENCODED.0 {
                 wire = wire.extern_path(format!(".socktap.v1.{name}"), format!("crate::v1::{name}"));
             }
         }

@@ -10,7 +10,7 @@ use std::io::Write;
 use prost::bytes::{BufMut, BytesMut};
 use prost::encoding::{encoded_len_varint, WireType};
 use socktap_proto::v1 as pb;
-use socktap_proto::wire::EncodedEvent;
+use socktap_proto::wire::{EncodedEvents, EVENTS_ENTRY_KEY};
 use socktap_proto::{Duration, Timestamp};
 
 use crate::event::{AttachMode, Event, EventKind, WallClock};
@@ -94,9 +94,34 @@ pub fn event(e: &Event, clock: &WallClock) -> pb::Event {
 /// Appends the protobuf encoding of `convert::event(e, clock)` to `buf`,
 /// byte for byte what prost would write, without building the message:
 /// no allocation, the fields written into a stack buffer and appended in
-/// one copy (addresses formatted on the stack, IPv4 digit by digit). The
-/// hub encodes each event once this way and every stream sends the bytes.
+/// one copy (addresses formatted on the stack, IPv4 digit by digit).
 pub fn encode_event(e: &Event, clock: &WallClock, buf: &mut impl BufMut) {
+    buf.put_slice(event_fields(e, clock).written());
+}
+
+/// Appends `e` as an entry of `socktap.v1.EventBatch.events`: its key, its
+/// length, then [`encode_event`]'s bytes. The hub encodes each event once
+/// this way; a run of consecutive entries is a ready part of a batch.
+pub fn encode_event_entry(e: &Event, clock: &WallClock, buf: &mut impl BufMut) {
+    buf.put_slice(event_fields(e, clock).framed());
+}
+
+/// Events as one run of batch entries (history replay; the hub encodes live
+/// batches itself, see [`encode_event_entry`]).
+pub fn encoded_events<'a>(
+    events: impl IntoIterator<Item = &'a Event>,
+    clock: &WallClock,
+    buf: &mut BytesMut,
+) -> EncodedEvents {
+    let mut count = 0;
+    for e in events {
+        encode_event_entry(e, clock, buf);
+        count += 1;
+    }
+    EncodedEvents::from_framed(buf.split().freeze(), count)
+}
+
+fn event_fields(e: &Event, clock: &WallClock) -> FieldWriter {
     let mut w = FieldWriter::default();
     w.varint(1, e.seq);
     let t = timestamp(clock.unix_ns(e.timestamp_ns));
@@ -137,26 +162,51 @@ pub fn encode_event(e: &Event, clock: &WallClock, buf: &mut impl BufMut) {
     w.varint(18, e.remote.port().into());
     w.varint(19, e.cpu.into());
     w.varint(20, mode(Some(e.mode)) as i32 as u64);
-    buf.put_slice(w.written());
+    w
 }
 
 /// A protobuf writer into a fixed stack buffer, for [`encode_event`]: an
 /// event takes at most ~330 bytes (20 varint fields, a 16-byte name, two
-/// 45-byte addresses).
+/// 45-byte addresses). The fields start after [`ENTRY_HEAD`] free bytes, so
+/// that [`FieldWriter::framed`] can put the entry's key and length in front
+/// without moving them.
 struct FieldWriter {
     buf: [u8; 512],
     len: usize,
 }
 
+/// Room for an entry's key (one byte) and length (at most two varint bytes:
+/// the buffer is smaller than 2^14).
+const ENTRY_HEAD: usize = 3;
+
 impl Default for FieldWriter {
     fn default() -> Self {
-        FieldWriter { buf: [0; 512], len: 0 }
+        FieldWriter {
+            buf: [0; 512],
+            len: ENTRY_HEAD,
+        }
     }
 }
 
 impl FieldWriter {
+    /// The fields written.
     fn written(&self) -> &[u8] {
-        &self.buf[..self.len]
+        &self.buf[ENTRY_HEAD..self.len]
+    }
+
+    /// The fields as an entry of `EventBatch.events`: key, length, fields.
+    fn framed(&mut self) -> &[u8] {
+        let n = self.len - ENTRY_HEAD;
+        let start = if n < 0x80 {
+            self.buf[2] = n as u8;
+            2
+        } else {
+            self.buf[1] = n as u8 | 0x80;
+            self.buf[2] = (n >> 7) as u8;
+            1
+        };
+        self.buf[start - 1] = EVENTS_ENTRY_KEY;
+        &self.buf[start - 1..self.len]
     }
 
     fn raw_varint(&mut self, mut v: u64) {
@@ -228,13 +278,6 @@ impl FieldWriter {
     }
 }
 
-/// [`encode_event`] into a shared buffer: the returned bytes are split off
-/// `buf`, so the events of a batch share one allocation.
-pub fn encoded_event(e: &Event, clock: &WallClock, buf: &mut BytesMut) -> EncodedEvent {
-    encode_event(e, clock, buf);
-    EncodedEvent(buf.split().freeze())
-}
-
 /// A loss notice as the API shows it.
 pub fn loss(l: &Loss, clock: &WallClock) -> pb::LostEvents {
     let time = |ns: u64| (ns != 0).then(|| timestamp(clock.unix_ns(ns)));
@@ -258,6 +301,7 @@ mod tests {
     use crate::event::Comm;
     use proptest::prelude::*;
     use prost::Message;
+    use socktap_proto::wire;
     use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 
     fn addr() -> impl Strategy<Value = SocketAddr> {
@@ -319,8 +363,40 @@ mod tests {
         fn encode_event_is_byte_identical_to_prost(e in any_event(), offset in any::<i64>()) {
             let clock = WallClock::with_offset(offset as i128);
             let mut direct = BytesMut::new();
-            let enc = encoded_event(&e, &clock, &mut direct);
-            prop_assert_eq!(&enc.0[..], &event(&e, &clock).encode_to_vec()[..]);
+            encode_event(&e, &clock, &mut direct);
+            prop_assert_eq!(&direct[..], &event(&e, &clock).encode_to_vec()[..]);
+        }
+
+        /// A response built from runs of framed entries, cut anywhere by
+        /// `split_to`, is byte for byte the response prost writes for the
+        /// same events: what clients decode.
+        #[test]
+        fn batches_of_framed_runs_are_byte_identical_to_prost(
+            events in prop::collection::vec(any_event(), 1..40),
+            cuts in prop::collection::vec(0..45usize, 0..6),
+        ) {
+            let clock = WallClock::with_offset(0);
+            let mut buf = BytesMut::new();
+            let mut all = encoded_events(&events, &clock, &mut buf);
+            prop_assert_eq!(all.count(), events.len());
+            let mut runs = Vec::new();
+            for n in cuts {
+                let run = all.split_to(n);
+                if run.count() > 0 {
+                    runs.push(run);
+                }
+            }
+            runs.push(all);
+            prop_assert_eq!(runs.iter().map(EncodedEvents::count).sum::<usize>(), events.len());
+            let ours = wire::WatchEventsResponse {
+                message: Some(wire::watch_events_response::Message::Events(wire::EncodedEventBatch { runs })),
+            };
+            let reference = pb::WatchEventsResponse {
+                message: Some(pb::watch_events_response::Message::Events(pb::EventBatch {
+                    events: events.iter().map(|e| event(e, &clock)).collect(),
+                })),
+            };
+            prop_assert_eq!(ours.encode_to_vec(), reference.encode_to_vec());
         }
     }
 }

@@ -19,31 +19,98 @@ pub const FILE_DESCRIPTOR_SET: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "
 pub use pbjson_types::{Duration, Timestamp};
 
 /// The server's view of `socktap.v1.Socktap`, identical on the wire: an
-/// [`Event`](v1::Event) travels as [`EncodedEvent`], bytes encoded once by
-/// the server and shared by every stream that sends it. Clients use [`v1`].
+/// [`EventBatch`](v1::EventBatch) travels as [`EncodedEventBatch`], runs of
+/// events that the server encoded once, each event already framed as an
+/// entry of the batch's `events` field, and shared by every stream that
+/// sends them. Clients use [`v1`].
 pub mod wire {
     #![allow(clippy::all, missing_docs)]
     include!(concat!(env!("OUT_DIR"), "/wire/socktap.v1.rs"));
 
     use prost::bytes::{Buf, BufMut, Bytes};
-    use prost::encoding::{skip_field, DecodeContext, WireType};
+    use prost::encoding::{decode_varint, skip_field, DecodeContext, WireType};
     use prost::DecodeError;
 
-    /// A `socktap.v1.Event` already encoded (the message's fields, without
-    /// its tag and length). Sending it copies the bytes into the frame; it
-    /// is never decoded on the server.
-    #[derive(Clone, Default, PartialEq, Eq)]
-    pub struct EncodedEvent(pub Bytes);
+    /// The key of an entry of `EventBatch.events`: field 1, length-delimited.
+    pub const EVENTS_ENTRY_KEY: u8 = (1 << 3) | WireType::LengthDelimited as u8;
 
-    impl std::fmt::Debug for EncodedEvent {
+    /// Consecutive entries of `socktap.v1.EventBatch.events`, already
+    /// encoded: for each event its key ([`EVENTS_ENTRY_KEY`]), its length
+    /// and its fields. A slice of the buffer the hub encodes a batch into,
+    /// so a run costs one reference count however many events it holds.
+    #[derive(Clone, Default, PartialEq, Eq)]
+    pub struct EncodedEvents {
+        bytes: Bytes,
+        count: usize,
+    }
+
+    impl std::fmt::Debug for EncodedEvents {
         fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-            write!(f, "EncodedEvent({} bytes)", self.0.len())
+            write!(f, "EncodedEvents({} events, {} bytes)", self.count, self.bytes.len())
         }
     }
 
-    impl prost::Message for EncodedEvent {
+    impl EncodedEvents {
+        /// `count` framed entries, as the encoder wrote them. The caller
+        /// vouches for the framing; [`Self::split_to`] walks it.
+        pub fn from_framed(bytes: Bytes, count: usize) -> Self {
+            EncodedEvents { bytes, count }
+        }
+
+        /// The number of events.
+        pub fn count(&self) -> usize {
+            self.count
+        }
+
+        /// The framed entries.
+        pub fn bytes(&self) -> &Bytes {
+            &self.bytes
+        }
+
+        /// Removes the first `n` events (all, if fewer) and returns them.
+        pub fn split_to(&mut self, n: usize) -> EncodedEvents {
+            if n >= self.count {
+                return std::mem::take(self);
+            }
+            let mut rest = &self.bytes[..];
+            for _ in 0..n {
+                // Each entry: the one-byte key, a varint length, the event.
+                // The encoder wrote it, so it is well formed; a malformed
+                // one ends the walk at the end of the buffer, never past it.
+                rest = &rest[1.min(rest.len())..];
+                let len = decode_varint(&mut rest).unwrap_or(rest.len() as u64) as usize;
+                rest = &rest[len.min(rest.len())..];
+            }
+            let at = self.bytes.len() - rest.len();
+            self.count -= n;
+            EncodedEvents {
+                bytes: self.bytes.split_to(at),
+                count: n,
+            }
+        }
+    }
+
+    /// `socktap.v1.EventBatch` as the server sends it: runs of pre-encoded
+    /// events, written into the frame as they are and never decoded on the
+    /// server.
+    #[derive(Clone, Default, PartialEq)]
+    pub struct EncodedEventBatch {
+        /// The events, in seq order.
+        pub runs: Vec<EncodedEvents>,
+    }
+
+    impl std::fmt::Debug for EncodedEventBatch {
+        fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+            let events: usize = self.runs.iter().map(EncodedEvents::count).sum();
+            write!(f, "EncodedEventBatch({events} events in {} runs)", self.runs.len())
+        }
+    }
+
+    impl prost::Message for EncodedEventBatch {
         fn encode_raw(&self, buf: &mut impl BufMut) {
-            buf.put_slice(&self.0);
+            for run in &self.runs {
+                buf.put_slice(&run.bytes);
+            }
         }
 
         fn merge_field(
@@ -53,17 +120,17 @@ pub mod wire {
             buf: &mut impl Buf,
             ctx: DecodeContext,
         ) -> Result<(), DecodeError> {
-            // The server only sends events; should one ever be decoded,
+            // The server only sends batches; should one ever be decoded,
             // its fields are skipped rather than misread.
             skip_field(wire_type, tag, buf, ctx)
         }
 
         fn encoded_len(&self) -> usize {
-            self.0.len()
+            self.runs.iter().map(|r| r.bytes.len()).sum()
         }
 
         fn clear(&mut self) {
-            self.0 = Bytes::new();
+            self.runs.clear();
         }
     }
 }

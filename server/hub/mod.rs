@@ -15,17 +15,25 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use prost::bytes::BytesMut;
 use socktap_proto::v1 as pb;
 use tokio::sync::mpsc;
 use tracing::{debug, warn};
 
+use crate::convert;
 use crate::event::{monotonic_now_ns, AttachMode, Event, WallClock};
 use crate::probe::{Batch, ProbeControl};
 pub use filter::{FieldError, FilterLimits, Selector};
 pub use subscriber::{Item, Loss, LossSource, Subscriber, SubscriberCounters};
 
-/// About the size of an encoded IPv4 event; buffers are sized by it.
-const ENCODED_EVENT_BYTES: usize = 112;
+/// About the size of an encoded IPv4 event with its entry key and length;
+/// buffers are sized by it.
+const ENCODED_EVENT_BYTES: usize = 114;
+
+/// Events encoded into one buffer (about 470 KB). A full ring buffer
+/// drains as tens of thousands of events at once; one buffer for all of
+/// them would stay alive, whole, while any subscriber still queues one.
+const FAN_OUT_CHUNK: usize = 4096;
 
 /// Sizes and limits of the hub.
 #[derive(Clone, Copy, Debug)]
@@ -243,10 +251,10 @@ impl Hub {
             }
         }
         if !st.subscribers.is_empty() {
-            let mut encoded = vec![None; events.len()];
-            let mut buf = prost::bytes::BytesMut::with_capacity(events.len() * ENCODED_EVENT_BYTES);
-            for s in &st.subscribers {
-                s.offer(&events, &mut encoded, &mut buf, &self.inner.clock);
+            // In chunks: a queued run keeps its whole buffer alive, so
+            // small buffers bound what a lagging subscriber holds on to.
+            for chunk in events.chunks(FAN_OUT_CHUNK) {
+                fan_out(&st.subscribers, chunk, &self.inner.clock);
             }
         }
         let cap = self.inner.config.history_events;
@@ -384,10 +392,44 @@ impl Hub {
     }
 }
 
+/// Hands a batch to the subscribers: finds which events each one takes,
+/// encodes every event that anyone takes once, in order, into one buffer
+/// (as framed batch entries), and queues each subscriber's events as runs
+/// of that buffer: a subscriber taking every event gets one slice.
+fn fan_out(subscribers: &[Arc<Subscriber>], events: &[Event], clock: &WallClock) {
+    let mut wanted = vec![false; events.len()];
+    let taken: Vec<Vec<u32>> = subscribers
+        .iter()
+        .map(|s| {
+            let mine: Vec<u32> = (0..events.len() as u32)
+                .filter(|&i| s.wants(&events[i as usize]))
+                .collect();
+            for &i in &mine {
+                wanted[i as usize] = true;
+            }
+            mine
+        })
+        .collect();
+    let mut buf = BytesMut::with_capacity(events.len() * ENCODED_EVENT_BYTES);
+    let mut entries = vec![(0u32, 0u32); events.len()];
+    for ((e, want), entry) in events.iter().zip(&wanted).zip(&mut entries) {
+        if *want {
+            let start = buf.len() as u32;
+            convert::encode_event_entry(e, clock, &mut buf);
+            *entry = (start, buf.len() as u32);
+        }
+    }
+    let encoded = buf.freeze();
+    for (s, mine) in subscribers.iter().zip(&taken) {
+        s.offer(events, mine, &entries, &encoded);
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::event::{Comm, EventKind};
+    use socktap_proto::wire;
 
     fn event(seq: u64, cookie: u64) -> Event {
         Event {
@@ -441,19 +483,80 @@ mod tests {
             s.take(10, &mut v);
             v.into_iter()
                 .map(|i| match i {
-                    Item::Event(e) => e,
+                    Item::Events(run) => run,
                     Item::Lost(l) => panic!("unexpected loss {l:?}"),
                 })
                 .collect::<Vec<_>>()
         };
         let (ea, eb, ec) = (take(&a), take(&b), take(&c));
-        assert_eq!(ea.len(), 2);
-        assert!(
-            ea.iter().zip(&eb).all(|(x, y)| x.0.as_ptr() == y.0.as_ptr()),
-            "encoded once, shared"
+        assert_eq!(ea.len(), 1, "consecutive events go in as one run");
+        assert_eq!(ea[0].count(), 2);
+        assert_eq!(ea[0].bytes().as_ptr(), eb[0].bytes().as_ptr(), "encoded once, shared");
+        let batch = wire::WatchEventsResponse {
+            message: Some(wire::watch_events_response::Message::Events(wire::EncodedEventBatch {
+                runs: ea,
+            })),
+        };
+        let decoded =
+            <pb::WatchEventsResponse as prost::Message>::decode(&prost::Message::encode_to_vec(&batch)[..]).unwrap();
+        let Some(pb::watch_events_response::Message::Events(b)) = decoded.message else {
+            panic!("not a batch: {decoded:?}");
+        };
+        assert_eq!(
+            b.events.iter().map(|e| (e.seq, e.cookie)).collect::<Vec<_>>(),
+            [(1, 5), (2, 6)]
         );
-        let decoded = <pb::Event as prost::Message>::decode(ea[1].0.clone()).unwrap();
-        assert_eq!(decoded.seq, 2);
         assert!(ec.is_empty(), "a subscriber that matches nothing gets nothing");
+    }
+
+    #[test]
+    fn a_full_queue_keeps_what_fits_as_one_run_and_counts_the_rest_and_take_splits_runs() {
+        let config = HubConfig {
+            queue_events: 3,
+            ..HubConfig::default()
+        };
+        let hub = Hub::new(config, Source::default());
+        let sub = hub
+            .subscribe("a".into(), Default::default(), Selector::default(), Start::Live)
+            .unwrap();
+        hub.dispatch(Batch {
+            events: (1..=5).map(|seq| event(seq, 9)).collect(),
+            kernel_drops: 0,
+        });
+        let mut items = Vec::new();
+        assert!(!sub.take(2, &mut items));
+        let first = match &items[..] {
+            [Item::Events(first)] => first.clone(),
+            _ => panic!("expected one run, got {items:?}"),
+        };
+        assert_eq!(first.count(), 2, "a run is split at the requested event count");
+        items.clear();
+        sub.take(10, &mut items);
+        let [Item::Events(rest), Item::Lost(lost)] = &items[..] else {
+            panic!("expected the rest of the run, then the loss, got {items:?}");
+        };
+        assert_eq!(rest.count(), 1);
+        assert_eq!(
+            (lost.source, lost.count, lost.first_seq, lost.last_seq),
+            (LossSource::SubscriberQueue, 2, 4, 5)
+        );
+        let c = sub.counters();
+        assert_eq!((c.matched, c.lost, c.queued), (5, 2, 0));
+        let seqs = |run: &wire::EncodedEvents| -> Vec<u64> {
+            let batch = wire::WatchEventsResponse {
+                message: Some(wire::watch_events_response::Message::Events(wire::EncodedEventBatch {
+                    runs: vec![run.clone()],
+                })),
+            };
+            let decoded =
+                <pb::WatchEventsResponse as prost::Message>::decode(&prost::Message::encode_to_vec(&batch)[..])
+                    .unwrap();
+            match decoded.message {
+                Some(pb::watch_events_response::Message::Events(b)) => b.events.iter().map(|e| e.seq).collect(),
+                other => panic!("not a batch: {other:?}"),
+            }
+        };
+        assert_eq!(seqs(&first), vec![1, 2]);
+        assert_eq!(seqs(rest), vec![3]);
     }
 }

@@ -6,8 +6,8 @@ use std::collections::VecDeque;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
-use prost::bytes::BytesMut;
-use socktap_proto::wire::EncodedEvent;
+use prost::bytes::{Bytes, BytesMut};
+use socktap_proto::wire::EncodedEvents;
 use std::time::SystemTime;
 
 use socktap_proto::v1 as pb;
@@ -48,9 +48,9 @@ pub struct Loss {
 /// What a subscriber's stream delivers, in order.
 #[derive(Clone, Debug, PartialEq)]
 pub enum Item {
-    /// An event, already encoded in its API form; the bytes are shared by
-    /// every subscriber that takes it.
-    Event(EncodedEvent),
+    /// Consecutive events, already encoded in their API form; the bytes
+    /// are shared by every subscriber that takes them.
+    Events(EncodedEvents),
     /// A loss notice.
     Lost(Loss),
 }
@@ -122,40 +122,43 @@ impl Subscriber {
         self.queue.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// Queues the events that match this subscriber's filters; never waits.
-    /// `encoded[i]` caches the encoded API form of `events[i]`: the first
-    /// subscriber that takes an event encodes it (into `buf`, shared by the
-    /// batch), the others share the bytes.
-    pub(super) fn offer(
-        &self,
-        events: &[Event],
-        encoded: &mut [Option<EncodedEvent>],
-        buf: &mut BytesMut,
-        clock: &WallClock,
-    ) {
+    /// Whether this subscriber takes `e`.
+    pub(super) fn wants(&self, e: &Event) -> bool {
+        self.selector.matches(e)
+    }
+
+    /// Queues the events of a batch that this subscriber takes; never
+    /// waits. `taken` lists their indexes in `events`, ascending;
+    /// `entries[i]` is the byte range of `events[i]`'s framed entry in
+    /// `encoded`, where the hub wrote every event that anyone takes, in
+    /// order. Events whose entries touch go in as one run (one slice of
+    /// `encoded`); what does not fit in the queue is counted as lost.
+    pub(super) fn offer(&self, events: &[Event], taken: &[u32], entries: &[(u32, u32)], encoded: &Bytes) {
+        if taken.is_empty() {
+            return;
+        }
         let mut q = self.lock();
-        let mut matched = 0u64;
-        let mut lost = 0u64;
-        for (e, slot) in events.iter().zip(encoded.iter_mut()) {
-            if !self.selector.matches(e) {
-                continue;
+        let fits = taken.len().min(self.capacity.saturating_sub(q.events));
+        let mut i = 0;
+        while i < fits {
+            let (start, mut end) = entries[taken[i] as usize];
+            let mut j = i + 1;
+            while j < fits && entries[taken[j] as usize].0 == end {
+                end = entries[taken[j] as usize].1;
+                j += 1;
             }
-            matched += 1;
-            if q.events < self.capacity {
-                let shared = slot.get_or_insert_with(|| convert::encoded_event(e, clock, buf));
-                q.items.push_back(Item::Event(shared.clone()));
-                q.events += 1;
-            } else {
-                lost += 1;
-                push_loss(&mut q, Loss::one(LossSource::SubscriberQueue, e));
-            }
+            let run = EncodedEvents::from_framed(encoded.slice(start as usize..end as usize), j - i);
+            q.items.push_back(Item::Events(run));
+            i = j;
+        }
+        q.events += fits;
+        for &k in &taken[fits..] {
+            push_loss(&mut q, Loss::one(LossSource::SubscriberQueue, &events[k as usize]));
         }
         drop(q);
-        if matched > 0 {
-            self.matched.fetch_add(matched, Ordering::Relaxed);
-            self.lost.fetch_add(lost, Ordering::Relaxed);
-            self.notify.notify_one();
-        }
+        self.matched.fetch_add(taken.len() as u64, Ordering::Relaxed);
+        self.lost.fetch_add((taken.len() - fits) as u64, Ordering::Relaxed);
+        self.notify.notify_one();
     }
 
     /// Queues events from history, regardless of capacity (they are few and
@@ -165,14 +168,13 @@ impl Subscriber {
         if let Some(l) = loss {
             q.items.push_back(Item::Lost(l));
         }
-        let before = q.events;
-        let mut buf = BytesMut::new();
-        for e in events {
-            q.items
-                .push_back(Item::Event(convert::encoded_event(&e, clock, &mut buf)));
-            q.events += 1;
+        let events: Vec<Event> = events.collect();
+        if !events.is_empty() {
+            let run = convert::encoded_events(&events, clock, &mut BytesMut::new());
+            q.events += run.count();
+            q.items.push_back(Item::Events(run));
         }
-        self.matched.fetch_add((q.events - before) as u64, Ordering::Relaxed);
+        self.matched.fetch_add(events.len() as u64, Ordering::Relaxed);
         drop(q);
         self.notify.notify_one();
     }
@@ -190,18 +192,28 @@ impl Subscriber {
     }
 
     /// Moves up to `max_events` events (and any loss notices among them) into
-    /// `out`. Returns true when the queue is drained and closed.
+    /// `out`, splitting a run if needed. Returns true when the queue is
+    /// drained and closed.
     pub fn take(&self, max_events: usize, out: &mut Vec<Item>) -> bool {
         let mut q = self.lock();
         let mut taken = 0;
         while taken < max_events {
-            match q.items.pop_front() {
-                Some(item @ Item::Event(_)) => {
-                    q.events -= 1;
-                    taken += 1;
-                    out.push(item);
+            match q.items.front_mut() {
+                Some(Item::Events(run)) if run.count() > max_events - taken => {
+                    let part = run.split_to(max_events - taken);
+                    taken += part.count();
+                    q.events -= part.count();
+                    out.push(Item::Events(part));
                 }
-                Some(item @ Item::Lost(_)) => out.push(item),
+                Some(_) => match q.items.pop_front() {
+                    Some(Item::Events(run)) => {
+                        taken += run.count();
+                        q.events -= run.count();
+                        out.push(Item::Events(run));
+                    }
+                    Some(item) => out.push(item),
+                    None => break,
+                },
                 None => break,
             }
         }

@@ -130,7 +130,7 @@ impl EventStream {
         for item in items {
             match item {
                 // Encoded once by the hub; the bytes are shared.
-                Item::Event(e) => events.push(e),
+                Item::Events(run) => events.push(run),
                 Item::Lost(l) => {
                     self.push_events(&mut events);
                     let msg = wire::watch_events_response::Message::Lost(convert::loss(&l, &clock));
@@ -142,15 +142,15 @@ impl EventStream {
         ended || self.remaining == 0
     }
 
-    fn push_events(&mut self, events: &mut Vec<wire::EncodedEvent>) {
-        if events.is_empty() {
+    fn push_events(&mut self, runs: &mut Vec<wire::EncodedEvents>) {
+        if runs.is_empty() {
             return;
         }
-        let n = events.len() as u64;
+        let n = runs.iter().map(|r| r.count() as u64).sum();
         self.sub.delivered(n);
         self.remaining = self.remaining.saturating_sub(n);
-        let batch = wire::EventBatch {
-            events: std::mem::take(events),
+        let batch = wire::EncodedEventBatch {
+            runs: std::mem::take(runs),
         };
         self.ready.push_back(wire::WatchEventsResponse {
             message: Some(wire::watch_events_response::Message::Events(batch)),
