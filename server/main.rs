@@ -102,6 +102,9 @@ struct Args {
     /// The reader drains the ring at least this often, in microseconds.
     #[arg(long, env = "SOCKTAPD_POLL_INTERVAL_US", default_value_t = 1000, value_parser = clap::value_parser!(u64).range(1..))]
     poll_interval_us: u64,
+    /// Threads that serve gRPC (the ring buffer reader has its own).
+    #[arg(long, env = "SOCKTAPD_WORKER_THREADS", default_value_t = 2, value_parser = clap::value_parser!(u16).range(1..=256))]
+    worker_threads: u16,
 }
 
 fn main() -> ExitCode {
@@ -124,7 +127,7 @@ fn main() -> ExitCode {
 
 fn run(args: Args) -> anyhow::Result<()> {
     let runtime = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
+        .worker_threads(args.worker_threads.into())
         .enable_all()
         .build()
         .context("starting the async runtime")?;
