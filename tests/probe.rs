@@ -11,7 +11,7 @@ use std::time::Duration;
 
 use common::*;
 use socktap::event::{Event, EventKind};
-use socktap::probe::ProbeOptions;
+use socktap::probe::{Batch, ProbeOptions, MAX_BATCH_EVENTS};
 
 const WAIT: Duration = Duration::from_secs(10);
 const SETTLE: Duration = Duration::from_millis(100);
@@ -280,6 +280,67 @@ fn ring_buffer_overflow_is_counted_exactly() {
     assert_eq!(notified_drops, k.kernel_drops, "every drop is reported in a batch");
     let gaps = (0..k.produced).filter(|s| !seqs.contains(s)).count() as u64;
     assert_eq!(gaps, k.kernel_drops, "sequence gaps equal the drop count");
+}
+
+#[test]
+fn a_backlog_is_handed_on_in_bounded_batches_in_order() {
+    let Some(_bpf) = bpf_available("backlog") else {
+        return;
+    };
+    // The sink stalls the reader on its first batch until 20,000 events of
+    // ours wait in the ring; the reader must then hand them on in batches of
+    // at most MAX_BATCH_EVENTS (draining "all" never ends under a fast
+    // writer), in order, losing none.
+    let mut probe = start_probe(ProbeOptions::default());
+    let (stalled_tx, stalled_rx) = std::sync::mpsc::channel::<()>();
+    let (go_tx, go_rx) = std::sync::mpsc::channel::<()>();
+    let (batch_tx, batch_rx) = std::sync::mpsc::channel::<Batch>();
+    let mut first = true;
+    probe.deliver_to(move |batch| {
+        if std::mem::take(&mut first) {
+            let _ = stalled_tx.send(());
+            let _ = go_rx.recv_timeout(WAIT);
+        }
+        let _ = batch_tx.send(batch);
+    });
+    let (mut c, mut s) = tcp_pair(false);
+    let cookies = [so_cookie(&c), so_cookie(&s)];
+    let mut b = [0u8; 1];
+    c.write_all(&[1]).unwrap();
+    s.read_exact(&mut b).unwrap();
+    stalled_rx.recv_timeout(WAIT).expect("the first batch reaches the sink");
+    let pairs = 10_000;
+    for _ in 0..pairs {
+        c.write_all(&[1]).unwrap();
+        s.read_exact(&mut b).unwrap();
+    }
+    go_tx.send(()).unwrap();
+
+    let mut sizes = Vec::new();
+    let mut last_seq = None;
+    let mut ours = 0;
+    let deadline = std::time::Instant::now() + WAIT;
+    while ours < 2 * (pairs + 1) && std::time::Instant::now() < deadline {
+        let Ok(batch) = batch_rx.recv_timeout(Duration::from_millis(100)) else {
+            continue;
+        };
+        assert_eq!(batch.kernel_drops, 0, "an 8 MiB ring holds this backlog");
+        sizes.push(batch.events.len());
+        for e in &batch.events {
+            assert!(last_seq < Some(e.seq), "seq {} after {last_seq:?}", e.seq);
+            last_seq = Some(e.seq);
+            ours += usize::from(cookies.contains(&e.cookie));
+        }
+    }
+    assert_eq!(ours, 2 * (pairs + 1), "every call of ours arrives once");
+    assert!(
+        sizes.iter().all(|&n| n <= MAX_BATCH_EVENTS),
+        "batches of at most {MAX_BATCH_EVENTS}: {sizes:?}"
+    );
+    assert!(
+        sizes.iter().filter(|&&n| n == MAX_BATCH_EVENTS).count() >= 4,
+        "the backlog of over 20,000 events came in full batches: {sizes:?}"
+    );
 }
 
 #[test]

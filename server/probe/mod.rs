@@ -26,6 +26,7 @@ use tokio::sync::mpsc;
 
 pub use error::{errno_name, ModeRefusal, ProbeError, Stage};
 pub use loader::{kernel_release, kernel_version};
+pub use reader::MAX_BATCH_EVENTS;
 
 use crate::event::{AttachMode, Event};
 use skel::types;

@@ -19,13 +19,18 @@ use crate::event::Event;
 const IDLE_POLL: Duration = Duration::from_millis(200);
 /// How long to wait before retrying a hand-off to a full consumer channel.
 const BACKOFF: Duration = Duration::from_micros(200);
+/// The most records taken from the ring per batch. Draining "everything"
+/// never ends while the kernel writes faster than the reader decodes: the
+/// batch, and memory, would grow without bound and nothing would be handed
+/// on. Above this the reader hands on what it has and goes on at once.
+pub const MAX_BATCH_EVENTS: usize = 4096;
 
 /// Reads until `shared.stop` is set. Returns when the skeleton may be dropped.
 pub(crate) fn run(skel: &SocktapSkel<'_>, control: &ProbeControl, consumer: &Mutex<Consumer>, opts: &ProbeOptions) {
     let shared = &control.shared;
     let poll = opts.poll_interval;
     let mut pacing = Pacing::new(opts);
-    let pending: RefCell<Vec<Event>> = RefCell::new(Vec::with_capacity(4096));
+    let pending: RefCell<Vec<Event>> = RefCell::new(Vec::with_capacity(MAX_BATCH_EVENTS));
     let mut builder = RingBufferBuilder::new();
     let added = builder.add(&skel.maps.events, |data: &[u8]| {
         match Event::decode(data) {
@@ -47,22 +52,27 @@ pub(crate) fn run(skel: &SocktapSkel<'_>, control: &ProbeControl, consumer: &Mut
 
     let mut drops_seen = 0u64;
     let mut consumer_gone = false;
+    let mut ring_full_batch = false;
     while !shared.stop.load(Ordering::Acquire) {
         let timeout = if shared.enabled.load(Ordering::Relaxed) {
             poll
         } else {
             IDLE_POLL
         };
-        if let Err(e) = ring.poll(timeout) {
-            if e.kind() != libbpf_rs::ErrorKind::Interrupted {
-                warn!("ring buffer poll failed: {e:#}");
-            }
+        // After a full batch more is waiting: take it without sleeping.
+        if !ring_full_batch {
+            wait_readable(ring.epoll_fd(), timeout);
         }
         // Wakeups are batched in the kernel, so records may be waiting
-        // without having woken us: always drain after the timed poll.
-        if let Err(e) = ring.consume() {
-            warn!("ring buffer consume failed: {e:#}");
+        // without having woken us: always drain after the timed wait.
+        let taken = ring.consume_raw_n(MAX_BATCH_EVENTS);
+        if taken < 0 {
+            warn!(
+                "ring buffer consume failed: {}",
+                std::io::Error::from_raw_os_error(-taken)
+            );
         }
+        ring_full_batch = taken >= MAX_BATCH_EVENTS as i32;
 
         let drops_total = read_drops(skel);
         let new_drops = drops_total.saturating_sub(drops_seen);
@@ -113,8 +123,20 @@ pub(crate) fn run(skel: &SocktapSkel<'_>, control: &ProbeControl, consumer: &Mut
             },
         }
         drop(consumer);
-        pending.borrow_mut().reserve(4096);
+        pending.borrow_mut().reserve(MAX_BATCH_EVENTS);
     }
+}
+
+/// Waits until the ring buffer has data or `timeout` passes, without
+/// consuming (`RingBuffer::poll` also consumes, with no bound).
+fn wait_readable(epoll_fd: i32, timeout: Duration) {
+    let mut event = libc::epoll_event { events: 0, u64: 0 };
+    let ms = timeout.as_millis().min(i32::MAX as u128) as i32;
+    // SAFETY: FFI; `epoll_fd` is the ring buffer manager's epoll instance,
+    // alive while `ring` is, and `event` is a live, writable epoll_event for
+    // the one event asked for. Its result (ready, timed out, interrupted)
+    // needs no handling: the caller drains the ring either way.
+    unsafe { libc::epoll_wait(epoll_fd, &mut event, 1, ms) };
 }
 
 /// Adapts the kernel's wakeup interval to the event rate: at low rates each
