@@ -96,14 +96,32 @@ pub fn event(e: &Event, clock: &WallClock) -> pb::Event {
 /// no allocation, the fields written into a stack buffer and appended in
 /// one copy (addresses formatted on the stack, IPv4 digit by digit).
 pub fn encode_event(e: &Event, clock: &WallClock, buf: &mut impl BufMut) {
-    buf.put_slice(event_fields(e, clock).written());
+    let mut w = FieldWriter::default();
+    write_event_fields(&mut w, e, clock);
+    buf.put_slice(w.written());
 }
 
 /// Appends `e` as an entry of `socktap.v1.EventBatch.events`: its key, its
 /// length, then [`encode_event`]'s bytes. The hub encodes each event once
 /// this way; a run of consecutive entries is a ready part of a batch.
 pub fn encode_event_entry(e: &Event, clock: &WallClock, buf: &mut impl BufMut) {
-    buf.put_slice(event_fields(e, clock).framed());
+    EntryEncoder::default().encode(e, clock, buf);
+}
+
+/// [`encode_event_entry`] for many events: one scratch buffer for all of
+/// them (a fresh one per event would be zeroed per event).
+#[derive(Default)]
+pub struct EntryEncoder {
+    w: FieldWriter,
+}
+
+impl EntryEncoder {
+    /// Appends `e` as an entry of `socktap.v1.EventBatch.events`.
+    pub fn encode(&mut self, e: &Event, clock: &WallClock, buf: &mut impl BufMut) {
+        self.w.len = ENTRY_HEAD;
+        write_event_fields(&mut self.w, e, clock);
+        buf.put_slice(self.w.framed());
+    }
 }
 
 /// Events as one run of batch entries (history replay; the hub encodes live
@@ -114,15 +132,16 @@ pub fn encoded_events<'a>(
     buf: &mut BytesMut,
 ) -> EncodedEvents {
     let mut count = 0;
+    let mut encoder = EntryEncoder::default();
     for e in events {
-        encode_event_entry(e, clock, buf);
+        encoder.encode(e, clock, buf);
         count += 1;
     }
     EncodedEvents::from_framed(buf.split().freeze(), count)
 }
 
-fn event_fields(e: &Event, clock: &WallClock) -> FieldWriter {
-    let mut w = FieldWriter::default();
+/// Writes `e`'s fields into `w` (empty: at [`ENTRY_HEAD`]).
+fn write_event_fields(w: &mut FieldWriter, e: &Event, clock: &WallClock) {
     w.varint(1, e.seq);
     let t = timestamp(clock.unix_ns(e.timestamp_ns));
     let (secs, nanos) = (t.seconds as u64, t.nanos as i64 as u64);
@@ -162,7 +181,6 @@ fn event_fields(e: &Event, clock: &WallClock) -> FieldWriter {
     w.varint(18, e.remote.port().into());
     w.varint(19, e.cpu.into());
     w.varint(20, mode(Some(e.mode)) as i32 as u64);
-    w
 }
 
 /// A protobuf writer into a fixed stack buffer, for [`encode_event`]: an

@@ -149,6 +149,10 @@ pub const RECORD_SIZE: usize = std::mem::size_of::<types::socktap_event>();
 impl Event {
     /// Decodes one ring buffer record.
     pub fn decode(data: &[u8]) -> Result<Event, DecodeError> {
+        // Ring buffer records are 8-byte aligned: read them in place.
+        if let Ok(raw) = plain::from_bytes::<types::socktap_event>(data) {
+            return Event::from_raw(raw);
+        }
         let mut raw = types::socktap_event::default();
         plain::copy_from_bytes(&mut raw, data).map_err(|_| DecodeError::Short {
             got: data.len(),

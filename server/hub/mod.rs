@@ -412,10 +412,11 @@ fn fan_out(subscribers: &[Arc<Subscriber>], events: &[Event], clock: &WallClock)
         .collect();
     let mut buf = BytesMut::with_capacity(events.len() * ENCODED_EVENT_BYTES);
     let mut entries = vec![(0u32, 0u32); events.len()];
+    let mut encoder = convert::EntryEncoder::default();
     for ((e, want), entry) in events.iter().zip(&wanted).zip(&mut entries) {
         if *want {
             let start = buf.len() as u32;
-            convert::encode_event_entry(e, clock, &mut buf);
+            encoder.encode(e, clock, &mut buf);
             *entry = (start, buf.len() as u32);
         }
     }
