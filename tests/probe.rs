@@ -438,6 +438,50 @@ fn splice_reads_are_the_documented_receive_gap() {
     assert_eq!(seen, 0, "splice() reads are not seen (the documented gap)");
 }
 
+/// Voluntary context switches of this process's ring buffer reader thread.
+fn reader_voluntary_switches() -> u64 {
+    let tasks = std::fs::read_dir("/proc/self/task").expect("/proc/self/task");
+    for t in tasks.flatten() {
+        let comm = std::fs::read_to_string(t.path().join("comm")).unwrap_or_default();
+        if comm.trim() == "socktap-reader" {
+            let status = std::fs::read_to_string(t.path().join("status")).unwrap_or_default();
+            return status
+                .lines()
+                .find_map(|l| l.strip_prefix("voluntary_ctxt_switches:"))
+                .and_then(|v| v.trim().parse().ok())
+                .expect("voluntary_ctxt_switches in status");
+        }
+    }
+    panic!("no socktap-reader thread");
+}
+
+#[test]
+fn a_sub_millisecond_poll_interval_sleeps_between_polls() {
+    let Some(_bpf) = bpf_available("sub-ms poll") else {
+        return;
+    };
+    // 200 µs: in whole milliseconds that was a zero timeout, a busy loop
+    // that never slept. The reader must sleep (voluntary switches) and
+    // still deliver.
+    let mut probe = start_probe(ProbeOptions {
+        poll_interval: Duration::from_micros(200),
+        ..Default::default()
+    });
+    let mut rx = probe.take_receiver().unwrap();
+    let before = reader_voluntary_switches();
+    std::thread::sleep(Duration::from_millis(300));
+    let slept = reader_voluntary_switches() - before;
+    assert!(slept >= 20, "the reader slept {slept} times in 300 ms: it is spinning");
+
+    let (mut c, mut s) = tcp_pair(false);
+    let cookie = so_cookie(&c);
+    c.write_all(b"ping").unwrap();
+    let mut b = [0u8; 4];
+    s.read_exact(&mut b).unwrap();
+    let events = collect(&mut rx, |e| e.cookie == cookie, |v| !v.is_empty(), WAIT, SETTLE);
+    assert_eq!(sum(&events, cookie, EventKind::Send), 4, "{events:?}");
+}
+
 fn thread_state(tid: u32) -> Option<char> {
     let stat = std::fs::read_to_string(format!("/proc/self/task/{tid}/stat")).ok()?;
     stat.rsplit_once(')')?.1.trim_start().chars().next()

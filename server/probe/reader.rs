@@ -128,15 +128,26 @@ pub(crate) fn run(skel: &SocktapSkel<'_>, control: &ProbeControl, consumer: &Mut
 }
 
 /// Waits until the ring buffer has data or `timeout` passes, without
-/// consuming (`RingBuffer::poll` also consumes, with no bound).
+/// consuming (`RingBuffer::poll` also consumes, with no bound). The timeout
+/// has microsecond resolution (epoll_pwait2, Linux >= 5.11); where that is
+/// missing, whole milliseconds, at least one.
 fn wait_readable(epoll_fd: i32, timeout: Duration) {
     let mut event = libc::epoll_event { events: 0, u64: 0 };
-    let ms = timeout.as_millis().min(i32::MAX as u128) as i32;
+    let ts = libc::timespec {
+        tv_sec: timeout.as_secs().min(i32::MAX as u64) as libc::time_t,
+        tv_nsec: timeout.subsec_nanos().into(),
+    };
     // SAFETY: FFI; `epoll_fd` is the ring buffer manager's epoll instance,
-    // alive while `ring` is, and `event` is a live, writable epoll_event for
-    // the one event asked for. Its result (ready, timed out, interrupted)
-    // needs no handling: the caller drains the ring either way.
-    unsafe { libc::epoll_wait(epoll_fd, &mut event, 1, ms) };
+    // alive while the ring buffer is, `event` is a live, writable
+    // epoll_event for the one event asked for, `ts` a live timespec, and a
+    // null signal mask leaves the mask alone. Its result (ready, timed out,
+    // interrupted) needs no handling: the caller drains the ring either way.
+    let r = unsafe { libc::epoll_pwait2(epoll_fd, &mut event, 1, &ts, std::ptr::null()) };
+    if r < 0 && std::io::Error::last_os_error().raw_os_error() == Some(libc::ENOSYS) {
+        let ms = timeout.as_millis().clamp(1, i32::MAX as u128) as i32;
+        // SAFETY: as above, with a timeout in milliseconds.
+        unsafe { libc::epoll_wait(epoll_fd, &mut event, 1, ms) };
+    }
 }
 
 /// Adapts the kernel's wakeup interval to the event rate: at low rates each
