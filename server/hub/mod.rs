@@ -560,4 +560,54 @@ mod tests {
         assert_eq!(seqs(&first), vec![1, 2]);
         assert_eq!(seqs(rest), vec![3]);
     }
+
+    #[test]
+    fn a_sparse_subscriber_gets_a_copy_and_a_full_one_shares_the_buffer() {
+        let hub = Hub::new(HubConfig::default(), Source::default());
+        let only_3 = Selector::compile(
+            &[pb::EventFilter {
+                cookies: vec![3],
+                ..Default::default()
+            }],
+            &[],
+            FilterLimits::default(),
+        )
+        .unwrap();
+        let full = hub
+            .subscribe("a".into(), Default::default(), Selector::default(), Start::Live)
+            .unwrap();
+        let sparse = hub
+            .subscribe("b".into(), Default::default(), only_3, Start::Live)
+            .unwrap();
+        hub.dispatch(Batch {
+            events: (1..=8).map(|seq| event(seq, seq)).collect(),
+            kernel_drops: 0,
+        });
+        let run = |s: &Subscriber| {
+            let mut items = Vec::new();
+            s.take(100, &mut items);
+            match &items[..] {
+                [Item::Events(run)] => run.clone(),
+                other => panic!("expected one run, got {other:?}"),
+            }
+        };
+        let (all, mine) = (run(&full), run(&sparse));
+        assert_eq!((all.count(), mine.count()), (8, 1));
+        let shared = all.bytes().as_ptr_range();
+        assert!(
+            !shared.contains(&mine.bytes().as_ptr()),
+            "a subscriber taking 1 of 8 events must not hold the batch's buffer"
+        );
+        let batch = wire::WatchEventsResponse {
+            message: Some(wire::watch_events_response::Message::Events(wire::EncodedEventBatch {
+                runs: vec![mine],
+            })),
+        };
+        let decoded =
+            <pb::WatchEventsResponse as prost::Message>::decode(&prost::Message::encode_to_vec(&batch)[..]).unwrap();
+        let Some(pb::watch_events_response::Message::Events(b)) = decoded.message else {
+            panic!("not a batch: {decoded:?}");
+        };
+        assert_eq!(b.events.iter().map(|e| (e.seq, e.cookie)).collect::<Vec<_>>(), [(3, 3)]);
+    }
 }

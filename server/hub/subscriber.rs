@@ -45,6 +45,12 @@ pub struct Loss {
     pub last_ns: u64,
 }
 
+/// A subscriber shares the hub's buffer of a batch only when it takes at
+/// least 1/SHARE_AT_LEAST of its bytes; a sparser one (a narrow filter)
+/// gets a copy of its events, so that its queue never holds a large buffer
+/// alive for a few events.
+const SHARE_AT_LEAST: usize = 4;
+
 /// What a subscriber's stream delivers, in order.
 #[derive(Clone, Debug, PartialEq)]
 pub enum Item {
@@ -132,24 +138,45 @@ impl Subscriber {
     /// `entries[i]` is the byte range of `events[i]`'s framed entry in
     /// `encoded`, where the hub wrote every event that anyone takes, in
     /// order. Events whose entries touch go in as one run (one slice of
-    /// `encoded`); what does not fit in the queue is counted as lost.
+    /// `encoded`), unless the subscriber takes little of `encoded` (see
+    /// [`SHARE_AT_LEAST`]); what does not fit in the queue is counted as
+    /// lost.
     pub(super) fn offer(&self, events: &[Event], taken: &[u32], entries: &[(u32, u32)], encoded: &Bytes) {
         if taken.is_empty() {
             return;
         }
         let mut q = self.lock();
         let fits = taken.len().min(self.capacity.saturating_sub(q.events));
-        let mut i = 0;
-        while i < fits {
-            let (start, mut end) = entries[taken[i] as usize];
-            let mut j = i + 1;
-            while j < fits && entries[taken[j] as usize].0 == end {
-                end = entries[taken[j] as usize].1;
-                j += 1;
+        let span = |&k: &u32| {
+            let (start, end) = entries[k as usize];
+            start as usize..end as usize
+        };
+        let mine: usize = taken[..fits].iter().map(|k| span(k).len()).sum();
+        if mine * SHARE_AT_LEAST < encoded.len() {
+            // A few events of a large buffer: a run would keep all of it
+            // alive while queued. Copy them into one buffer of their own.
+            if fits > 0 {
+                let mut own = BytesMut::with_capacity(mine);
+                for k in &taken[..fits] {
+                    own.extend_from_slice(&encoded[span(k)]);
+                }
+                q.items
+                    .push_back(Item::Events(EncodedEvents::from_framed(own.freeze(), fits)));
             }
-            let run = EncodedEvents::from_framed(encoded.slice(start as usize..end as usize), j - i);
-            q.items.push_back(Item::Events(run));
-            i = j;
+        } else {
+            // Events whose entries touch go in as one run of the shared buffer.
+            let mut i = 0;
+            while i < fits {
+                let (start, mut end) = entries[taken[i] as usize];
+                let mut j = i + 1;
+                while j < fits && entries[taken[j] as usize].0 == end {
+                    end = entries[taken[j] as usize].1;
+                    j += 1;
+                }
+                let run = EncodedEvents::from_framed(encoded.slice(start as usize..end as usize), j - i);
+                q.items.push_back(Item::Events(run));
+                i = j;
+            }
         }
         q.events += fits;
         for &k in &taken[fits..] {
