@@ -453,19 +453,41 @@ mod tests {
         }
     }
 
-    #[test]
-    fn subscribers_taking_the_same_event_share_one_conversion() {
-        let hub = Hub::new(HubConfig::default(), Source::default());
-        let everything = Selector::default();
-        let only_7 = Selector::compile(
+    /// A selector that takes one cookie.
+    fn only_cookie(cookie: u64) -> Selector {
+        Selector::compile(
             &[pb::EventFilter {
-                cookies: vec![7],
+                cookies: vec![cookie],
                 ..Default::default()
             }],
             &[],
             FilterLimits::default(),
         )
-        .unwrap();
+        .unwrap()
+    }
+
+    /// (seq, cookie) of the events in `runs`, as a client decodes them.
+    fn decoded(runs: Vec<wire::EncodedEvents>) -> Vec<(u64, u64)> {
+        let batch = wire::WatchEventsResponse {
+            message: Some(wire::watch_events_response::Message::Events(wire::EncodedEventBatch {
+                runs,
+            })),
+        };
+        let bytes = prost::Message::encode_to_vec(&batch);
+        match <pb::WatchEventsResponse as prost::Message>::decode(&bytes[..])
+            .unwrap()
+            .message
+        {
+            Some(pb::watch_events_response::Message::Events(b)) => b.events.iter().map(|e| (e.seq, e.cookie)).collect(),
+            other => panic!("not a batch: {other:?}"),
+        }
+    }
+
+    #[test]
+    fn subscribers_taking_the_same_event_share_one_conversion() {
+        let hub = Hub::new(HubConfig::default(), Source::default());
+        let everything = Selector::default();
+        let only_7 = only_cookie(7);
         let a = hub
             .subscribe("a".into(), Default::default(), everything.clone(), Start::Live)
             .unwrap();
@@ -493,20 +515,7 @@ mod tests {
         assert_eq!(ea.len(), 1, "consecutive events go in as one run");
         assert_eq!(ea[0].count(), 2);
         assert_eq!(ea[0].bytes().as_ptr(), eb[0].bytes().as_ptr(), "encoded once, shared");
-        let batch = wire::WatchEventsResponse {
-            message: Some(wire::watch_events_response::Message::Events(wire::EncodedEventBatch {
-                runs: ea,
-            })),
-        };
-        let decoded =
-            <pb::WatchEventsResponse as prost::Message>::decode(&prost::Message::encode_to_vec(&batch)[..]).unwrap();
-        let Some(pb::watch_events_response::Message::Events(b)) = decoded.message else {
-            panic!("not a batch: {decoded:?}");
-        };
-        assert_eq!(
-            b.events.iter().map(|e| (e.seq, e.cookie)).collect::<Vec<_>>(),
-            [(1, 5), (2, 6)]
-        );
+        assert_eq!(decoded(ea), [(1, 5), (2, 6)]);
         assert!(ec.is_empty(), "a subscriber that matches nothing gets nothing");
     }
 
@@ -543,36 +552,14 @@ mod tests {
         );
         let c = sub.counters();
         assert_eq!((c.matched, c.lost, c.queued), (5, 2, 0));
-        let seqs = |run: &wire::EncodedEvents| -> Vec<u64> {
-            let batch = wire::WatchEventsResponse {
-                message: Some(wire::watch_events_response::Message::Events(wire::EncodedEventBatch {
-                    runs: vec![run.clone()],
-                })),
-            };
-            let decoded =
-                <pb::WatchEventsResponse as prost::Message>::decode(&prost::Message::encode_to_vec(&batch)[..])
-                    .unwrap();
-            match decoded.message {
-                Some(pb::watch_events_response::Message::Events(b)) => b.events.iter().map(|e| e.seq).collect(),
-                other => panic!("not a batch: {other:?}"),
-            }
-        };
-        assert_eq!(seqs(&first), vec![1, 2]);
-        assert_eq!(seqs(rest), vec![3]);
+        assert_eq!(decoded(vec![first]), [(1, 9), (2, 9)]);
+        assert_eq!(decoded(vec![rest.clone()]), [(3, 9)]);
     }
 
     #[test]
     fn a_sparse_subscriber_gets_a_copy_and_a_full_one_shares_the_buffer() {
         let hub = Hub::new(HubConfig::default(), Source::default());
-        let only_3 = Selector::compile(
-            &[pb::EventFilter {
-                cookies: vec![3],
-                ..Default::default()
-            }],
-            &[],
-            FilterLimits::default(),
-        )
-        .unwrap();
+        let only_3 = only_cookie(3);
         let full = hub
             .subscribe("a".into(), Default::default(), Selector::default(), Start::Live)
             .unwrap();
@@ -598,16 +585,6 @@ mod tests {
             !shared.contains(&mine.bytes().as_ptr()),
             "a subscriber taking 1 of 8 events must not hold the batch's buffer"
         );
-        let batch = wire::WatchEventsResponse {
-            message: Some(wire::watch_events_response::Message::Events(wire::EncodedEventBatch {
-                runs: vec![mine],
-            })),
-        };
-        let decoded =
-            <pb::WatchEventsResponse as prost::Message>::decode(&prost::Message::encode_to_vec(&batch)[..]).unwrap();
-        let Some(pb::watch_events_response::Message::Events(b)) = decoded.message else {
-            panic!("not a batch: {decoded:?}");
-        };
-        assert_eq!(b.events.iter().map(|e| (e.seq, e.cookie)).collect::<Vec<_>>(), [(3, 3)]);
+        assert_eq!(decoded(vec![mine]), [(3, 3)]);
     }
 }
