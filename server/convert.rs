@@ -101,15 +101,11 @@ pub fn encode_event(e: &Event, clock: &WallClock, buf: &mut impl BufMut) {
     buf.put_slice(w.written());
 }
 
-/// Appends `e` as an entry of `socktap.v1.EventBatch.events`: its key, its
-/// length, then [`encode_event`]'s bytes. The hub encodes each event once
-/// this way; a run of consecutive entries is a ready part of a batch.
-pub fn encode_event_entry(e: &Event, clock: &WallClock, buf: &mut impl BufMut) {
-    EntryEncoder::default().encode(e, clock, buf);
-}
-
-/// [`encode_event_entry`] for many events: one scratch buffer for all of
-/// them (a fresh one per event would be zeroed per event).
+/// Writes events as entries of `socktap.v1.EventBatch.events`: each its
+/// key, its length, then [`encode_event`]'s bytes. The hub encodes each
+/// event once this way; a run of consecutive entries is a ready part of a
+/// batch. One scratch buffer serves every event (a fresh one per event
+/// would be zeroed per event).
 #[derive(Default)]
 pub struct EntryEncoder {
     w: FieldWriter,
@@ -125,16 +121,16 @@ impl EntryEncoder {
 }
 
 /// Events as one run of batch entries (history replay; the hub encodes live
-/// batches itself, see [`encode_event_entry`]).
-pub fn encoded_events<'a>(
-    events: impl IntoIterator<Item = &'a Event>,
+/// batches itself with an [`EntryEncoder`]).
+pub fn encoded_events(
+    events: impl IntoIterator<Item = impl std::borrow::Borrow<Event>>,
     clock: &WallClock,
     buf: &mut BytesMut,
 ) -> EncodedEvents {
     let mut count = 0;
     let mut encoder = EntryEncoder::default();
     for e in events {
-        encoder.encode(e, clock, buf);
+        encoder.encode(e.borrow(), clock, buf);
         count += 1;
     }
     EncodedEvents::from_framed(buf.split().freeze(), count)

@@ -402,7 +402,7 @@ fn fan_out(subscribers: &[Arc<Subscriber>], events: &[Event], clock: &WallClock)
         .iter()
         .map(|s| {
             let mine: Vec<u32> = (0..events.len() as u32)
-                .filter(|&i| s.wants(&events[i as usize]))
+                .filter(|&i| s.selector.matches(&events[i as usize]))
                 .collect();
             for &i in &mine {
                 wanted[i as usize] = true;

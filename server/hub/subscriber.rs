@@ -128,11 +128,6 @@ impl Subscriber {
         self.queue.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// Whether this subscriber takes `e`.
-    pub(super) fn wants(&self, e: &Event) -> bool {
-        self.selector.matches(e)
-    }
-
     /// Queues the events of a batch that this subscriber takes; never
     /// waits. `taken` lists their indexes in `events`, ascending;
     /// `entries[i]` is the byte range of `events[i]`'s framed entry in
@@ -195,13 +190,13 @@ impl Subscriber {
         if let Some(l) = loss {
             q.items.push_back(Item::Lost(l));
         }
-        let events: Vec<Event> = events.collect();
-        if !events.is_empty() {
-            let run = convert::encoded_events(&events, clock, &mut BytesMut::new());
-            q.events += run.count();
+        let run = convert::encoded_events(events, clock, &mut BytesMut::new());
+        let n = run.count();
+        if n > 0 {
+            q.events += n;
             q.items.push_back(Item::Events(run));
         }
-        self.matched.fetch_add(events.len() as u64, Ordering::Relaxed);
+        self.matched.fetch_add(n as u64, Ordering::Relaxed);
         drop(q);
         self.notify.notify_one();
     }
