@@ -1,6 +1,7 @@
 //! socktapd as a child process: started per measurement so that its CPU
 //! time and peak RSS belong to that measurement alone.
 
+use std::os::unix::process::CommandExt;
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -36,14 +37,27 @@ impl Daemon {
     pub async fn start(binary: &Path, extra: &[String]) -> Result<Daemon, String> {
         let port = free_port().map_err(|e| e.to_string())?;
         let url = format!("http://127.0.0.1:{port}");
-        let child = Command::new(binary)
-            .args(["--listen", &format!("127.0.0.1:{port}")])
+        let mut cmd = Command::new(binary);
+        cmd.args(["--listen", &format!("127.0.0.1:{port}")])
             .args(extra)
             .env("RUST_LOG", "warn,libbpf=off")
             .stdout(Stdio::null())
-            .stderr(Stdio::inherit())
-            .spawn()
-            .map_err(|e| format!("starting {}: {e}", binary.display()))?;
+            .stderr(Stdio::inherit());
+        // SAFETY: runs in the forked child before exec, where only
+        // async-signal-safe calls are allowed; prctl is one. It makes the
+        // kernel stop socktapd when the benchmark dies (killed by a timeout,
+        // say), so no daemon is left attached and holding the output pipe.
+        // The "parent" is the forking thread: a runtime worker, which lives
+        // as long as the benchmark.
+        unsafe {
+            cmd.pre_exec(|| {
+                if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGTERM) == -1 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                Ok(())
+            });
+        }
+        let child = cmd.spawn().map_err(|e| format!("starting {}: {e}", binary.display()))?;
         let mut d = Daemon {
             child,
             url,
