@@ -99,7 +99,9 @@ struct Args {
     /// --wakeup-interval-us.
     #[arg(long, env = "SOCKTAPD_BATCH_INTERVAL_US", default_value_t = 500)]
     batch_interval_us: u64,
-    /// The reader drains the ring at least this often, in microseconds.
+    /// While the kernel batches wakeups (above 20k events/s, or with a
+    /// nonzero --wakeup-interval-us), the reader drains the ring at least
+    /// this often, in microseconds.
     #[arg(long, env = "SOCKTAPD_POLL_INTERVAL_US", default_value_t = 1000, value_parser = clap::value_parser!(u64).range(1..))]
     poll_interval_us: u64,
     /// Threads that serve gRPC (the ring buffer reader has its own). One is

@@ -462,9 +462,11 @@ fn a_sub_millisecond_poll_interval_sleeps_between_polls() {
     };
     // 200 µs: in whole milliseconds that was a zero timeout, a busy loop
     // that never slept. The reader must sleep (voluntary switches) and
-    // still deliver.
+    // still deliver. A nonzero wakeup interval: with 0 the reader needs no
+    // timed polls at all (see the next test).
     let mut probe = start_probe(ProbeOptions {
         poll_interval: Duration::from_micros(200),
+        wakeup_interval: Duration::from_micros(100),
         ..Default::default()
     });
     let mut rx = probe.take_receiver().unwrap();
@@ -480,6 +482,48 @@ fn a_sub_millisecond_poll_interval_sleeps_between_polls() {
     s.read_exact(&mut b).unwrap();
     let events = collect(&mut rx, |e| e.cookie == cookie, |v| !v.is_empty(), WAIT, SETTLE);
     assert_eq!(sum(&events, cookie, EventKind::Send), 4, "{events:?}");
+}
+
+/// With the gate open and the default wakeup rule (the kernel wakes the
+/// reader for the first record after it has caught up), a quiet host costs
+/// no timed polls: before, the reader woke every millisecond while any
+/// subscriber waited. Events must still arrive at once, by the kernel's
+/// wakeup: a missed one would wait for the 200 ms quiet poll, so five in a
+/// row under 100 ms would happen by chance once in 32 runs.
+#[test]
+fn a_quiet_open_gate_sleeps_until_the_kernel_wakes_the_reader() {
+    let Some(_bpf) = bpf_available("quiet gate") else {
+        return;
+    };
+    let mut probe = start_probe(ProbeOptions::default());
+    assert!(probe.control().is_enabled(), "the gate is open");
+    let mut rx = probe.take_receiver().unwrap();
+    let (mut c, mut s) = tcp_pair(false);
+    let cookie = so_cookie(&c);
+    // Let the start-up traffic pass, then watch a quiet stretch.
+    collect(&mut rx, |_| false, |_| false, SETTLE, SETTLE);
+    let before = reader_voluntary_switches();
+    std::thread::sleep(Duration::from_millis(500));
+    let woke = reader_voluntary_switches() - before;
+    assert!(
+        woke <= 25,
+        "the reader woke {woke} times in 500 ms with nothing to read (1 ms polls would be ~500)"
+    );
+
+    let mut b = [0u8; 4];
+    for round in 0..5 {
+        std::thread::sleep(Duration::from_millis(50));
+        let sent = std::time::Instant::now();
+        c.write_all(b"ping").unwrap();
+        s.read_exact(&mut b).unwrap();
+        let events = collect(&mut rx, |e| e.cookie == cookie, |v| !v.is_empty(), WAIT, Duration::ZERO);
+        let took = sent.elapsed();
+        assert_eq!(sum(&events, cookie, EventKind::Send), 4, "round {round}: {events:?}");
+        assert!(
+            took < Duration::from_millis(100),
+            "round {round}: the event took {took:?}: the kernel's wakeup was missed"
+        );
+    }
 }
 
 fn thread_state(tid: u32) -> Option<char> {

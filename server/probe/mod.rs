@@ -81,7 +81,11 @@ pub struct ProbeOptions {
     /// widens the kernel's wakeup interval to this: fewer, larger batches,
     /// each event delayed at most about this long.
     pub batch_interval: Duration,
-    /// How long the reader waits for a wakeup before draining anyway.
+    /// How long the reader waits for a wakeup before draining anyway, while
+    /// the kernel's wakeup interval is nonzero (batched wakeups leave
+    /// records unannounced). With interval 0 the kernel announces every
+    /// record that finds the reader caught up, and the reader waits up to
+    /// 200 ms.
     pub poll_interval: Duration,
     /// Capacity, in batches, of the channel to the consumer. When it is
     /// full the reader waits and the kernel ring absorbs, then drops.

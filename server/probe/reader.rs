@@ -14,9 +14,15 @@ use super::skel::SocktapSkel;
 use super::{Batch, Consumer, ProbeControl, ProbeOptions, BATCH_ABOVE_RATE, RATE_WINDOW, UNBATCH_BELOW_RATE};
 use crate::event::Event;
 
-/// How long the reader sleeps between polls while the gate is closed and
-/// nothing can arrive.
-const IDLE_POLL: Duration = Duration::from_millis(200);
+/// How long the reader sleeps between polls when nothing can arrive
+/// unannounced: the gate is closed, or the kernel wakes the reader for the
+/// first record after it has caught up (wakeup interval 0). It bounds how
+/// long a change of the gate or of the interval goes unnoticed.
+const QUIET_POLL: Duration = Duration::from_millis(200);
+/// After the kernel's wakeup interval changes to 0, how long the reader
+/// keeps its timed polls: a program that read the old interval may still
+/// commit a record without a wakeup (programs run for about a microsecond).
+const SWITCH_GRACE: Duration = Duration::from_millis(10);
 /// How long to wait before retrying a hand-off to a full consumer channel.
 const BACKOFF: Duration = Duration::from_micros(200);
 /// The most records taken from the ring per batch. Draining "everything"
@@ -54,10 +60,15 @@ pub(crate) fn run(skel: &SocktapSkel<'_>, control: &ProbeControl, consumer: &Mut
     let mut consumer_gone = false;
     let mut ring_full_batch = false;
     while !shared.stop.load(Ordering::Acquire) {
-        let timeout = if shared.enabled.load(Ordering::Relaxed) {
+        // With the gate open and the ring buffer's own wakeup rule, every
+        // record that finds the reader caught up wakes it: a timed poll
+        // would find nothing (and cost a wakeup a millisecond while a
+        // subscriber waits on a quiet host). Only batched wakeups leave
+        // records unannounced, for the timed poll to pick up.
+        let timeout = if shared.enabled.load(Ordering::Relaxed) && !pacing.kernel_wakes_on_catch_up(Instant::now()) {
             poll
         } else {
-            IDLE_POLL
+            QUIET_POLL
         };
         // After a full batch more is waiting: take it without sleeping.
         if !ring_full_batch {
@@ -160,6 +171,8 @@ struct Pacing {
     low_ns: u32,
     high_ns: u32,
     batching: bool,
+    /// When the interval last changed.
+    switched_at: Option<Instant>,
     window_start: Instant,
     window_events: u64,
 }
@@ -170,9 +183,23 @@ impl Pacing {
             low_ns: opts.wakeup_interval.as_nanos() as u32,
             high_ns: opts.batch_interval.as_nanos() as u32,
             batching: false,
+            switched_at: None,
             window_start: Instant::now(),
             window_events: 0,
         }
+    }
+
+    /// Whether the kernel's wakeup interval is now 0: it wakes the reader
+    /// for every record committed after the reader has caught up.
+    /// Records committed just before a switch to 0 may still carry the
+    /// old "no wakeup" flag, so the first [`SWITCH_GRACE`] after a switch
+    /// does not count.
+    fn kernel_wakes_on_catch_up(&self, now: Instant) -> bool {
+        let interval = if self.batching { self.high_ns } else { self.low_ns };
+        interval == 0
+            && self
+                .switched_at
+                .is_none_or(|at| now.saturating_duration_since(at) >= SWITCH_GRACE)
     }
 
     /// Counts a drain of `events` at `now`; returns the interval to switch
@@ -195,6 +222,7 @@ impl Pacing {
             return None;
         }
         self.batching = batching;
+        self.switched_at = Some(now);
         debug!(rate, batching, "wakeup pacing changed");
         Some(if batching { self.high_ns } else { self.low_ns })
     }
@@ -255,6 +283,35 @@ mod tests {
         assert_eq!(feed(&mut p, &mut t, 300_000, 50), Some(high), "high rate: batches");
         assert_eq!(feed(&mut p, &mut t, 15_000, 50), None, "hysteresis: keeps batching");
         assert_eq!(feed(&mut p, &mut t, 2_000, 50), Some(low), "low again: short interval");
+    }
+
+    #[test]
+    fn timed_polls_are_needed_while_batching_and_just_after_it() {
+        let opts = ProbeOptions::default();
+        let mut p = Pacing::new(&opts);
+        let mut t = p.window_start;
+        assert!(p.kernel_wakes_on_catch_up(t), "interval 0 from the start");
+        feed(&mut p, &mut t, 300_000, 50);
+        assert!(
+            !p.kernel_wakes_on_catch_up(t),
+            "batched wakeups leave records unannounced"
+        );
+        assert_eq!(feed(&mut p, &mut t, 2_000, 50), Some(0));
+        let switched = p.switched_at.unwrap();
+        assert!(
+            !p.kernel_wakes_on_catch_up(switched + SWITCH_GRACE / 2),
+            "a record may still carry the old flag"
+        );
+        assert!(p.kernel_wakes_on_catch_up(switched + SWITCH_GRACE));
+
+        let opts = ProbeOptions {
+            wakeup_interval: Duration::from_micros(50),
+            ..Default::default()
+        };
+        assert!(
+            !Pacing::new(&opts).kernel_wakes_on_catch_up(t),
+            "a nonzero interval at low rates too"
+        );
     }
 
     #[test]
