@@ -188,9 +188,10 @@ async fn async_main(args: Args) -> anyhow::Result<()> {
             probe: Some(probe.control().clone()),
         },
     );
-    // Dispatch on the reader thread: no hop between the ring buffer and the
-    // subscribers' queues.
-    probe.deliver_to({
+    // Read and dispatch on this runtime while the rate is low (one wakeup
+    // per batch: the streams are woken on the same thread), on a thread of
+    // its own when it is high.
+    probe.deliver_on_runtime(tokio::runtime::Handle::current(), {
         let hub = hub.clone();
         move |batch| hub.dispatch(batch)
     });

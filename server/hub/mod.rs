@@ -1,4 +1,4 @@
-//! The hub: takes batches from one event source (the probe's reader thread,
+//! The hub: takes batches from one event source (the probe's reader,
 //! or a synthetic source in tests) and fans them out to any number of
 //! subscribers, each with its own filter and bounded queue. It never waits
 //! on a subscriber: a slow one loses events (counted, announced in its own
@@ -202,8 +202,8 @@ impl Hub {
     }
 
     /// Dispatches batches until the source closes its channel. (socktapd
-    /// instead calls [`Hub::dispatch`] on the probe's reader thread, see
-    /// [`crate::probe::Probe::deliver_to`].)
+    /// instead calls [`Hub::dispatch`] where the probe reads, see
+    /// [`crate::probe::Probe::deliver_on_runtime`].)
     pub async fn run(&self, mut batches: mpsc::Receiver<Batch>) {
         while let Some(b) = batches.recv().await {
             self.dispatch(b);

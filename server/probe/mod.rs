@@ -1,14 +1,17 @@
 //! The kernel probe: loads socktap's BPF programs in the best attach mode
 //! the kernel accepts, and delivers decoded events to Rust code: on a
-//! channel, or to a sink called on the reader thread ([`Probe::deliver_to`]).
+//! channel, to a sink called on the reader thread ([`Probe::deliver_to`]),
+//! or to a sink on a tokio runtime that also does the reading at low rates
+//! ([`Probe::deliver_on_runtime`]).
 //!
-//! The ring buffer is read on a thread of its own, which owns the BPF
-//! objects; dropping the [`Probe`] stops that thread and detaches and
-//! unloads every program and map.
+//! The probe's thread owns the BPF objects and reads the ring buffer until
+//! a runtime consumer takes the reading over; dropping the [`Probe`] stops
+//! the reading and detaches and unloads every program and map.
 
 mod error;
 mod loader;
 mod reader;
+mod ring;
 pub mod skel;
 
 use std::fmt;
@@ -176,11 +179,18 @@ pub struct Batch {
 /// [`Probe::deliver_to`]).
 pub type Sink = Box<dyn FnMut(Batch) + Send>;
 
-/// Where the reader thread hands batches: the channel of
-/// [`Probe::take_receiver`] until [`Probe::deliver_to`] installs a sink.
+/// Where the reader hands batches: the channel of [`Probe::take_receiver`]
+/// until [`Probe::deliver_to`] or [`Probe::deliver_on_runtime`] installs a
+/// sink.
 pub(crate) enum Consumer {
     Channel(mpsc::Sender<Batch>),
     Sink(Sink),
+    /// The reader moves to `handle` and takes the sink along (it is None
+    /// once taken).
+    Runtime {
+        handle: tokio::runtime::Handle,
+        sink: Option<Sink>,
+    },
 }
 
 /// Above this many events per second (over [`RATE_WINDOW`]) the reader
@@ -192,7 +202,7 @@ pub const UNBATCH_BELOW_RATE: u64 = 10_000;
 /// The window over which the reader measures the event rate.
 pub const RATE_WINDOW: Duration = Duration::from_millis(10);
 
-/// Counters shared between the reader thread and everyone else.
+/// Counters shared between the reader and everyone else.
 #[derive(Default, Debug)]
 pub(crate) struct Shared {
     stop: AtomicBool,
@@ -202,6 +212,8 @@ pub(crate) struct Shared {
     events_read: AtomicU64,
     kernel_drops: AtomicU64,
     decode_errors: AtomicU64,
+    /// The ring is read on the consumer's runtime now (not on a thread).
+    on_runtime: AtomicBool,
 }
 
 /// A snapshot of the probe's counters.
@@ -357,6 +369,12 @@ impl ProbeControl {
         a.programs.is_empty() || !a.links.is_empty()
     }
 
+    /// Whether the ring is read on the consumer's runtime now (see
+    /// [`Probe::deliver_on_runtime`]); false while it is read on a thread.
+    pub fn reads_on_runtime(&self) -> bool {
+        self.shared.on_runtime.load(Ordering::Relaxed)
+    }
+
     /// Whether the kernel side currently emits events.
     pub fn is_enabled(&self) -> bool {
         self.shared.enabled.load(Ordering::Relaxed)
@@ -456,7 +474,15 @@ impl Probe {
                 let control = started.as_ref().ok().map(|s| s.control.clone());
                 let _ = ready_tx.send(started);
                 if let Some(control) = control {
-                    reader::run(&loaded.skel, &control, &thread_consumer, &opts);
+                    match reader::Reader::new(&loaded.skel, &control, &opts) {
+                        Ok(r) => reader::run(r, &thread_consumer),
+                        Err(e) => tracing::error!("{e}; no events will be read"),
+                    }
+                    // The reading may have moved to a runtime: keep the
+                    // skeleton, and so the programs, until the stop.
+                    while !control.shared.stop.load(Ordering::Acquire) {
+                        std::thread::park(); // Drop unparks
+                    }
                 }
             })
             .map_err(|e| ProbeError::Setup(format!("spawning the reader thread: {e}")))?;
@@ -512,6 +538,27 @@ impl Probe {
         *consumer = Consumer::Sink(Box::new(sink));
     }
 
+    /// Hands every batch from now on to `sink`, and moves the reading to
+    /// the tokio runtime `handle`: at low rates a task there reads the ring
+    /// and calls `sink`, so a consumer that wakes tasks on the same runtime
+    /// (socktapd's subscriber streams) costs one wakeup per batch instead of
+    /// two; above [`BATCH_ABOVE_RATE`] events/s the task hands the reading to
+    /// a blocking thread of the runtime and takes it back when the rate
+    /// falls. `sink` must not block. Batches already waiting in the channel
+    /// go to the sink first, in order; the channel is closed.
+    pub fn deliver_on_runtime(&mut self, handle: tokio::runtime::Handle, mut sink: impl FnMut(Batch) + Send + 'static) {
+        let mut consumer = self.consumer.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(mut rx) = self.receiver.take() {
+            while let Ok(batch) = rx.try_recv() {
+                sink(batch);
+            }
+        }
+        *consumer = Consumer::Runtime {
+            handle,
+            sink: Some(Box::new(sink)),
+        };
+    }
+
     /// A cloneable handle to the probe's gate and counters.
     pub fn control(&self) -> &ProbeControl {
         &self.control
@@ -530,6 +577,7 @@ impl Drop for Probe {
         *self.control.attachments.lock().unwrap_or_else(|e| e.into_inner()) = Attachments::default();
         self.control.shared.stop.store(true, Ordering::Release);
         if let Some(t) = self.thread.take() {
+            t.thread().unpark();
             let _ = t.join();
         }
     }

@@ -1,17 +1,22 @@
-//! The ring buffer reader: runs on its own thread, owns the skeleton (and so
-//! the attached programs), and hands decoded batches to the consumer.
+//! The ring buffer reader: turns ring-buffer records into batches for the
+//! consumer. It starts on the probe's thread (which owns the skeleton, and
+//! so the attached programs); with a runtime consumer it reads on that
+//! runtime at low rates and on a blocking thread at high rates.
 
-use std::cell::RefCell;
+use std::os::fd::AsFd;
 use std::sync::atomic::Ordering;
+use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
-use libbpf_rs::{MapCore, MapFlags, RingBufferBuilder};
-use std::sync::Mutex;
+use libbpf_rs::{MapCore, MapFlags, MapHandle};
+use tokio::io::unix::AsyncFd;
+use tokio::io::Interest;
 use tokio::sync::mpsc::error::TrySendError;
-use tracing::{debug, warn};
+use tracing::{debug, error, warn};
 
+use super::ring::MappedRing;
 use super::skel::SocktapSkel;
-use super::{Batch, Consumer, ProbeControl, ProbeOptions, BATCH_ABOVE_RATE, RATE_WINDOW, UNBATCH_BELOW_RATE};
+use super::{Batch, Consumer, ProbeControl, ProbeOptions, Sink, BATCH_ABOVE_RATE, RATE_WINDOW, UNBATCH_BELOW_RATE};
 use crate::event::Event;
 
 /// How long the reader sleeps between polls when nothing can arrive
@@ -31,85 +36,145 @@ const BACKOFF: Duration = Duration::from_micros(200);
 /// on. Above this the reader hands on what it has and goes on at once.
 pub const MAX_BATCH_EVENTS: usize = 4096;
 
-/// Reads until `shared.stop` is set. Returns when the skeleton may be dropped.
-pub(crate) fn run(skel: &SocktapSkel<'_>, control: &ProbeControl, consumer: &Mutex<Consumer>, opts: &ProbeOptions) {
-    let shared = &control.shared;
-    let poll = opts.poll_interval;
-    let mut pacing = Pacing::new(opts);
-    let pending: RefCell<Vec<Event>> = RefCell::new(Vec::with_capacity(MAX_BATCH_EVENTS));
-    let mut builder = RingBufferBuilder::new();
-    let added = builder.add(&skel.maps.events, |data: &[u8]| {
-        match Event::decode(data) {
-            Ok(e) => pending.borrow_mut().push(e),
-            Err(e) => {
-                shared.decode_errors.fetch_add(1, Ordering::Relaxed);
-                warn!("dropping undecodable ring buffer record: {e}");
-            }
-        }
-        0
-    });
-    let ring = match added.map(|_| ()).and_then(|()| builder.build()) {
-        Ok(r) => r,
-        Err(e) => {
-            warn!("cannot read the ring buffer: {e:#}");
-            return;
-        }
-    };
+/// The ring buffer and everything needed to turn its records into
+/// batches: moved between the reader thread, a tokio task and a blocking
+/// thread, used by one at a time.
+pub(crate) struct Reader {
+    ring: MappedRing,
+    control: ProbeControl,
+    drops: MapHandle,
+    drops_seen: u64,
+    pacing: Pacing,
+    poll: Duration,
+    pending: Vec<Event>,
+    /// The last pass took a full batch: more is waiting.
+    full_batch: bool,
+    /// A record header was malformed: nothing more can be read.
+    broken: bool,
+}
 
-    let mut drops_seen = 0u64;
-    let mut consumer_gone = false;
-    let mut ring_full_batch = false;
-    while !shared.stop.load(Ordering::Acquire) {
+impl Reader {
+    pub(crate) fn new(skel: &SocktapSkel<'_>, control: &ProbeControl, opts: &ProbeOptions) -> Result<Reader, String> {
+        let events = &skel.maps.events;
+        let ring = MappedRing::new(events.as_fd(), events.max_entries() as usize)
+            .map_err(|e| format!("cannot map the ring buffer: {e}"))?;
+        let drops = MapHandle::try_from(&skel.maps.drops).map_err(|e| format!("duplicating the drops map: {e:#}"))?;
+        Ok(Reader {
+            ring,
+            control: control.clone(),
+            drops,
+            drops_seen: 0,
+            pacing: Pacing::new(opts),
+            poll: opts.poll_interval,
+            pending: Vec::with_capacity(MAX_BATCH_EVENTS),
+            full_batch: false,
+            broken: false,
+        })
+    }
+
+    fn stopped(&self) -> bool {
+        self.broken || self.control.shared.stop.load(Ordering::Acquire)
+    }
+
+    /// Whether the kernel batches wakeups now (the event rate is high).
+    fn batching(&self) -> bool {
+        self.pacing.batching
+    }
+
+    /// How long to wait for a wakeup before the next pass; None: more is
+    /// waiting, do not wait.
+    fn wait(&self) -> Option<Duration> {
+        if self.full_batch {
+            return None;
+        }
         // With the gate open and the ring buffer's own wakeup rule, every
         // record that finds the reader caught up wakes it: a timed poll
         // would find nothing (and cost a wakeup a millisecond while a
         // subscriber waits on a quiet host). Only batched wakeups leave
         // records unannounced, for the timed poll to pick up.
-        let timeout = if shared.enabled.load(Ordering::Relaxed) && !pacing.kernel_wakes_on_catch_up(Instant::now()) {
-            poll
+        let open = self.control.shared.enabled.load(Ordering::Relaxed);
+        Some(if open && !self.pacing.kernel_wakes_on_catch_up(Instant::now()) {
+            self.poll
         } else {
             QUIET_POLL
-        };
-        // After a full batch more is waiting: take it without sleeping.
-        if !ring_full_batch {
-            wait_readable(ring.epoll_fd(), timeout);
-        }
+        })
+    }
+
+    /// One pass: takes at most [`MAX_BATCH_EVENTS`] records, adapts the
+    /// kernel's wakeup interval to the rate, and returns the batch, if
+    /// there is anything to report.
+    fn pass(&mut self) -> Option<Batch> {
+        let shared = &self.control.shared;
+        let pending = &mut self.pending;
         // Wakeups are batched in the kernel, so records may be waiting
         // without having woken us: always drain after the timed wait.
-        let taken = ring.consume_raw_n(MAX_BATCH_EVENTS);
-        if taken < 0 {
-            warn!(
-                "ring buffer consume failed: {}",
-                std::io::Error::from_raw_os_error(-taken)
-            );
+        let taken = self.ring.consume(MAX_BATCH_EVENTS, |data| match Event::decode(data) {
+            Ok(e) => pending.push(e),
+            Err(e) => {
+                shared.decode_errors.fetch_add(1, Ordering::Relaxed);
+                warn!("dropping undecodable ring buffer record: {e}");
+            }
+        });
+        if taken.malformed {
+            // The kernel never writes one; past it nothing can be found.
+            // What the ring cannot hold from now on is counted as drops.
+            error!("ring buffer record longer than the ring: the reader stops");
+            self.broken = true;
         }
-        ring_full_batch = taken >= MAX_BATCH_EVENTS as i32;
+        self.full_batch = taken.records >= MAX_BATCH_EVENTS;
 
-        let drops_total = read_drops(skel);
-        let new_drops = drops_total.saturating_sub(drops_seen);
-        drops_seen = drops_total;
+        let drops_total = read_drops(&self.drops);
+        let new_drops = drops_total.saturating_sub(self.drops_seen);
+        self.drops_seen = drops_total;
         shared.kernel_drops.store(drops_total, Ordering::Relaxed);
 
-        let mut events = std::mem::take(&mut *pending.borrow_mut());
-        if let Some(ns) = pacing.observe(events.len(), Instant::now()) {
-            if let Err(e) = control.set_wakeup_interval(ns) {
+        if let Some(ns) = self.pacing.observe(self.pending.len(), Instant::now()) {
+            if let Err(e) = self.control.set_wakeup_interval(ns) {
                 warn!("{e}");
             }
         }
-        if events.is_empty() && new_drops == 0 {
-            continue;
+        if self.pending.is_empty() && new_drops == 0 {
+            return None;
         }
+        let mut events = std::mem::replace(&mut self.pending, Vec::with_capacity(MAX_BATCH_EVENTS));
         // Records from different CPUs can be committed slightly out of
         // order; hand them on in sequence order (cheap: nearly sorted).
         events.sort_by_key(|e| e.seq);
         shared.events_read.fetch_add(events.len() as u64, Ordering::Relaxed);
-        let mut batch = Batch {
+        Some(Batch {
             events,
             kernel_drops: new_drops,
-        };
+        })
+    }
+}
+
+/// Reads on the reader thread until `shared.stop` is set, or until a
+/// runtime consumer is installed: then the reading moves to that runtime
+/// ([`read_on_runtime`]) and this returns at once. The caller keeps the
+/// skeleton until the stop.
+pub(crate) fn run(mut reader: Reader, consumer: &Mutex<Consumer>) {
+    let mut consumer_gone = false;
+    while !reader.stopped() {
+        if let Some(timeout) = reader.wait() {
+            reader.ring.wait_readable(timeout);
+        }
+        let batch = reader.pass();
         let mut consumer = consumer.lock().unwrap_or_else(|e| e.into_inner());
+        if let Consumer::Runtime { handle, sink } = &mut *consumer {
+            if let Some(mut sink) = sink.take() {
+                if let Some(b) = batch {
+                    sink(b);
+                }
+                handle.spawn(read_on_runtime(reader, sink));
+                return;
+            }
+        }
+        let Some(mut batch) = batch else {
+            continue;
+        };
         match &mut *consumer {
             Consumer::Sink(sink) => sink(batch),
+            Consumer::Runtime { .. } => unreachable!("handled above"),
             Consumer::Channel(tx) => loop {
                 match tx.try_send(batch) {
                     Ok(()) => break,
@@ -124,7 +189,7 @@ pub(crate) fn run(skel: &SocktapSkel<'_>, control: &ProbeControl, consumer: &Mut
                         // The consumer is behind: wait for it. Meanwhile the
                         // kernel ring fills, and what it cannot hold is
                         // counted there as drops.
-                        if shared.stop.load(Ordering::Acquire) {
+                        if reader.stopped() {
                             break;
                         }
                         batch = b;
@@ -133,32 +198,83 @@ pub(crate) fn run(skel: &SocktapSkel<'_>, control: &ProbeControl, consumer: &Mut
                 }
             },
         }
-        drop(consumer);
-        pending.borrow_mut().reserve(MAX_BATCH_EVENTS);
     }
 }
 
-/// Waits until the ring buffer has data or `timeout` passes, without
-/// consuming (`RingBuffer::poll` also consumes, with no bound). The timeout
-/// has microsecond resolution (epoll_pwait2, Linux >= 5.11); where that is
-/// missing, whole milliseconds, at least one.
-fn wait_readable(epoll_fd: i32, timeout: Duration) {
-    let mut event = libc::epoll_event { events: 0, u64: 0 };
-    let ts = libc::timespec {
-        tv_sec: timeout.as_secs().min(i32::MAX as u64) as libc::time_t,
-        tv_nsec: timeout.subsec_nanos().into(),
+/// Reads on a tokio runtime while the event rate is low: the task that
+/// reads also runs the consumer, and the subscribers' streams are woken on
+/// the same thread, so a batch costs one wakeup instead of two (the
+/// reader's, then the runtime's). Above [`BATCH_ABOVE_RATE`] events/s
+/// (when the kernel batches wakeups) the reading moves to a blocking
+/// thread, so that decoding and dispatch run beside the runtime's HTTP/2
+/// writes instead of taking turns with them, and comes back when the rate
+/// falls.
+pub(crate) async fn read_on_runtime(mut reader: Reader, mut sink: Sink) {
+    let shared = reader.control.shared.clone();
+    shared.on_runtime.store(true, Ordering::Relaxed);
+    let ready = match reader.ring.map_fd().try_clone_to_owned().and_then(|fd| {
+        // SAFETY: `fd` is an owned duplicate of the ring buffer map's
+        // descriptor, moved into the AsyncFd: it stays open and the
+        // same for the AsyncFd's whole life. This runs inside a task on
+        // the runtime, so a reactor is current.
+        unsafe { AsyncFd::register_with_interest(fd, Interest::READABLE) }.map_err(std::io::Error::from)
+    }) {
+        Ok(r) => r,
+        Err(e) => {
+            error!("cannot watch the ring buffer on the runtime ({e}); reading on a thread instead");
+            shared.on_runtime.store(false, Ordering::Relaxed);
+            let _ = tokio::task::spawn_blocking(move || read_on_thread(reader, sink, |_| false)).await;
+            return;
+        }
     };
-    // SAFETY: FFI; `epoll_fd` is the ring buffer manager's epoll instance,
-    // alive while the ring buffer is, `event` is a live, writable
-    // epoll_event for the one event asked for, `ts` a live timespec, and a
-    // null signal mask leaves the mask alone. Its result (ready, timed out,
-    // interrupted) needs no handling: the caller drains the ring either way.
-    let r = unsafe { libc::epoll_pwait2(epoll_fd, &mut event, 1, &ts, std::ptr::null()) };
-    if r < 0 && std::io::Error::last_os_error().raw_os_error() == Some(libc::ENOSYS) {
-        let ms = timeout.as_millis().clamp(1, i32::MAX as u128) as i32;
-        // SAFETY: as above, with a timeout in milliseconds.
-        unsafe { libc::epoll_wait(epoll_fd, &mut event, 1, ms) };
+    while !reader.stopped() {
+        if reader.batching() {
+            shared.on_runtime.store(false, Ordering::Relaxed);
+            let back = tokio::task::spawn_blocking(move || read_on_thread(reader, sink, |r| !r.batching())).await;
+            match back {
+                Ok((r, s)) => (reader, sink) = (r, s),
+                Err(e) => {
+                    error!("the ring buffer reader failed: {e}");
+                    return;
+                }
+            }
+            shared.on_runtime.store(true, Ordering::Relaxed);
+            continue;
+        }
+        if let Some(timeout) = reader.wait() {
+            tokio::select! {
+                r = ready.readable() => {
+                    // Clear first, then read: a wakeup after the clear is
+                    // kept for the next wait.
+                    if let Ok(mut guard) = r {
+                        guard.clear_ready();
+                    }
+                }
+                _ = tokio::time::sleep(timeout) => {}
+            }
+        }
+        if let Some(b) = reader.pass() {
+            sink(b);
+        }
+        if reader.full_batch {
+            // Let the streams write what was just dispatched.
+            tokio::task::yield_now().await;
+        }
     }
+}
+
+/// Reads on the calling (blocking) thread until the stop, or until `done`
+/// says so; returns the reader and the sink.
+fn read_on_thread(mut reader: Reader, mut sink: Sink, done: impl Fn(&Reader) -> bool) -> (Reader, Sink) {
+    while !reader.stopped() && !done(&reader) {
+        if let Some(timeout) = reader.wait() {
+            reader.ring.wait_readable(timeout);
+        }
+        if let Some(b) = reader.pass() {
+            sink(b);
+        }
+    }
+    (reader, sink)
 }
 
 /// Adapts the kernel's wakeup interval to the event rate: at low rates each
@@ -228,8 +344,8 @@ impl Pacing {
     }
 }
 
-fn read_drops(skel: &SocktapSkel<'_>) -> u64 {
-    match skel.maps.drops.lookup_percpu(&0u32.to_ne_bytes(), MapFlags::ANY) {
+fn read_drops(drops: &MapHandle) -> u64 {
+    match drops.lookup_percpu(&0u32.to_ne_bytes(), MapFlags::ANY) {
         Ok(Some(per_cpu)) => per_cpu.iter().map(|v| u64_of(v)).sum(),
         Ok(None) => 0,
         Err(e) => {

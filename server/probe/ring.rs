@@ -1,0 +1,259 @@
+//! The BPF ring buffer, read from its mapped pages.
+//!
+//! Unlike libbpf's `ring_buffer`, a [`MappedRing`] is `Send`: the reader
+//! hands it between a tokio task (low rates) and a thread of its own (high
+//! rates). It stores the consumer position once per pass over the committed
+//! records, and records are decoded where they lie.
+//!
+//! The layout is the kernel's (`kernel/bpf/ringbuf.c`): page 0 holds the
+//! consumer position (the only page userspace writes), page 1 the producer
+//! position, followed by the data area mapped twice in a row so that a
+//! record wrapping past the end reads as one slice. Each record starts with
+//! an 8-byte header: its length with a busy and a discard bit, and a page
+//! offset the consumer does not need. Records are 8-byte aligned.
+
+use std::io;
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd};
+use std::sync::atomic::{fence, AtomicU32, AtomicU64, Ordering};
+use std::time::Duration;
+
+/// Set while the record is reserved and not yet submitted.
+const BUSY_BIT: u32 = 1 << 31;
+/// Set when the record was discarded: skip it.
+const DISCARD_BIT: u32 = 1 << 30;
+/// Record header bytes (`struct bpf_ringbuf_hdr`).
+const HEADER: usize = 8;
+
+/// A mapped BPF ring buffer, a descriptor of its map and an epoll instance
+/// that reports when it has data.
+pub(crate) struct MappedRing {
+    /// The consumer position's page (read-write).
+    consumer: *mut libc::c_void,
+    /// The producer position's page and the data area twice (read-only).
+    producer: *mut libc::c_void,
+    page: usize,
+    /// Data area bytes: a power of two.
+    size: usize,
+    /// The map (a duplicate: the mapping outlives the skeleton's own fd).
+    map: OwnedFd,
+    epoll: OwnedFd,
+}
+
+// SAFETY: the mappings are process-wide memory with no tie to the thread
+// that made them, and the descriptors are plain fds. Consuming takes
+// `&mut self`, so one thread at a time moves the consumer position.
+unsafe impl Send for MappedRing {}
+
+/// What one call to [`MappedRing::consume`] found.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub(crate) struct Consumed {
+    /// Records handed to the callback.
+    pub records: usize,
+    /// A record header claims a length past the ring: nothing after it
+    /// can be found.
+    pub malformed: bool,
+}
+
+impl MappedRing {
+    /// Maps the ring buffer map `map`, whose data area is `size` bytes
+    /// (its max_entries: a power of two, a multiple of the page size).
+    pub fn new(map: BorrowedFd<'_>, size: usize) -> io::Result<MappedRing> {
+        // SAFETY: FFI; sysconf has no preconditions.
+        let page = usize::try_from(unsafe { libc::sysconf(libc::_SC_PAGESIZE) })
+            .map_err(|_| io::Error::other("page size unknown"))?;
+        if !size.is_power_of_two() || !size.is_multiple_of(page) {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                format!("ring buffer size {size} is not a power-of-two multiple of the page size"),
+            ));
+        }
+        let map = map.try_clone_to_owned()?;
+        let fd = map.as_raw_fd();
+        let epoll = epoll_for(fd)?;
+        // SAFETY: FFI; maps one page of the ring buffer map at offset 0
+        // read-write, as the kernel allows for the consumer page. The result
+        // is checked for MAP_FAILED before use.
+        let consumer = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                page,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_SHARED,
+                fd,
+                0,
+            )
+        };
+        if consumer == libc::MAP_FAILED {
+            return Err(io::Error::last_os_error());
+        }
+        // SAFETY: FFI; maps the producer page and the double-mapped data
+        // area read-only, at the offset and length the kernel expects.
+        let producer = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                page + 2 * size,
+                libc::PROT_READ,
+                libc::MAP_SHARED,
+                fd,
+                page as libc::off_t,
+            )
+        };
+        if producer == libc::MAP_FAILED {
+            let err = io::Error::last_os_error();
+            // SAFETY: FFI; unmaps the page mapped above, used by nothing else.
+            unsafe { libc::munmap(consumer, page) };
+            return Err(err);
+        }
+        let ring = MappedRing {
+            consumer,
+            producer,
+            page,
+            size,
+            epoll,
+            map,
+        };
+        Ok(ring)
+    }
+
+    fn consumer_pos(&self) -> &AtomicU64 {
+        // SAFETY: the consumer page is mapped read-write for the life of
+        // `self`, page aligned, and starts with the kernel's `unsigned long
+        // consumer_pos`, which both sides access atomically.
+        unsafe { &*self.consumer.cast::<AtomicU64>() }
+    }
+
+    fn producer_pos(&self) -> &AtomicU64 {
+        // SAFETY: as for the consumer position: the producer page starts
+        // with the kernel's `unsigned long producer_pos`; only read here.
+        unsafe { &*self.producer.cast::<AtomicU64>() }
+    }
+
+    /// The record header at ring position `pos`.
+    fn header(&self, pos: u64) -> &AtomicU32 {
+        let off = self.page + (pos as usize & (self.size - 1));
+        // SAFETY: `off` lies inside the first copy of the data area, which
+        // is mapped for the life of `self`; ring positions are 8-byte
+        // aligned, so the header's length word is aligned; the kernel
+        // writes it atomically (it clears the busy bit with xchg).
+        unsafe { &*self.producer.byte_add(off).cast::<AtomicU32>() }
+    }
+
+    /// `len` bytes of record body after the header at `pos`.
+    fn body(&self, pos: u64, len: usize) -> &[u8] {
+        let off = self.page + (pos as usize & (self.size - 1)) + HEADER;
+        // SAFETY: the caller checked `HEADER + len <= size`, and the data
+        // area is mapped twice in a row, so `off + len` stays inside the
+        // mapping even for a record that wraps. The record was submitted
+        // (its header's busy bit read clear with acquire ordering), and the
+        // kernel does not write it again until the consumer position moves
+        // past it, which only `consume` does, after the slice's last use.
+        unsafe { std::slice::from_raw_parts(self.producer.byte_add(off).cast::<u8>(), len) }
+    }
+
+    /// Hands up to `max` submitted records to `f`, in ring order, then
+    /// stores the consumer position once per pass (not per record).
+    /// Discarded records are skipped. Stops at a record still being
+    /// written, or when nothing more was committed.
+    pub fn consume(&mut self, max: usize, mut f: impl FnMut(&[u8])) -> Consumed {
+        let mut done = Consumed::default();
+        let mut pos = self.consumer_pos().load(Ordering::Acquire);
+        loop {
+            let prod = self.producer_pos().load(Ordering::Acquire);
+            while pos < prod && done.records < max {
+                let word = self.header(pos).load(Ordering::Acquire);
+                if word & BUSY_BIT != 0 {
+                    break;
+                }
+                let len = (word & !(BUSY_BIT | DISCARD_BIT)) as usize;
+                if HEADER + len > self.size {
+                    done.malformed = true;
+                    return done;
+                }
+                if word & DISCARD_BIT == 0 {
+                    f(self.body(pos, len));
+                    done.records += 1;
+                }
+                pos += (HEADER + len).next_multiple_of(8) as u64;
+            }
+            self.consumer_pos().store(pos, Ordering::Release);
+            if done.records >= max {
+                return done; // the caller comes back without waiting
+            }
+            // The kernel wakes the reader only for a record submitted while
+            // the consumer position equals the record's: one submitted
+            // after we looked at it (busy, or not yet reserved) but before
+            // our store was visible would never be announced, and the
+            // reader would sleep on it. The submit is a full barrier
+            // (xchg) before the kernel reads our position; this fence is
+            // ours before we look again. So either the kernel sees our
+            // position and wakes us, or we see its record now.
+            fence(Ordering::SeqCst);
+            if pos >= self.producer_pos().load(Ordering::Acquire)
+                || self.header(pos).load(Ordering::Acquire) & BUSY_BIT != 0
+            {
+                return done;
+            }
+        }
+    }
+
+    /// The ring buffer map: pollable, readable when it has data (for an
+    /// async reactor).
+    pub fn map_fd(&self) -> BorrowedFd<'_> {
+        self.map.as_fd()
+    }
+
+    /// Waits until the ring has data or `timeout` passes, without
+    /// consuming. The timeout has microsecond resolution (epoll_pwait2,
+    /// Linux >= 5.11); where that is missing, whole milliseconds, at least
+    /// one.
+    pub fn wait_readable(&self, timeout: Duration) {
+        let mut event = libc::epoll_event { events: 0, u64: 0 };
+        let ts = libc::timespec {
+            tv_sec: timeout.as_secs().min(i32::MAX as u64) as libc::time_t,
+            tv_nsec: timeout.subsec_nanos().into(),
+        };
+        let epoll = self.epoll.as_raw_fd();
+        // SAFETY: FFI; `epoll` is owned by `self`, `event` is a live,
+        // writable epoll_event for the one event asked for, `ts` a live
+        // timespec, and a null signal mask leaves the mask alone. Its
+        // result (ready, timed out, interrupted) needs no handling: the
+        // caller drains the ring either way.
+        let r = unsafe { libc::epoll_pwait2(epoll, &mut event, 1, &ts, std::ptr::null()) };
+        if r < 0 && io::Error::last_os_error().raw_os_error() == Some(libc::ENOSYS) {
+            let ms = timeout.as_millis().clamp(1, i32::MAX as u128) as i32;
+            // SAFETY: as above, with a timeout in milliseconds.
+            unsafe { libc::epoll_wait(epoll, &mut event, 1, ms) };
+        }
+    }
+}
+
+impl Drop for MappedRing {
+    fn drop(&mut self) {
+        // SAFETY: FFI; unmaps the two mappings made in `new`, with their
+        // lengths; no reference into them outlives `&self` borrows.
+        unsafe {
+            libc::munmap(self.consumer, self.page);
+            libc::munmap(self.producer, self.page + 2 * self.size);
+        }
+    }
+}
+
+/// An epoll instance watching the ring buffer map `fd` for data.
+fn epoll_for(fd: i32) -> io::Result<OwnedFd> {
+    // SAFETY: FFI; epoll_create1 has no memory preconditions.
+    let raw = unsafe { libc::epoll_create1(libc::EPOLL_CLOEXEC) };
+    if raw < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: `raw` is a new descriptor that nothing else owns.
+    let epoll = unsafe { OwnedFd::from_raw_fd(raw) };
+    let mut event = libc::epoll_event {
+        events: libc::EPOLLIN as u32,
+        u64: 0,
+    };
+    // SAFETY: FFI; both descriptors are open, `event` is a live epoll_event.
+    if unsafe { libc::epoll_ctl(raw, libc::EPOLL_CTL_ADD, fd, &mut event) } < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(epoll)
+}
