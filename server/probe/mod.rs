@@ -88,7 +88,7 @@ pub struct ProbeOptions {
     /// the kernel's wakeup interval is nonzero (batched wakeups leave
     /// records unannounced). With interval 0 the kernel announces every
     /// record that finds the reader caught up, and the reader waits up to
-    /// 200 ms.
+    /// 200 ms (or this interval, if longer).
     pub poll_interval: Duration,
     /// Capacity, in batches, of the channel to the consumer. When it is
     /// full the reader waits and the kernel ring absorbs, then drops.

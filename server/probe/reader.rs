@@ -22,7 +22,8 @@ use crate::event::Event;
 /// How long the reader sleeps between polls when nothing can arrive
 /// unannounced: the gate is closed, or the kernel wakes the reader for the
 /// first record after it has caught up (wakeup interval 0). It bounds how
-/// long a change of the gate or of the interval goes unnoticed.
+/// long a change of the gate or of the interval goes unnoticed. A longer
+/// `poll_interval` lengthens it.
 const QUIET_POLL: Duration = Duration::from_millis(200);
 /// After the kernel's wakeup interval changes to 0, how long the reader
 /// keeps its timed polls: a program that read the old interval may still
@@ -96,7 +97,7 @@ impl Reader {
         Some(if open && !self.pacing.kernel_wakes_on_catch_up(Instant::now()) {
             self.poll
         } else {
-            QUIET_POLL
+            QUIET_POLL.max(self.poll)
         })
     }
 
