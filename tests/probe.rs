@@ -656,6 +656,15 @@ fn reading_moves_to_a_thread_at_high_rates_and_back_to_the_runtime() {
         take(pings + burst + i, "low rate again", Duration::from_secs(1));
         std::thread::sleep(Duration::from_millis(2));
     }
+
+    // The reading stays with its sink: a later one is refused (logged).
+    let (late_tx, late_rx) = std::sync::mpsc::channel::<Batch>();
+    probe.deliver_to(move |b| {
+        let _ = late_tx.send(b);
+    });
+    c.write_all(&[1]).unwrap();
+    take(2 * pings + burst + 1, "after a refused sink", Duration::from_secs(1));
+    assert!(late_rx.try_recv().is_err(), "the late sink got nothing");
     drop(c);
     drain.join().unwrap();
 }

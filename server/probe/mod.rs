@@ -530,6 +530,9 @@ impl Probe {
     /// in order; the channel is closed.
     pub fn deliver_to(&mut self, mut sink: impl FnMut(Batch) + Send + 'static) {
         let mut consumer = self.consumer.lock().unwrap_or_else(|e| e.into_inner());
+        if reading_moved(&consumer) {
+            return;
+        }
         if let Some(mut rx) = self.receiver.take() {
             while let Ok(batch) = rx.try_recv() {
                 sink(batch);
@@ -545,9 +548,14 @@ impl Probe {
     /// two; above [`BATCH_ABOVE_RATE`] events/s the task hands the reading to
     /// a blocking thread of the runtime and takes it back when the rate
     /// falls. `sink` must not block. Batches already waiting in the channel
-    /// go to the sink first, in order; the channel is closed.
+    /// go to the sink first, in order; the channel is closed. Once the
+    /// reading has moved, it stays with this sink: a later `deliver_to` or
+    /// `deliver_on_runtime` has no effect (and logs a warning).
     pub fn deliver_on_runtime(&mut self, handle: tokio::runtime::Handle, mut sink: impl FnMut(Batch) + Send + 'static) {
         let mut consumer = self.consumer.lock().unwrap_or_else(|e| e.into_inner());
+        if reading_moved(&consumer) {
+            return;
+        }
         if let Some(mut rx) = self.receiver.take() {
             while let Ok(batch) = rx.try_recv() {
                 sink(batch);
@@ -581,6 +589,16 @@ impl Drop for Probe {
             let _ = t.join();
         }
     }
+}
+
+/// Whether the reading has moved to a runtime with its sink (then the
+/// consumer cannot change); says so in the log.
+fn reading_moved(consumer: &Consumer) -> bool {
+    let moved = matches!(consumer, Consumer::Runtime { sink: None, .. });
+    if moved {
+        tracing::warn!("the probe's reading already moved to a runtime with its sink; the new sink is not used");
+    }
+    moved
 }
 
 fn control_of(

@@ -175,7 +175,8 @@ pub(crate) fn run(mut reader: Reader, consumer: &Mutex<Consumer>) {
         };
         match &mut *consumer {
             Consumer::Sink(sink) => sink(batch),
-            Consumer::Runtime { .. } => unreachable!("handled above"),
+            // The sink left with the reading, which returned above.
+            Consumer::Runtime { .. } => {}
             Consumer::Channel(tx) => loop {
                 match tx.try_send(batch) {
                     Ok(()) => break,
