@@ -528,17 +528,8 @@ impl Probe {
     /// must not block: while it runs, nothing is read and the kernel ring
     /// fills. Batches already waiting in the channel go to the sink first,
     /// in order; the channel is closed.
-    pub fn deliver_to(&mut self, mut sink: impl FnMut(Batch) + Send + 'static) {
-        let mut consumer = self.consumer.lock().unwrap_or_else(|e| e.into_inner());
-        if reading_moved(&consumer) {
-            return;
-        }
-        if let Some(mut rx) = self.receiver.take() {
-            while let Ok(batch) = rx.try_recv() {
-                sink(batch);
-            }
-        }
-        *consumer = Consumer::Sink(Box::new(sink));
+    pub fn deliver_to(&mut self, sink: impl FnMut(Batch) + Send + 'static) {
+        self.install(Box::new(sink), Consumer::Sink);
     }
 
     /// Hands every batch from now on to `sink`, and moves the reading to
@@ -551,9 +542,20 @@ impl Probe {
     /// go to the sink first, in order; the channel is closed. Once the
     /// reading has moved, it stays with this sink: a later `deliver_to` or
     /// `deliver_on_runtime` has no effect (and logs a warning).
-    pub fn deliver_on_runtime(&mut self, handle: tokio::runtime::Handle, mut sink: impl FnMut(Batch) + Send + 'static) {
+    pub fn deliver_on_runtime(&mut self, handle: tokio::runtime::Handle, sink: impl FnMut(Batch) + Send + 'static) {
+        self.install(Box::new(sink), |sink| Consumer::Runtime {
+            handle,
+            sink: Some(sink),
+        });
+    }
+
+    /// Installs the consumer `wrap(sink)`, after handing `sink` what waits
+    /// in the channel; refused (logged) once the reading has moved to a
+    /// runtime with its sink.
+    fn install(&mut self, mut sink: Sink, wrap: impl FnOnce(Sink) -> Consumer) {
         let mut consumer = self.consumer.lock().unwrap_or_else(|e| e.into_inner());
-        if reading_moved(&consumer) {
+        if matches!(*consumer, Consumer::Runtime { sink: None, .. }) {
+            tracing::warn!("the probe's reading already moved to a runtime with its sink; the new sink is not used");
             return;
         }
         if let Some(mut rx) = self.receiver.take() {
@@ -561,10 +563,7 @@ impl Probe {
                 sink(batch);
             }
         }
-        *consumer = Consumer::Runtime {
-            handle,
-            sink: Some(Box::new(sink)),
-        };
+        *consumer = wrap(sink);
     }
 
     /// A cloneable handle to the probe's gate and counters.
@@ -589,16 +588,6 @@ impl Drop for Probe {
             let _ = t.join();
         }
     }
-}
-
-/// Whether the reading has moved to a runtime with its sink (then the
-/// consumer cannot change); says so in the log.
-fn reading_moved(consumer: &Consumer) -> bool {
-    let moved = matches!(consumer, Consumer::Runtime { sink: None, .. });
-    if moved {
-        tracing::warn!("the probe's reading already moved to a runtime with its sink; the new sink is not used");
-    }
-    moved
 }
 
 fn control_of(
