@@ -32,6 +32,11 @@ struct Args {
     /// Events each subscriber may have queued before it loses some.
     #[arg(long, env = "SOCKTAPD_QUEUE_EVENTS", default_value_t = 65_536, value_parser = clap::value_parser!(u32).range(1..))]
     queue_events: u32,
+    /// Bytes of encoded events all subscribers' queues may hold together:
+    /// half in equal shares, half a reserve that lagging subscribers borrow
+    /// from. Memory stays bounded however many subscribe.
+    #[arg(long, env = "SOCKTAPD_QUEUE_BYTES", default_value_t = 8 << 20, value_parser = clap::value_parser!(u64).range(65_536..=(1 << 40)))]
+    queue_bytes: u64,
     /// Events kept in memory for replay and resume (0: none).
     #[arg(long, env = "SOCKTAPD_HISTORY_EVENTS", default_value_t = 65_536)]
     history_events: u32,
@@ -173,6 +178,7 @@ async fn async_main(args: Args) -> anyhow::Result<()> {
     let hub = Hub::new(
         HubConfig {
             queue_events: args.queue_events as usize,
+            queue_bytes: usize::try_from(args.queue_bytes)?,
             history_events: args.history_events as usize,
             max_subscribers: args.max_subscribers as usize,
             max_subscribers_per_connection: args.max_streams_per_connection as usize,

@@ -682,7 +682,71 @@ async fn status_reports_source_subscribers_and_counters() {
     let sub = &st.subscribers[0];
     assert_eq!(sub.request.as_ref(), Some(&req));
     assert_eq!((sub.matched, sub.delivered, sub.lost), (20, 20, 0));
+    assert_eq!((sub.queued, sub.queued_bytes), (0, 0));
+    assert_eq!(
+        sub.queue_byte_share,
+        HubConfig::default().queue_bytes as u64 / 2,
+        "alone, half the queue memory is its own"
+    );
     assert!(sub.peer.starts_with("127.0.0.1:"), "{}", sub.peer);
+    let _other = c.watch_events(req.clone()).await.unwrap().into_inner();
+    wait_subscribers(&hub, 2).await;
+    let st = c.get_status(pb::GetStatusRequest {}).await.unwrap().into_inner();
+    for sub in &st.subscribers {
+        assert_eq!(
+            sub.queue_byte_share,
+            HubConfig::default().queue_bytes as u64 / 4,
+            "two share that half"
+        );
+    }
+    d.stop().await;
+}
+
+#[tokio::test]
+async fn a_large_max_batch_never_makes_a_message_a_default_client_refuses() {
+    let (hub, tx) = synthetic(HubConfig::default());
+    let d = TestDaemon::start(hub.clone()).await;
+    // The test client keeps tonic's default 4 MiB limit on decoded messages.
+    const N: u64 = 60_000;
+    let req = pb::WatchEventsRequest {
+        max_batch_events: Some(65_536),
+        // Everything is queued before the stream takes any of it.
+        max_flush_delay: Some(socktap_proto::Duration {
+            seconds: 0,
+            nanos: 300_000_000,
+        }),
+        limit: N,
+        ..Default::default()
+    };
+    let mut s = d.client().await.watch_events(req).await.unwrap().into_inner();
+    wait_subscribers(&hub, 1).await;
+    tx.send(Batch {
+        events: (0..N).map(|i| event(i, 1, 1)).collect(),
+        kernel_drops: 0,
+    })
+    .await
+    .unwrap();
+    let (mut seqs, mut messages) = (Vec::new(), 0);
+    let started = std::time::Instant::now();
+    while let Some(msg) = s.message().await.expect("every message within the client's limit") {
+        let encoded = prost::Message::encoded_len(&msg);
+        assert!(encoded <= (64 << 10) + 64, "a {encoded}-byte message");
+        match msg.message {
+            Some(Message::Events(b)) => seqs.extend(b.events.iter().map(|e| e.seq)),
+            other => panic!("unexpected {other:?}"),
+        }
+        messages += 1;
+    }
+    assert_eq!(seqs, (0..N).collect::<Vec<_>>(), "all of them, in order");
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "a queue holding full messages is not held back by max_flush_delay: {:?}",
+        started.elapsed()
+    );
+    assert!(
+        messages > 20,
+        "{N} events of ~100 bytes need over 20 messages of 256 KiB: {messages}"
+    );
     d.stop().await;
 }
 

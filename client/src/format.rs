@@ -135,8 +135,15 @@ pub fn status_text(s: &api::GetStatusResponse) -> String {
         let filters = sub.request.as_ref().map(json_line).unwrap_or_default();
         let _ = writeln!(
             out,
-            "  #{} {}  matched {} delivered {} lost {} queued {}  {filters}",
-            sub.id, sub.peer, sub.matched, sub.delivered, sub.lost, sub.queued
+            "  #{} {}  matched {} delivered {} lost {} queued {} ({} KiB, share {} KiB)  {filters}",
+            sub.id,
+            sub.peer,
+            sub.matched,
+            sub.delivered,
+            sub.lost,
+            sub.queued,
+            sub.queued_bytes.div_ceil(1024),
+            sub.queue_byte_share / 1024
         );
     }
     if !s.programs.is_empty() {

@@ -69,17 +69,29 @@ pub mod wire {
 
         /// Removes the first `n` events (all, if fewer) and returns them.
         pub fn split_to(&mut self, n: usize) -> EncodedEvents {
-            if n >= self.count {
+            self.split_fitting(n, usize::MAX)
+        }
+
+        /// Removes and returns the longest prefix of at most `max_events`
+        /// events and at most `max_bytes` bytes (possibly none).
+        pub fn split_fitting(&mut self, max_events: usize, max_bytes: usize) -> EncodedEvents {
+            if max_events >= self.count && max_bytes >= self.bytes.len() {
                 return std::mem::take(self);
             }
             let mut rest = &self.bytes[..];
-            for _ in 0..n {
+            let mut n = 0;
+            while n < max_events.min(self.count) {
                 // Each entry: the one-byte key, a varint length, the event.
                 // The encoder wrote it, so it is well formed; a malformed
                 // one ends the walk at the end of the buffer, never past it.
-                rest = &rest[1.min(rest.len())..];
-                let len = decode_varint(&mut rest).unwrap_or(rest.len() as u64) as usize;
-                rest = &rest[len.min(rest.len())..];
+                let mut entry = &rest[1.min(rest.len())..];
+                let len = decode_varint(&mut entry).unwrap_or(entry.len() as u64) as usize;
+                let next = &entry[len.min(entry.len())..];
+                if self.bytes.len() - next.len() > max_bytes {
+                    break;
+                }
+                rest = next;
+                n += 1;
             }
             let at = self.bytes.len() - rest.len();
             self.count -= n;

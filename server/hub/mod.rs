@@ -40,6 +40,13 @@ const FAN_OUT_CHUNK: usize = 4096;
 pub struct HubConfig {
     /// Events each subscriber may have waiting before it loses some.
     pub queue_events: usize,
+    /// Encoded bytes all subscribers' queues may hold together, so that
+    /// queue memory stays bounded however many subscribe. Half of it is
+    /// divided equally (each subscriber's guaranteed share, recomputed as
+    /// subscribers come and go); the other half is a reserve that lagging
+    /// subscribers borrow from, first come first served. (Runs shared
+    /// between subscribers count in full for each of them.)
+    pub queue_bytes: usize,
     /// Events kept for replay and resume.
     pub history_events: usize,
     /// Concurrent subscribers.
@@ -57,6 +64,7 @@ impl Default for HubConfig {
     fn default() -> Self {
         HubConfig {
             queue_events: 65_536,
+            queue_bytes: 8 << 20,
             history_events: 65_536,
             max_subscribers: 128,
             max_subscribers_per_connection: 32,
@@ -251,10 +259,13 @@ impl Hub {
             }
         }
         if !st.subscribers.is_empty() {
+            // What the reserve has left; queues only shrink meanwhile.
+            let borrowed: usize = st.subscribers.iter().map(|s| s.borrowed_bytes()).sum();
+            let mut reserve = self.queue_reserve().saturating_sub(borrowed);
             // In chunks: a queued run keeps its whole buffer alive, so
             // small buffers bound what a lagging subscriber holds on to.
             for chunk in events.chunks(FAN_OUT_CHUNK) {
-                fan_out(&st.subscribers, chunk, &self.inner.clock);
+                fan_out(&st.subscribers, chunk, &self.inner.clock, &mut reserve);
             }
         }
         let cap = self.inner.config.history_events;
@@ -298,6 +309,7 @@ impl Hub {
             request,
             selector,
             self.inner.config.queue_events,
+            self.queue_share(st.subscribers.len() + 1),
         ));
         let history = &st.history;
         let matching = |e: &&Event| sub.selector.matches(e);
@@ -335,6 +347,7 @@ impl Hub {
         }
         st.subscribers.push(sub.clone());
         debug!(id, subscribers = st.subscribers.len(), "subscribed");
+        self.share_queue_memory(&st);
         self.update_gate(&mut st);
         Ok(sub)
     }
@@ -344,7 +357,27 @@ impl Hub {
         let mut st = self.lock();
         st.subscribers.retain(|s| s.id != id);
         debug!(id, subscribers = st.subscribers.len(), "unsubscribed");
+        self.share_queue_memory(&st);
         self.update_gate(&mut st);
+    }
+
+    /// The queue memory lent to lagging subscribers: half of it.
+    fn queue_reserve(&self) -> usize {
+        self.inner.config.queue_bytes / 2
+    }
+
+    /// One subscriber's guaranteed share of the queue memory when `n`
+    /// subscribe: the other half, divided equally.
+    fn queue_share(&self, n: usize) -> usize {
+        (self.inner.config.queue_bytes - self.queue_reserve()) / n.max(1)
+    }
+
+    /// Gives every subscriber an equal share of the queue memory.
+    fn share_queue_memory(&self, st: &State) {
+        let share = self.queue_share(st.subscribers.len());
+        for s in &st.subscribers {
+            s.set_byte_share(share);
+        }
     }
 
     /// Refuses new subscribers and ends every stream once drained.
@@ -396,7 +429,7 @@ impl Hub {
 /// encodes every event that anyone takes once, in order, into one buffer
 /// (as framed batch entries), and queues each subscriber's events as runs
 /// of that buffer: a subscriber taking every event gets one slice.
-fn fan_out(subscribers: &[Arc<Subscriber>], events: &[Event], clock: &WallClock) {
+fn fan_out(subscribers: &[Arc<Subscriber>], events: &[Event], clock: &WallClock, reserve: &mut usize) {
     let mut wanted = vec![false; events.len()];
     let taken: Vec<Vec<u32>> = subscribers
         .iter()
@@ -422,7 +455,7 @@ fn fan_out(subscribers: &[Arc<Subscriber>], events: &[Event], clock: &WallClock)
     }
     let encoded = buf.freeze();
     for (s, mine) in subscribers.iter().zip(&taken) {
-        s.offer(events, mine, &entries, &encoded);
+        s.offer(events, mine, &entries, &encoded, reserve);
     }
 }
 
@@ -503,7 +536,7 @@ mod tests {
         });
         let take = |s: &Subscriber| {
             let mut v = Vec::new();
-            s.take(10, &mut v);
+            s.take(10, usize::MAX, &mut v);
             v.into_iter()
                 .map(|i| match i {
                     Item::Events(run) => run,
@@ -534,14 +567,14 @@ mod tests {
             kernel_drops: 0,
         });
         let mut items = Vec::new();
-        assert!(!sub.take(2, &mut items));
+        assert!(!sub.take(2, usize::MAX, &mut items));
         let first = match &items[..] {
             [Item::Events(first)] => first.clone(),
             _ => panic!("expected one run, got {items:?}"),
         };
         assert_eq!(first.count(), 2, "a run is split at the requested event count");
         items.clear();
-        sub.take(10, &mut items);
+        sub.take(10, usize::MAX, &mut items);
         let [Item::Events(rest), Item::Lost(lost)] = &items[..] else {
             panic!("expected the rest of the run, then the loss, got {items:?}");
         };
@@ -554,6 +587,107 @@ mod tests {
         assert_eq!((c.matched, c.lost, c.queued), (5, 2, 0));
         assert_eq!(decoded(vec![first]), [(1, 9), (2, 9)]);
         assert_eq!(decoded(vec![rest.clone()]), [(3, 9)]);
+    }
+
+    #[test]
+    fn queue_memory_is_half_equal_shares_half_a_reserve_and_never_more_in_all() {
+        let one = convert::encoded_events(std::iter::once(event(1, 9)), &WallClock::now(), &mut BytesMut::new());
+        let per_event = one.bytes().len();
+        // Room for 12 events in all: while two subscribe, 3 each for sure
+        // and a reserve of 6 that the first to need it borrows.
+        let config = HubConfig {
+            queue_bytes: 12 * per_event,
+            ..HubConfig::default()
+        };
+        let hub = Hub::new(config, Source::default());
+        let a = hub
+            .subscribe("a".into(), Default::default(), Selector::default(), Start::Live)
+            .unwrap();
+        assert_eq!(
+            a.counters().queue_byte_share,
+            6 * per_event as u64,
+            "alone, half of it is its own"
+        );
+        let b = hub
+            .subscribe("b".into(), Default::default(), Selector::default(), Start::Live)
+            .unwrap();
+        let counts = |s: &Subscriber| {
+            let c = s.counters();
+            (
+                c.queued,
+                c.lost,
+                c.queued_bytes / per_event as u64,
+                c.queue_byte_share / per_event as u64,
+            )
+        };
+        hub.dispatch(Batch {
+            events: (1..=10).map(|seq| event(seq, 9)).collect(),
+            kernel_drops: 0,
+        });
+        assert_eq!(counts(&a), (9, 1, 9, 3), "its share and the whole reserve");
+        assert_eq!(counts(&b), (3, 7, 3, 3), "its share: the reserve is gone");
+
+        // b drains; a, still full, borrows on; b's share stays b's.
+        b.take(100, usize::MAX, &mut Vec::new());
+        hub.dispatch(Batch {
+            events: (11..=20).map(|seq| event(seq, 9)).collect(),
+            kernel_drops: 0,
+        });
+        assert_eq!(counts(&a), (9, 11, 9, 3));
+        assert_eq!(counts(&b), (3, 14, 3, 3));
+
+        hub.unsubscribe(b.id);
+        assert_eq!(a.counters().queue_byte_share, 6 * per_event as u64);
+        hub.dispatch(Batch {
+            events: (21..=30).map(|seq| event(seq, 9)).collect(),
+            kernel_drops: 0,
+        });
+        assert_eq!(
+            counts(&a),
+            (12, 18, 12, 6),
+            "the leaver's share went back: 12 in all, never more"
+        );
+        let mut items = Vec::new();
+        a.take(100, usize::MAX, &mut items);
+        let seqs: Vec<u64> = items
+            .into_iter()
+            .filter_map(|i| match i {
+                Item::Events(run) => Some(decoded(vec![run])),
+                Item::Lost(_) => None,
+            })
+            .flatten()
+            .map(|(seq, _)| seq)
+            .collect();
+        assert_eq!(seqs, [1, 2, 3, 4, 5, 6, 7, 8, 9, 21, 22, 23]);
+        assert_eq!(a.counters().queued_bytes, 0, "taking frees the bytes");
+    }
+
+    #[test]
+    fn take_stops_at_a_byte_budget_but_always_moves_one_event() {
+        let hub = Hub::new(HubConfig::default(), Source::default());
+        let sub = hub
+            .subscribe("a".into(), Default::default(), Selector::default(), Start::Live)
+            .unwrap();
+        hub.dispatch(Batch {
+            events: (1..=10).map(|seq| event(seq, 9)).collect(),
+            kernel_drops: 0,
+        });
+        let per_event = sub.counters().queued_bytes as usize / 10;
+        let counts = |max_bytes| {
+            let mut items = Vec::new();
+            sub.take(100, max_bytes, &mut items);
+            items
+                .iter()
+                .map(|i| match i {
+                    Item::Events(run) => run.count(),
+                    Item::Lost(l) => panic!("unexpected loss {l:?}"),
+                })
+                .sum::<usize>()
+        };
+        assert_eq!(counts(1), 1, "one event even if it alone is over the budget");
+        assert_eq!(counts(per_event * 5 / 2), 2);
+        assert_eq!(counts(usize::MAX), 7);
+        assert_eq!(sub.counters().queued_bytes, 0);
     }
 
     #[test]
@@ -572,7 +706,7 @@ mod tests {
         });
         let run = |s: &Subscriber| {
             let mut items = Vec::new();
-            s.take(100, &mut items);
+            s.take(100, usize::MAX, &mut items);
             match &items[..] {
                 [Item::Events(run)] => run.clone(),
                 other => panic!("expected one run, got {other:?}"),

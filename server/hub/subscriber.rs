@@ -3,7 +3,7 @@
 //! order with the events, and announced in the subscriber's own stream.
 
 use std::collections::VecDeque;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 
 use prost::bytes::{Bytes, BytesMut};
@@ -65,6 +65,8 @@ pub enum Item {
 struct Queue {
     items: VecDeque<Item>,
     events: usize,
+    /// Encoded bytes of the queued events.
+    bytes: usize,
     closed: bool,
 }
 
@@ -81,6 +83,10 @@ pub struct Subscriber {
     pub subscribed_at: SystemTime,
     pub(super) selector: Selector,
     capacity: usize,
+    /// This subscriber's guaranteed share of the hub's queue memory (see
+    /// [`super::HubConfig::queue_bytes`]); the hub changes it as
+    /// subscribers come and go.
+    byte_share: AtomicUsize,
     queue: Mutex<Queue>,
     notify: Arc<Notify>,
     matched: AtomicU64,
@@ -99,6 +105,11 @@ pub struct SubscriberCounters {
     pub lost: u64,
     /// Events waiting in its queue.
     pub queued: u64,
+    /// Their encoded bytes.
+    pub queued_bytes: u64,
+    /// Its guaranteed share of the hub's queue memory; it may hold more
+    /// while the hub's shared reserve has room.
+    pub queue_byte_share: u64,
 }
 
 impl Subscriber {
@@ -108,6 +119,7 @@ impl Subscriber {
         request: pb::WatchEventsRequest,
         selector: Selector,
         capacity: usize,
+        byte_share: usize,
     ) -> Self {
         Subscriber {
             id,
@@ -116,6 +128,7 @@ impl Subscriber {
             subscribed_at: SystemTime::now(),
             selector,
             capacity,
+            byte_share: AtomicUsize::new(byte_share),
             queue: Mutex::new(Queue::default()),
             notify: Arc::new(Notify::new()),
             matched: AtomicU64::new(0),
@@ -134,19 +147,39 @@ impl Subscriber {
     /// `encoded`, where the hub wrote every event that anyone takes, in
     /// order. Events whose entries touch go in as one run (one slice of
     /// `encoded`), unless the subscriber takes little of `encoded` (see
-    /// [`SHARE_AT_LEAST`]); what does not fit in the queue is counted as
-    /// lost.
-    pub(super) fn offer(&self, events: &[Event], taken: &[u32], entries: &[(u32, u32)], encoded: &Bytes) {
+    /// [`SHARE_AT_LEAST`]). What does not fit in the queue is counted as
+    /// lost: the queue holds at most its event capacity, and bytes up to
+    /// its guaranteed share plus what it borrows from `reserve` (the bytes
+    /// of the hub's shared reserve still free, reduced by what it takes).
+    pub(super) fn offer(
+        &self,
+        events: &[Event],
+        taken: &[u32],
+        entries: &[(u32, u32)],
+        encoded: &Bytes,
+        reserve: &mut usize,
+    ) {
         if taken.is_empty() {
             return;
         }
-        let mut q = self.lock();
-        let fits = taken.len().min(self.capacity.saturating_sub(q.events));
         let span = |&k: &u32| {
             let (start, end) = entries[k as usize];
             start as usize..end as usize
         };
-        let mine: usize = taken[..fits].iter().map(|k| span(k).len()).sum();
+        let share = self.byte_share.load(Ordering::Relaxed);
+        let mut q = self.lock();
+        let own_room = share.saturating_sub(q.bytes);
+        let room = taken.len().min(self.capacity.saturating_sub(q.events));
+        let (mut fits, mut mine) = (0, 0);
+        for k in &taken[..room] {
+            let len = span(k).len();
+            if mine + len > own_room + *reserve {
+                break;
+            }
+            mine += len;
+            fits += 1;
+        }
+        *reserve -= mine.saturating_sub(own_room);
         if mine * SHARE_AT_LEAST < encoded.len() {
             // A few events of a large buffer: a run would keep all of it
             // alive while queued. Copy them into one buffer of their own.
@@ -174,6 +207,7 @@ impl Subscriber {
             }
         }
         q.events += fits;
+        q.bytes += mine;
         for &k in &taken[fits..] {
             push_loss(&mut q, Loss::one(LossSource::SubscriberQueue, &events[k as usize]));
         }
@@ -194,6 +228,7 @@ impl Subscriber {
         let n = run.count();
         if n > 0 {
             q.events += n;
+            q.bytes += run.bytes().len();
             q.items.push_back(Item::Events(run));
         }
         self.matched.fetch_add(n as u64, Ordering::Relaxed);
@@ -213,29 +248,40 @@ impl Subscriber {
         self.notify.notify_one();
     }
 
-    /// Moves up to `max_events` events (and any loss notices among them) into
-    /// `out`, splitting a run if needed. Returns true when the queue is
-    /// drained and closed.
-    pub fn take(&self, max_events: usize, out: &mut Vec<Item>) -> bool {
+    /// Moves up to `max_events` events of up to `max_bytes` encoded bytes
+    /// (at least one event, however large) and any loss notices among
+    /// them into `out`, splitting a run if needed. Returns true when the
+    /// queue is drained and closed.
+    pub fn take(&self, max_events: usize, max_bytes: usize, out: &mut Vec<Item>) -> bool {
         let mut q = self.lock();
-        let mut taken = 0;
-        while taken < max_events {
+        let (mut events, mut bytes) = (0, 0);
+        while events < max_events {
             match q.items.front_mut() {
-                Some(Item::Events(run)) if run.count() > max_events - taken => {
-                    let part = run.split_to(max_events - taken);
-                    taken += part.count();
+                Some(Item::Events(run)) if run.count() == 0 => {
+                    q.items.pop_front();
+                }
+                Some(Item::Events(run)) => {
+                    let mut part = run.split_fitting(max_events - events, max_bytes.saturating_sub(bytes));
+                    if part.count() == 0 && events == 0 {
+                        part = run.split_to(1);
+                    }
+                    if part.count() == 0 {
+                        break;
+                    }
+                    if run.count() == 0 {
+                        q.items.pop_front();
+                    }
+                    events += part.count();
+                    bytes += part.bytes().len();
                     q.events -= part.count();
+                    q.bytes -= part.bytes().len();
                     out.push(Item::Events(part));
                 }
-                Some(_) => match q.items.pop_front() {
-                    Some(Item::Events(run)) => {
-                        taken += run.count();
-                        q.events -= run.count();
-                        out.push(Item::Events(run));
+                Some(Item::Lost(_)) => {
+                    if let Some(item) = q.items.pop_front() {
+                        out.push(item);
                     }
-                    Some(item) => out.push(item),
-                    None => break,
-                },
+                }
                 None => break,
             }
         }
@@ -253,6 +299,25 @@ impl Subscriber {
         self.lock().events
     }
 
+    /// Events waiting now, and their encoded bytes.
+    pub fn queued_with_bytes(&self) -> (usize, usize) {
+        let q = self.lock();
+        (q.events, q.bytes)
+    }
+
+    /// Sets this subscriber's guaranteed share of the hub's queue memory.
+    /// Events already queued stay; new ones wait for room.
+    pub(super) fn set_byte_share(&self, bytes: usize) {
+        self.byte_share.store(bytes, Ordering::Relaxed);
+    }
+
+    /// Queued bytes beyond its guaranteed share: what it borrows from the
+    /// hub's shared reserve.
+    pub(super) fn borrowed_bytes(&self) -> usize {
+        let share = self.byte_share.load(Ordering::Relaxed);
+        self.lock().bytes.saturating_sub(share)
+    }
+
     /// A future that completes when something was queued or the queue was
     /// closed since it was created or since the last wakeup (a wakeup may
     /// be spurious: check [`Self::is_ready`]).
@@ -267,11 +332,17 @@ impl Subscriber {
 
     /// The subscriber's counters now.
     pub fn counters(&self) -> SubscriberCounters {
+        let (queued, queued_bytes) = {
+            let q = self.lock();
+            (q.events as u64, q.bytes as u64)
+        };
         SubscriberCounters {
             matched: self.matched.load(Ordering::Relaxed),
             delivered: self.delivered.load(Ordering::Relaxed),
             lost: self.lost.load(Ordering::Relaxed),
-            queued: self.queued() as u64,
+            queued,
+            queued_bytes,
+            queue_byte_share: self.byte_share.load(Ordering::Relaxed) as u64,
         }
     }
 }

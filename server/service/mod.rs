@@ -88,6 +88,13 @@ impl Socktap for SocktapService {
     }
 }
 
+/// The most encoded event bytes in one EventBatch message (a message may
+/// exceed it only to carry a single larger event). Well under the 4 MiB
+/// that gRPC clients accept by default (tonic, grpc-go, grpcurl), whatever
+/// `max_batch_events` asks for; and small enough that a stream buffers
+/// little in the transport while its client reads slowly.
+pub const MAX_MESSAGE_BYTES: usize = 64 << 10;
+
 /// One WatchEvents stream: the transport polls it, and it takes events
 /// straight from its subscriber's queue (no task or channel in between).
 /// Dropping it (the client went away, or the stream ended) unsubscribes.
@@ -125,7 +132,7 @@ impl EventStream {
         let clock = self.hub.clock();
         let want = self.ctl.max_batch.min(self.remaining.try_into().unwrap_or(usize::MAX));
         let mut items = Vec::with_capacity(want.min(4096));
-        let ended = self.sub.take(want, &mut items);
+        let ended = self.sub.take(want, MAX_MESSAGE_BYTES, &mut items);
         let mut events = Vec::new();
         for item in items {
             match item {
@@ -140,6 +147,13 @@ impl EventStream {
         }
         self.push_events(&mut events);
         ended || self.remaining == 0
+    }
+
+    /// Whether the queue holds a full message (`max_batch` events or
+    /// [`MAX_MESSAGE_BYTES`]): no reason then to hold it back.
+    fn can_fill_a_message(&self) -> bool {
+        let (events, bytes) = self.sub.queued_with_bytes();
+        events >= self.ctl.max_batch || bytes >= MAX_MESSAGE_BYTES
     }
 
     fn push_events(&mut self, runs: &mut Vec<wire::EncodedEvents>) {
@@ -181,7 +195,7 @@ impl Stream for EventStream {
                     Poll::Pending => return Poll::Pending,
                 }
             }
-            if !this.ctl.flush_delay.is_zero() && this.sub.queued() < this.ctl.max_batch {
+            if !this.ctl.flush_delay.is_zero() && !this.can_fill_a_message() {
                 let delay = this.ctl.flush_delay;
                 let sleep = this.flush.get_or_insert_with(|| Box::pin(tokio::time::sleep(delay)));
                 if sleep.as_mut().poll(cx).is_pending() {
@@ -239,6 +253,8 @@ pub fn status(hub: &Hub) -> pb::GetStatusResponse {
                     delivered: c.delivered,
                     lost: c.lost,
                     queued: c.queued,
+                    queued_bytes: c.queued_bytes,
+                    queue_byte_share: c.queue_byte_share,
                 }
             })
             .collect(),
