@@ -7,10 +7,15 @@
 //!
 //! The layout is the kernel's (`kernel/bpf/ringbuf.c`): page 0 holds the
 //! consumer position (the only page userspace writes), page 1 the producer
-//! position, followed by the data area mapped twice in a row so that a
-//! record wrapping past the end reads as one slice. Each record starts with
-//! an 8-byte header: its length with a busy and a discard bit, and a page
-//! offset the consumer does not need. Records are 8-byte aligned.
+//! position, followed by the data area. The kernel offers the data area
+//! twice in a row, so that a record wrapping past the end reads as one
+//! slice; we map it once and copy the rare wrapping record instead. The
+//! kernel maps every page of the mapping at mmap time, so the second copy
+//! would add the whole ring again to socktapd's resident size (16 MiB
+//! instead of 8 for the default ring), for one record per lap. Each record
+//! starts with an 8-byte header: its length with a busy and a discard bit,
+//! and a page offset the consumer does not need. Records are 8-byte
+//! aligned, so a header never wraps.
 
 use std::io;
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd};
@@ -29,11 +34,13 @@ const HEADER: usize = 8;
 pub(crate) struct MappedRing {
     /// The consumer position's page (read-write).
     consumer: *mut libc::c_void,
-    /// The producer position's page and the data area twice (read-only).
+    /// The producer position's page and the data area (read-only).
     producer: *mut libc::c_void,
     page: usize,
     /// Data area bytes: a power of two.
     size: usize,
+    /// A record that wraps past the end of the data area, copied whole.
+    wrapped: Vec<u8>,
     /// The map (a duplicate: the mapping outlives the skeleton's own fd).
     map: OwnedFd,
     epoll: OwnedFd,
@@ -86,12 +93,13 @@ impl MappedRing {
         if consumer == libc::MAP_FAILED {
             return Err(io::Error::last_os_error());
         }
-        // SAFETY: FFI; maps the producer page and the double-mapped data
-        // area read-only, at the offset and length the kernel expects.
+        // SAFETY: FFI; maps the producer page and (the first copy of) the
+        // data area read-only, at the offset the kernel expects; a length
+        // short of the second copy is allowed.
         let producer = unsafe {
             libc::mmap(
                 std::ptr::null_mut(),
-                page + 2 * size,
+                page + size,
                 libc::PROT_READ,
                 libc::MAP_SHARED,
                 fd,
@@ -109,6 +117,7 @@ impl MappedRing {
             producer,
             page,
             size,
+            wrapped: Vec::new(),
             epoll,
             map,
         };
@@ -131,23 +140,41 @@ impl MappedRing {
     /// The record header at ring position `pos`.
     fn header(&self, pos: u64) -> &AtomicU32 {
         let off = self.page + (pos as usize & (self.size - 1));
-        // SAFETY: `off` lies inside the first copy of the data area, which
-        // is mapped for the life of `self`; ring positions are 8-byte
-        // aligned, so the header's length word is aligned; the kernel
-        // writes it atomically (it clears the busy bit with xchg).
+        // SAFETY: `off` lies inside the data area, which is mapped for the
+        // life of `self`; ring positions are 8-byte aligned, so the
+        // header's length word is aligned and the header does not wrap;
+        // the kernel writes it atomically (it clears the busy bit with
+        // xchg).
         unsafe { &*self.producer.byte_add(off).cast::<AtomicU32>() }
     }
 
-    /// `len` bytes of record body after the header at `pos`.
-    fn body(&self, pos: u64, len: usize) -> &[u8] {
-        let off = self.page + (pos as usize & (self.size - 1)) + HEADER;
-        // SAFETY: the caller checked `HEADER + len <= size`, and the data
-        // area is mapped twice in a row, so `off + len` stays inside the
-        // mapping even for a record that wraps. The record was submitted
-        // (its header's busy bit read clear with acquire ordering), and the
-        // kernel does not write it again until the consumer position moves
-        // past it, which only `consume` does, after the slice's last use.
-        unsafe { std::slice::from_raw_parts(self.producer.byte_add(off).cast::<u8>(), len) }
+    /// `len` bytes of the data area from offset `start` (< size), which
+    /// the caller checked do not wrap.
+    fn data(&self, start: usize, len: usize) -> &[u8] {
+        debug_assert!(start + len <= self.size);
+        // SAFETY: `start + len <= size`, so the slice lies inside the data
+        // area, mapped for the life of `self`. The caller reads only a
+        // submitted record (its header's busy bit read clear with acquire
+        // ordering), which the kernel does not write again until the
+        // consumer position moves past it; only `consume` moves it, after
+        // the slice's last use.
+        unsafe { std::slice::from_raw_parts(self.producer.byte_add(self.page + start).cast::<u8>(), len) }
+    }
+
+    /// `len` bytes of record body after the header at `pos`: in place, or
+    /// copied whole when it wraps past the end of the data area.
+    fn body(&mut self, pos: u64, len: usize) -> &[u8] {
+        let start = (pos as usize + HEADER) & (self.size - 1);
+        if start + len <= self.size {
+            return self.data(start, len);
+        }
+        let first = self.size - start;
+        let mut wrapped = std::mem::take(&mut self.wrapped);
+        wrapped.clear();
+        wrapped.extend_from_slice(self.data(start, first));
+        wrapped.extend_from_slice(self.data(0, len - first));
+        self.wrapped = wrapped;
+        &self.wrapped
     }
 
     /// Hands up to `max` submitted records to `f`, in ring order, then
@@ -233,7 +260,7 @@ impl Drop for MappedRing {
         // lengths; no reference into them outlives `&self` borrows.
         unsafe {
             libc::munmap(self.consumer, self.page);
-            libc::munmap(self.producer, self.page + 2 * self.size);
+            libc::munmap(self.producer, self.page + self.size);
         }
     }
 }
