@@ -280,7 +280,9 @@ impl Hub {
 
     /// Registers a subscriber and queues the history it asked for, all under
     /// one lock so that nothing is missed or repeated between history and
-    /// live events.
+    /// live events. `selector` is the one compiled from `request`'s
+    /// filters: subscribers whose requests have the same filters share the
+    /// first one's.
     pub fn subscribe(
         &self,
         peer: String,
@@ -303,6 +305,13 @@ impl Hub {
         }
         let id = st.next_id;
         st.next_id += 1;
+        // Subscribers with the same filters share one selector: the hub
+        // then matches each event once for all of them.
+        let same = |s: &&Arc<Subscriber>| s.request.allow == request.allow && s.request.deny == request.deny;
+        let selector = match st.subscribers.iter().find(same) {
+            Some(s) => s.selector.clone(),
+            None => Arc::new(selector),
+        };
         let sub = Arc::new(Subscriber::new(
             id,
             peer,
@@ -431,16 +440,24 @@ impl Hub {
 /// of that buffer: a subscriber taking every event gets one slice.
 fn fan_out(subscribers: &[Arc<Subscriber>], events: &[Event], clock: &WallClock, reserve: &mut usize) {
     let mut wanted = vec![false; events.len()];
-    let taken: Vec<Vec<u32>> = subscribers
+    // What each distinct selector takes, and which of them each subscriber has.
+    let mut taken: Vec<Vec<u32>> = Vec::new();
+    let mut selectors: Vec<&Arc<Selector>> = Vec::new();
+    let which: Vec<usize> = subscribers
         .iter()
         .map(|s| {
+            if let Some(k) = selectors.iter().position(|&x| Arc::ptr_eq(x, &s.selector)) {
+                return k;
+            }
             let mine: Vec<u32> = (0..events.len() as u32)
                 .filter(|&i| s.selector.matches(&events[i as usize]))
                 .collect();
             for &i in &mine {
                 wanted[i as usize] = true;
             }
-            mine
+            selectors.push(&s.selector);
+            taken.push(mine);
+            taken.len() - 1
         })
         .collect();
     let mut buf = BytesMut::with_capacity(events.len() * ENCODED_EVENT_BYTES);
@@ -454,8 +471,8 @@ fn fan_out(subscribers: &[Arc<Subscriber>], events: &[Event], clock: &WallClock,
         }
     }
     let encoded = buf.freeze();
-    for (s, mine) in subscribers.iter().zip(&taken) {
-        s.offer(events, mine, &entries, &encoded, reserve);
+    for (s, &k) in subscribers.iter().zip(&which) {
+        s.offer(events, &taken[k], &entries, &encoded, reserve);
     }
 }
 
@@ -486,17 +503,21 @@ mod tests {
         }
     }
 
-    /// A selector that takes one cookie.
-    fn only_cookie(cookie: u64) -> Selector {
-        Selector::compile(
-            &[pb::EventFilter {
+    /// A request that takes one cookie.
+    fn cookie_request(cookie: u64) -> pb::WatchEventsRequest {
+        pb::WatchEventsRequest {
+            allow: vec![pb::EventFilter {
                 cookies: vec![cookie],
                 ..Default::default()
             }],
-            &[],
-            FilterLimits::default(),
-        )
-        .unwrap()
+            ..Default::default()
+        }
+    }
+
+    /// The selector of [`cookie_request`].
+    fn only_cookie(cookie: u64) -> Selector {
+        let r = cookie_request(cookie);
+        Selector::compile(&r.allow, &r.deny, FilterLimits::default()).unwrap()
     }
 
     /// (seq, cookie) of the events in `runs`, as a client decodes them.
@@ -528,7 +549,7 @@ mod tests {
             .subscribe("b".into(), Default::default(), everything, Start::Live)
             .unwrap();
         let c = hub
-            .subscribe("c".into(), Default::default(), only_7, Start::Live)
+            .subscribe("c".into(), cookie_request(7), only_7, Start::Live)
             .unwrap();
         hub.dispatch(Batch {
             events: vec![event(1, 5), event(2, 6)],
@@ -663,6 +684,37 @@ mod tests {
     }
 
     #[test]
+    fn subscribers_with_the_same_filters_share_one_selector() {
+        let hub = Hub::new(HubConfig::default(), Source::default());
+        let sub = |name: &str, cookie| {
+            hub.subscribe(name.into(), cookie_request(cookie), only_cookie(cookie), Start::Live)
+                .unwrap()
+        };
+        let (a, b, c) = (sub("a", 7), sub("b", 7), sub("c", 8));
+        assert!(Arc::ptr_eq(&a.selector, &b.selector), "same filters, one selector");
+        assert!(!Arc::ptr_eq(&a.selector, &c.selector));
+        hub.dispatch(Batch {
+            events: (1..=6).map(|seq| event(seq, 7 + seq % 2)).collect(),
+            kernel_drops: 0,
+        });
+        let seqs = |s: &Subscriber| {
+            let mut items = Vec::new();
+            s.take(100, usize::MAX, &mut items);
+            items
+                .into_iter()
+                .flat_map(|i| match i {
+                    Item::Events(run) => decoded(vec![run]),
+                    Item::Lost(l) => panic!("unexpected loss {l:?}"),
+                })
+                .map(|(seq, _)| seq)
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(seqs(&a), [2, 4, 6]);
+        assert_eq!(seqs(&b), [2, 4, 6]);
+        assert_eq!(seqs(&c), [1, 3, 5]);
+    }
+
+    #[test]
     fn take_stops_at_a_byte_budget_but_always_moves_one_event() {
         let hub = Hub::new(HubConfig::default(), Source::default());
         let sub = hub
@@ -698,7 +750,7 @@ mod tests {
             .subscribe("a".into(), Default::default(), Selector::default(), Start::Live)
             .unwrap();
         let sparse = hub
-            .subscribe("b".into(), Default::default(), only_3, Start::Live)
+            .subscribe("b".into(), cookie_request(3), only_3, Start::Live)
             .unwrap();
         hub.dispatch(Batch {
             events: (1..=8).map(|seq| event(seq, seq)).collect(),

@@ -81,7 +81,9 @@ pub struct Subscriber {
     pub request: pb::WatchEventsRequest,
     /// When it subscribed.
     pub subscribed_at: SystemTime,
-    pub(super) selector: Selector,
+    /// Shared with every subscriber whose request has the same filters, so
+    /// that the hub matches each event once per distinct filter set.
+    pub(super) selector: Arc<Selector>,
     capacity: usize,
     /// This subscriber's guaranteed share of the hub's queue memory (see
     /// [`super::HubConfig::queue_bytes`]); the hub changes it as
@@ -117,7 +119,7 @@ impl Subscriber {
         id: u64,
         peer: String,
         request: pb::WatchEventsRequest,
-        selector: Selector,
+        selector: Arc<Selector>,
         capacity: usize,
         byte_share: usize,
     ) -> Self {
@@ -170,15 +172,22 @@ impl Subscriber {
         let mut q = self.lock();
         let own_room = share.saturating_sub(q.bytes);
         let room = taken.len().min(self.capacity.saturating_sub(q.events));
-        let (mut fits, mut mine) = (0, 0);
-        for k in &taken[..room] {
-            let len = span(k).len();
-            if mine + len > own_room + *reserve {
-                break;
+        let (fits, mine) = if room == events.len() && encoded.len() <= own_room + *reserve {
+            // It takes every event of the batch, and they all fit: their
+            // entries are the whole buffer.
+            (room, encoded.len())
+        } else {
+            let (mut fits, mut mine) = (0, 0);
+            for k in &taken[..room] {
+                let len = span(k).len();
+                if mine + len > own_room + *reserve {
+                    break;
+                }
+                mine += len;
+                fits += 1;
             }
-            mine += len;
-            fits += 1;
-        }
+            (fits, mine)
+        };
         *reserve -= mine.saturating_sub(own_room);
         if mine * SHARE_AT_LEAST < encoded.len() {
             // A few events of a large buffer: a run would keep all of it
@@ -191,6 +200,10 @@ impl Subscriber {
                 q.items
                     .push_back(Item::Events(EncodedEvents::from_framed(own.freeze(), fits)));
             }
+        } else if fits == events.len() {
+            // Every event of the batch: the whole buffer is one run.
+            q.items
+                .push_back(Item::Events(EncodedEvents::from_framed(encoded.clone(), fits)));
         } else {
             // Events whose entries touch go in as one run of the shared buffer.
             let mut i = 0;
