@@ -65,7 +65,7 @@ struct Args {
     #[arg(long, env = "SOCKTAPD_SOCKET_GROUP")]
     socket_group: Option<String>,
     /// File holding a bearer token that Socktap RPCs must present
-    /// (authorization: Bearer <token>). Health and reflection stay open.
+    /// (`authorization: Bearer <token>`). Health and reflection stay open.
     #[arg(long, env = "SOCKTAPD_AUTH_TOKEN_FILE")]
     auth_token_file: Option<PathBuf>,
     /// TLS certificate chain (PEM). With --tls-key, serves TLS.

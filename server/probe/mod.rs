@@ -1,8 +1,8 @@
 //! The kernel probe: loads socktap's BPF programs in the best attach mode
 //! the kernel accepts, and delivers decoded events to Rust code: on a
 //! channel, to a sink called on the reader thread ([`Probe::deliver_to`]),
-//! or to a sink on a tokio runtime that also does the reading at low rates
-//! ([`Probe::deliver_on_runtime`]).
+//! or to a sink on a tokio runtime that also does the reading while it
+//! keeps up ([`Probe::deliver_on_runtime`]).
 //!
 //! The probe's thread owns the BPF objects and reads the ring buffer until
 //! a runtime consumer takes the reading over; dropping the [`Probe`] stops
@@ -533,12 +533,14 @@ impl Probe {
     }
 
     /// Hands every batch from now on to `sink`, and moves the reading to
-    /// the tokio runtime `handle`: at low rates a task there reads the ring
-    /// and calls `sink`, so a consumer that wakes tasks on the same runtime
+    /// the tokio runtime `handle`: a task there reads the ring and calls
+    /// `sink`, so a consumer that wakes tasks on the same runtime
     /// (socktapd's subscriber streams) costs one wakeup per batch instead of
-    /// two; above [`BATCH_ABOVE_RATE`] events/s the task hands the reading to
-    /// a blocking thread of the runtime and takes it back when the rate
-    /// falls. `sink` must not block. Batches already waiting in the channel
+    /// two. When that task falls behind at a high rate (above
+    /// [`BATCH_ABOVE_RATE`] events/s, a pass finds a whole batch of
+    /// [`MAX_BATCH_EVENTS`] records waiting) it hands the reading to a
+    /// blocking thread of the runtime, and takes it back when the rate
+    /// falls below [`UNBATCH_BELOW_RATE`]. `sink` must not block. Batches already waiting in the channel
     /// go to the sink first, in order; the channel is closed. Once the
     /// reading has moved, it stays with this sink: a later `deliver_to` or
     /// `deliver_on_runtime` has no effect (and logs a warning).

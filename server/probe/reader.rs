@@ -1,7 +1,7 @@
 //! The ring buffer reader: turns ring-buffer records into batches for the
 //! consumer. It starts on the probe's thread (which owns the skeleton, and
 //! so the attached programs); with a runtime consumer it reads on that
-//! runtime at low rates and on a blocking thread at high rates.
+//! runtime, and on a blocking thread while it cannot keep up there.
 
 use std::os::fd::AsFd;
 use std::sync::atomic::Ordering;
@@ -203,14 +203,15 @@ pub(crate) fn run(mut reader: Reader, consumer: &Mutex<Consumer>) {
     }
 }
 
-/// Reads on a tokio runtime while the event rate is low: the task that
-/// reads also runs the consumer, and the subscribers' streams are woken on
-/// the same thread, so a batch costs one wakeup instead of two (the
-/// reader's, then the runtime's). Above [`BATCH_ABOVE_RATE`] events/s
-/// (when the kernel batches wakeups) the reading moves to a blocking
-/// thread, so that decoding and dispatch run beside the runtime's HTTP/2
-/// writes instead of taking turns with them, and comes back when the rate
-/// falls.
+/// Reads on a tokio runtime: the task that reads also runs the consumer,
+/// and the subscribers' streams are woken on the same thread, so a batch
+/// costs one wakeup instead of two (the reader's, then the runtime's).
+/// When the reading falls behind at a high rate (the kernel batches
+/// wakeups, above [`BATCH_ABOVE_RATE`] events/s, and a pass still finds a
+/// whole batch of [`MAX_BATCH_EVENTS`] records waiting) it moves to a
+/// blocking thread, so that decoding and dispatch run beside the runtime's
+/// HTTP/2 writes instead of taking turns with them; it comes back when the
+/// rate falls below [`UNBATCH_BELOW_RATE`].
 pub(crate) async fn read_on_runtime(mut reader: Reader, mut sink: Sink) {
     let shared = reader.control.shared.clone();
     shared.on_runtime.store(true, Ordering::Relaxed);
@@ -230,7 +231,7 @@ pub(crate) async fn read_on_runtime(mut reader: Reader, mut sink: Sink) {
         }
     };
     while !reader.stopped() {
-        if reader.batching() {
+        if reader.batching() && reader.full_batch {
             shared.on_runtime.store(false, Ordering::Relaxed);
             let back = tokio::task::spawn_blocking(move || read_on_thread(reader, sink, |r| !r.batching())).await;
             match back {
