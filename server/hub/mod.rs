@@ -659,16 +659,17 @@ mod tests {
 
         hub.unsubscribe(b.id);
         assert_eq!(a.counters().queue_byte_share, 6 * per_event as u64);
+        let mut items = Vec::new();
+        a.take(7, usize::MAX, &mut items);
         hub.dispatch(Batch {
             events: (21..=30).map(|seq| event(seq, 9)).collect(),
             kernel_drops: 0,
         });
         assert_eq!(
             counts(&a),
-            (12, 18, 12, 6),
-            "the leaver's share went back: 12 in all, never more"
+            (12, 11, 12, 6),
+            "half empty, it takes events again: its share, and the leaver's reserve; 12 in all, never more"
         );
-        let mut items = Vec::new();
         a.take(100, usize::MAX, &mut items);
         let seqs: Vec<u64> = items
             .into_iter()
@@ -679,7 +680,10 @@ mod tests {
             .flatten()
             .map(|(seq, _)| seq)
             .collect();
-        assert_eq!(seqs, [1, 2, 3, 4, 5, 6, 7, 8, 9, 21, 22, 23]);
+        assert_eq!(
+            seqs,
+            [1, 2, 3, 4, 5, 6, 7, 8, 9, 21, 22, 23, 24, 25, 26, 27, 28, 29, 30]
+        );
         assert_eq!(a.counters().queued_bytes, 0, "taking frees the bytes");
     }
 
@@ -712,6 +716,59 @@ mod tests {
         assert_eq!(seqs(&a), [2, 4, 6]);
         assert_eq!(seqs(&b), [2, 4, 6]);
         assert_eq!(seqs(&c), [1, 3, 5]);
+    }
+
+    #[test]
+    fn a_queue_that_lost_events_takes_none_until_half_empty_and_counts_them_in_one_notice() {
+        let config = HubConfig {
+            queue_events: 4,
+            ..HubConfig::default()
+        };
+        let hub = Hub::new(config, Source::default());
+        let sub = hub
+            .subscribe("a".into(), Default::default(), Selector::default(), Start::Live)
+            .unwrap();
+        let mut next = 1;
+        let mut send = |n: u64| {
+            hub.dispatch(Batch {
+                events: (next..next + n).map(|seq| event(seq, 9)).collect(),
+                kernel_drops: 0,
+            });
+            next += n;
+        };
+        let mut got = Vec::new();
+        let mut take = |n| {
+            let mut items = Vec::new();
+            sub.take(n, usize::MAX, &mut items);
+            for i in items {
+                match i {
+                    Item::Events(run) => got.extend(decoded(vec![run]).into_iter().map(|(seq, _)| Ok(seq))),
+                    Item::Lost(l) => got.push(Err((l.count, l.first_seq, l.last_seq))),
+                }
+            }
+        };
+        send(6); // 1-4 queued, 5-6 lost
+        take(1); // 3 queued: more than half
+        send(2); // 7-8 lost
+        take(1); // 2 queued: half
+        send(3); // 9-10 queued, 11 lost
+        take(100);
+        assert_eq!(
+            got,
+            [
+                Ok(1),
+                Ok(2),
+                Ok(3),
+                Ok(4),
+                Err((4, 5, 8)),
+                Ok(9),
+                Ok(10),
+                Err((1, 11, 11))
+            ],
+            "one notice for the whole gap, in its place"
+        );
+        let c = sub.counters();
+        assert_eq!((c.matched, c.lost, c.delivered + c.queued), (11, 5, 0));
     }
 
     #[test]

@@ -1,6 +1,7 @@
 //! One subscriber's bounded queue. The hub pushes into it without ever
 //! waiting; when it is full, what does not fit is counted as a loss, kept in
-//! order with the events, and announced in the subscriber's own stream.
+//! order with the events, and announced in the subscriber's own stream;
+//! then it takes nothing until it is half empty.
 
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
@@ -67,6 +68,8 @@ struct Queue {
     events: usize,
     /// Encoded bytes of the queued events.
     bytes: usize,
+    /// The queue overflowed and takes nothing until it is half empty.
+    overflowed: bool,
     closed: bool,
 }
 
@@ -153,6 +156,8 @@ impl Subscriber {
     /// lost: the queue holds at most its event capacity, and bytes up to
     /// its guaranteed share plus what it borrows from `reserve` (the bytes
     /// of the hub's shared reserve still free, reduced by what it takes).
+    /// Once it has lost events, it takes none until it is half empty (half
+    /// its capacity and half its share).
     pub(super) fn offer(
         &self,
         events: &[Event],
@@ -170,8 +175,15 @@ impl Subscriber {
         };
         let share = self.byte_share.load(Ordering::Relaxed);
         let mut q = self.lock();
+        if q.overflowed && q.events <= self.capacity / 2 && q.bytes <= share / 2 {
+            q.overflowed = false;
+        }
         let own_room = share.saturating_sub(q.bytes);
-        let room = taken.len().min(self.capacity.saturating_sub(q.events));
+        let room = if q.overflowed {
+            0
+        } else {
+            taken.len().min(self.capacity.saturating_sub(q.events))
+        };
         let (fits, mine) = if room == events.len() && encoded.len() <= own_room + *reserve {
             // It takes every event of the batch, and they all fit: their
             // entries are the whole buffer.
@@ -221,8 +233,23 @@ impl Subscriber {
         }
         q.events += fits;
         q.bytes += mine;
-        for &k in &taken[fits..] {
-            push_loss(&mut q, Loss::one(LossSource::SubscriberQueue, &events[k as usize]));
+        if let (Some(&first), Some(&last)) = (taken.get(fits), taken.last()) {
+            let (first, last) = (&events[first as usize], &events[last as usize]);
+            push_loss(
+                &mut q,
+                Loss {
+                    source: LossSource::SubscriberQueue,
+                    count: (taken.len() - fits) as u64,
+                    first_seq: first.seq,
+                    last_seq: last.seq,
+                    first_ns: first.timestamp_ns,
+                    last_ns: last.timestamp_ns,
+                },
+            );
+            // Take nothing more until the client has read half of what is
+            // queued: the losses then come as a few long gaps rather than
+            // a gap after every few events, and what it gets is fresh.
+            q.overflowed = true;
         }
         drop(q);
         self.matched.fetch_add(taken.len() as u64, Ordering::Relaxed);
@@ -356,19 +383,6 @@ impl Subscriber {
             queued,
             queued_bytes,
             queue_byte_share: self.byte_share.load(Ordering::Relaxed) as u64,
-        }
-    }
-}
-
-impl Loss {
-    fn one(source: LossSource, e: &Event) -> Self {
-        Loss {
-            source,
-            count: 1,
-            first_seq: e.seq,
-            last_seq: e.seq,
-            first_ns: e.timestamp_ns,
-            last_ns: e.timestamp_ns,
         }
     }
 }
