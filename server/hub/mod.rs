@@ -537,6 +537,20 @@ mod tests {
         }
     }
 
+    /// What a client reads next from `s`, up to `max` events: each event's
+    /// seq, and each loss notice as (count, first_seq, last_seq).
+    fn read(s: &Subscriber, max: usize) -> Vec<Result<u64, (u64, u64, u64)>> {
+        let mut items = Vec::new();
+        s.take(max, usize::MAX, &mut items);
+        items
+            .into_iter()
+            .flat_map(|i| match i {
+                Item::Events(run) => decoded(vec![run]).into_iter().map(|(seq, _)| Ok(seq)).collect(),
+                Item::Lost(l) => vec![Err((l.count, l.first_seq, l.last_seq))],
+            })
+            .collect()
+    }
+
     #[test]
     fn subscribers_taking_the_same_event_share_one_conversion() {
         let hub = Hub::new(HubConfig::default(), Source::default());
@@ -659,8 +673,7 @@ mod tests {
 
         hub.unsubscribe(b.id);
         assert_eq!(a.counters().queue_byte_share, 6 * per_event as u64);
-        let mut items = Vec::new();
-        a.take(7, usize::MAX, &mut items);
+        let mut got = read(&a, 7);
         hub.dispatch(Batch {
             events: (21..=30).map(|seq| event(seq, 9)).collect(),
             kernel_drops: 0,
@@ -670,20 +683,13 @@ mod tests {
             (12, 11, 12, 6),
             "half empty, it takes events again: its share, and the leaver's reserve; 12 in all, never more"
         );
-        a.take(100, usize::MAX, &mut items);
-        let seqs: Vec<u64> = items
-            .into_iter()
-            .filter_map(|i| match i {
-                Item::Events(run) => Some(decoded(vec![run])),
-                Item::Lost(_) => None,
-            })
-            .flatten()
-            .map(|(seq, _)| seq)
+        got.extend(read(&a, 100));
+        let expected: Vec<_> = (1..=9)
+            .map(Ok)
+            .chain([Err((11, 10, 20))])
+            .chain((21..=30).map(Ok))
             .collect();
-        assert_eq!(
-            seqs,
-            [1, 2, 3, 4, 5, 6, 7, 8, 9, 21, 22, 23, 24, 25, 26, 27, 28, 29, 30]
-        );
+        assert_eq!(got, expected, "in order, the gap announced in its place");
         assert_eq!(a.counters().queued_bytes, 0, "taking frees the bytes");
     }
 
@@ -701,21 +707,9 @@ mod tests {
             events: (1..=6).map(|seq| event(seq, 7 + seq % 2)).collect(),
             kernel_drops: 0,
         });
-        let seqs = |s: &Subscriber| {
-            let mut items = Vec::new();
-            s.take(100, usize::MAX, &mut items);
-            items
-                .into_iter()
-                .flat_map(|i| match i {
-                    Item::Events(run) => decoded(vec![run]),
-                    Item::Lost(l) => panic!("unexpected loss {l:?}"),
-                })
-                .map(|(seq, _)| seq)
-                .collect::<Vec<_>>()
-        };
-        assert_eq!(seqs(&a), [2, 4, 6]);
-        assert_eq!(seqs(&b), [2, 4, 6]);
-        assert_eq!(seqs(&c), [1, 3, 5]);
+        assert_eq!(read(&a, 100), [Ok(2), Ok(4), Ok(6)]);
+        assert_eq!(read(&b, 100), [Ok(2), Ok(4), Ok(6)]);
+        assert_eq!(read(&c, 100), [Ok(1), Ok(3), Ok(5)]);
     }
 
     #[test]
@@ -737,16 +731,7 @@ mod tests {
             next += n;
         };
         let mut got = Vec::new();
-        let mut take = |n| {
-            let mut items = Vec::new();
-            sub.take(n, usize::MAX, &mut items);
-            for i in items {
-                match i {
-                    Item::Events(run) => got.extend(decoded(vec![run]).into_iter().map(|(seq, _)| Ok(seq))),
-                    Item::Lost(l) => got.push(Err((l.count, l.first_seq, l.last_seq))),
-                }
-            }
-        };
+        let mut take = |n| got.extend(read(&sub, n));
         send(6); // 1-4 queued, 5-6 lost
         take(1); // 3 queued: more than half
         send(2); // 7-8 lost
