@@ -72,10 +72,30 @@ async fn subscribe_cancel_cycles_and_200_subscribers_leave_nothing_behind() {
             drop(s);
         }
     };
-    // Warm up, then take the baseline.
+    // 8 connections of 25: one connection carries at most
+    // max_subscribers_per_connection (32) streams.
+    let two_hundred = || async {
+        let mut streams = Vec::new();
+        for _ in 0..8 {
+            let mut c = d.client().await;
+            for _ in 0..25 {
+                streams.push(
+                    c.watch_events(pb::WatchEventsRequest::default())
+                        .await
+                        .unwrap()
+                        .into_inner(),
+                );
+            }
+        }
+        wait_for("200 subscribers", || hub.subscriber_count() == 200).await;
+        streams
+    };
+    // Warm up (the allocator keeps what 200 streams needed once), then
+    // take the baseline: a leak shows as growth over a second round.
     for _ in 0..50 {
         cycle(&mut client).await;
     }
+    drop(two_hundred().await);
     wait_for("no subscriber after warm-up", || hub.subscriber_count() == 0).await;
     tokio::time::sleep(Duration::from_millis(200)).await;
     let (rss0, tasks0) = (rss_kib(), metrics.num_alive_tasks());
@@ -83,21 +103,7 @@ async fn subscribe_cancel_cycles_and_200_subscribers_leave_nothing_behind() {
     for _ in 0..1000 {
         cycle(&mut client).await;
     }
-    // 8 connections of 25: one connection carries at most
-    // max_subscribers_per_connection (32) streams.
-    let mut streams = Vec::new();
-    for _ in 0..8 {
-        let mut c = d.client().await;
-        for _ in 0..25 {
-            streams.push(
-                c.watch_events(pb::WatchEventsRequest::default())
-                    .await
-                    .unwrap()
-                    .into_inner(),
-            );
-        }
-    }
-    wait_for("200 subscribers", || hub.subscriber_count() == 200).await;
+    let streams = two_hundred().await;
     assert!(probe.control().is_attached(), "programs attached while subscribed");
     let rss_peak = rss_kib();
     drop(streams);
