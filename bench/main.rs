@@ -502,9 +502,14 @@ fn report(args: &Args, runs: &[Run], zero_loss: Option<&Run>, kernel: &str, cpu:
         .iter()
         .find(|r| !r.attach_mode.is_empty() && !r.attach_mode.starts_with("bpftrace"))
         .map(|r| r.attach_mode.clone());
+    let nproc = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0);
+    println!(
+        "socktapd attach mode {}, kernel {kernel}, {cpu}, {nproc} CPUs",
+        mode.as_deref().unwrap_or("- (socktapd did not run)")
+    );
     let doc = json!({
         "kernel": kernel, "cpu_model": cpu, "attach_mode": mode,
-        "nproc": std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0),
+        "nproc": nproc,
         "seconds_per_run": args.seconds, "rounds": args.rounds, "quick": args.quick,
         "summary": summary,
         "runs": runs.iter().map(|r| json!({
