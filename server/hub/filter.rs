@@ -47,7 +47,7 @@ impl FieldError {
 }
 
 /// A small set with binary-search lookups; empty means "any".
-#[derive(Clone, Debug, Default)]
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
 struct AnyOf<T: Ord>(Vec<T>);
 
 impl<T: Ord + Copy> AnyOf<T> {
@@ -62,7 +62,7 @@ impl<T: Ord + Copy> AnyOf<T> {
 }
 
 /// One compiled `EventFilter`.
-#[derive(Clone, Debug, Default)]
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
 struct Compiled {
     cookies: AnyOf<u64>,
     pids: AnyOf<u32>,
@@ -103,8 +103,9 @@ fn kind_code(k: EventKind) -> u8 {
     }
 }
 
-/// The compiled allow and deny lists of one subscriber.
-#[derive(Clone, Debug, Default)]
+/// The compiled allow and deny lists of one subscriber. Equal selectors
+/// select the same events.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Selector {
     allow: Vec<Compiled>,
     deny: Vec<Compiled>,

@@ -280,9 +280,7 @@ impl Hub {
 
     /// Registers a subscriber and queues the history it asked for, all under
     /// one lock so that nothing is missed or repeated between history and
-    /// live events. `selector` is the one compiled from `request`'s
-    /// filters: subscribers whose requests have the same filters share the
-    /// first one's.
+    /// live events. Subscribers with equal selectors share one.
     pub fn subscribe(
         &self,
         peer: String,
@@ -307,8 +305,7 @@ impl Hub {
         st.next_id += 1;
         // Subscribers with the same filters share one selector: the hub
         // then matches each event once for all of them.
-        let same = |s: &&Arc<Subscriber>| s.request.allow == request.allow && s.request.deny == request.deny;
-        let selector = match st.subscribers.iter().find(same) {
+        let selector = match st.subscribers.iter().find(|s| *s.selector == selector) {
             Some(s) => s.selector.clone(),
             None => Arc::new(selector),
         };
@@ -703,6 +700,21 @@ mod tests {
         let (a, b, c) = (sub("a", 7), sub("b", 7), sub("c", 8));
         assert!(Arc::ptr_eq(&a.selector, &b.selector), "same filters, one selector");
         assert!(!Arc::ptr_eq(&a.selector, &c.selector));
+        let either = |cookies: Vec<u64>| {
+            let r = pb::WatchEventsRequest {
+                allow: vec![pb::EventFilter {
+                    cookies,
+                    ..Default::default()
+                }],
+                ..Default::default()
+            };
+            let selector = Selector::compile(&r.allow, &r.deny, FilterLimits::default()).unwrap();
+            hub.subscribe("d".into(), r, selector, Start::Live).unwrap()
+        };
+        let (d, e) = (either(vec![7, 8]), either(vec![8, 7]));
+        assert!(Arc::ptr_eq(&d.selector, &e.selector), "the same set in another order");
+        hub.unsubscribe(d.id);
+        hub.unsubscribe(e.id);
         hub.dispatch(Batch {
             events: (1..=6).map(|seq| event(seq, 7 + seq % 2)).collect(),
             kernel_drops: 0,
