@@ -139,8 +139,8 @@ impl Reader {
         }
         let mut events = std::mem::replace(&mut self.pending, Vec::with_capacity(MAX_BATCH_EVENTS));
         // Records from different CPUs can be committed slightly out of
-        // order; hand them on in sequence order (cheap: nearly sorted).
-        events.sort_by_key(|e| e.seq);
+        // order; hand them on in sequence order.
+        sort_by_seq(&mut events);
         shared.events_read.fetch_add(events.len() as u64, Ordering::Relaxed);
         Some(Batch {
             events,
@@ -347,6 +347,31 @@ impl Pacing {
     }
 }
 
+/// Sorts a batch by sequence number. Records from different CPUs are
+/// committed nearly in order: most batches are sorted already (~94 % under
+/// W1), and the others have a few events a few places late (~8 in 4096
+/// under W2). Moving those few into place is cheaper than a general sort,
+/// which merges whole runs of 144-byte events; it is the fallback when
+/// more than a few events would have to move.
+fn sort_by_seq(events: &mut [Event]) {
+    let mut budget = 4 * events.len();
+    for i in 1..events.len() {
+        let seq = events[i].seq;
+        if events[i - 1].seq <= seq {
+            continue;
+        }
+        // events[..i] is sorted: find where this one belongs.
+        let at = events[..i].partition_point(|e| e.seq <= seq);
+        let moves = i - at;
+        if moves > budget {
+            events.sort_by_key(|e| e.seq);
+            return;
+        }
+        budget -= moves;
+        events[at..=i].rotate_right(1);
+    }
+}
+
 fn read_drops(drops: &MapHandle) -> u64 {
     match drops.lookup_percpu(&0u32.to_ne_bytes(), MapFlags::ANY) {
         Ok(Some(per_cpu)) => per_cpu.iter().map(|v| u64_of(v)).sum(),
@@ -431,6 +456,64 @@ mod tests {
             !Pacing::new(&opts).kernel_wakes_on_catch_up(t),
             "a nonzero interval at low rates too"
         );
+    }
+
+    #[test]
+    fn batches_are_sorted_by_seq_however_shuffled() {
+        use crate::event::{AttachMode, Comm, EventKind};
+        let event = |seq| Event {
+            seq,
+            timestamp_ns: seq,
+            cookie: 1,
+            kind: EventKind::Send,
+            bytes: 1,
+            errno: 0,
+            pid: 1,
+            tid: 1,
+            uid: 0,
+            cgroup_id: 1,
+            netns: 1,
+            cpu: 0,
+            comm: Comm::from_kernel(b"t"),
+            local: "127.0.0.1:1".parse().unwrap(),
+            remote: "127.0.0.1:2".parse().unwrap(),
+            mode: AttachMode::Tracepoint,
+        };
+        let check = |seqs: Vec<u64>| {
+            let mut events: Vec<Event> = seqs.iter().map(|&s| event(s)).collect();
+            sort_by_seq(&mut events);
+            let mut want = seqs.clone();
+            want.sort();
+            assert_eq!(events.iter().map(|e| e.seq).collect::<Vec<_>>(), want, "from {seqs:?}");
+            assert!(events.iter().all(|e| e.timestamp_ns == e.seq), "each event moved whole");
+        };
+        check(vec![]);
+        check(vec![1]);
+        check((0..100).collect());
+        check(vec![2, 1, 4, 3, 6, 5]);
+        check(vec![1, 2, 3, 0, 4, 5, 9, 6, 7, 8]);
+        check((0..100).rev().collect()); // over the budget: the general sort
+                                         // Two CPUs' records interleaved with small delays, and random orders.
+        let mut x: u64 = 0x9e37_79b9_7f4a_7c15;
+        let mut rand = || {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x
+        };
+        for _ in 0..200 {
+            let n = 1 + (rand() % 300) as usize;
+            let mut seqs: Vec<u64> = (0..n as u64).collect();
+            for _ in 0..(rand() % 20) {
+                let i = (rand() as usize) % n;
+                let j = (i + (rand() as usize) % 5).min(n - 1);
+                seqs.swap(i, j);
+            }
+            check(seqs);
+            let mut seqs: Vec<u64> = (0..n as u64).map(|_| rand() % 1000).collect();
+            seqs.dedup();
+            check(seqs);
+        }
     }
 
     #[test]
