@@ -189,6 +189,18 @@ async fn a_stalled_subscriber_costs_a_fast_one_nothing_and_its_losses_add_up() {
         );
     }
 
+    // The slow one's queue holds what it has not read, in the status too.
+    let st = d
+        .client()
+        .await
+        .get_status(pb::GetStatusRequest {})
+        .await
+        .unwrap()
+        .into_inner();
+    let per_sub: u64 = st.subscribers.iter().map(|s| s.queued_bytes).sum();
+    assert!(st.queued_bytes > 0, "the stalled subscriber's queue is not empty");
+    assert_eq!(st.queued_bytes, per_sub, "the daemon's total is the subscribers' sum");
+
     // Now the slow one drains: delivered + lost == matched.
     let (mut delivered, mut lost_count, mut notices) = (0u64, 0u64, 0);
     while delivered + lost_count < TOTAL {
@@ -683,6 +695,11 @@ async fn status_reports_source_subscribers_and_counters() {
     assert_eq!(sub.request.as_ref(), Some(&req));
     assert_eq!((sub.matched, sub.delivered, sub.lost), (20, 20, 0));
     assert_eq!((sub.queued, sub.queued_bytes), (0, 0));
+    assert_eq!(
+        (st.queued_bytes, st.queue_bytes_limit),
+        (0, HubConfig::default().queue_bytes as u64),
+        "drained; the daemon's limit"
+    );
     assert_eq!(
         sub.queue_byte_share,
         HubConfig::default().queue_bytes as u64 / 2,

@@ -130,6 +130,12 @@ pub fn status_text(s: &api::GetStatusResponse) -> String {
         }
     );
     let _ = writeln!(out, "history: {}/{} events", s.history_len, s.history_capacity);
+    let _ = writeln!(
+        out,
+        "queues: {} of {} KiB",
+        s.queued_bytes.div_ceil(1024),
+        s.queue_bytes_limit / 1024
+    );
     let _ = writeln!(out, "subscribers: {}", s.subscribers.len());
     for sub in &s.subscribers {
         let filters = sub.request.as_ref().map(json_line).unwrap_or_default();

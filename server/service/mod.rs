@@ -224,6 +224,25 @@ pub fn status(hub: &Hub) -> pb::GetStatusResponse {
     let s = hub.status();
     let source = hub.source();
     let probe = source.probe.as_ref();
+    let subscribers: Vec<pb::SubscriberStatus> = s
+        .subscribers
+        .iter()
+        .map(|sub| {
+            let c = sub.counters();
+            pb::SubscriberStatus {
+                id: sub.id,
+                peer: sub.peer.clone(),
+                request: Some(sub.request.clone()),
+                subscribed_at: Some(convert::system_timestamp(sub.subscribed_at)),
+                matched: c.matched,
+                delivered: c.delivered,
+                lost: c.lost,
+                queued: c.queued,
+                queued_bytes: c.queued_bytes,
+                queue_byte_share: c.queue_byte_share,
+            }
+        })
+        .collect();
     pb::GetStatusResponse {
         version: env!("CARGO_PKG_VERSION").into(),
         kernel_release: kernel_release(),
@@ -239,25 +258,9 @@ pub fn status(hub: &Hub) -> pb::GetStatusResponse {
         kernel_gate_open: s.gate_open,
         history_len: s.history_len as u64,
         history_capacity: s.history_capacity as u64,
-        subscribers: s
-            .subscribers
-            .iter()
-            .map(|sub| {
-                let c = sub.counters();
-                pb::SubscriberStatus {
-                    id: sub.id,
-                    peer: sub.peer.clone(),
-                    request: Some(sub.request.clone()),
-                    subscribed_at: Some(convert::system_timestamp(sub.subscribed_at)),
-                    matched: c.matched,
-                    delivered: c.delivered,
-                    lost: c.lost,
-                    queued: c.queued,
-                    queued_bytes: c.queued_bytes,
-                    queue_byte_share: c.queue_byte_share,
-                }
-            })
-            .collect(),
+        queued_bytes: subscribers.iter().map(|sub| sub.queued_bytes).sum(),
+        queue_bytes_limit: hub.config().queue_bytes as u64,
+        subscribers,
         programs: probe
             .map(|p| {
                 p.program_stats()
