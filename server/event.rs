@@ -147,6 +147,29 @@ unsafe impl plain::Plain for types::socktap_event {}
 pub const RECORD_SIZE: usize = std::mem::size_of::<types::socktap_event>();
 
 impl Event {
+    /// An IPv4 send on 127.0.0.1:1 → 127.0.0.1:2, for unit tests.
+    #[cfg(test)]
+    pub(crate) fn sample(seq: u64, cookie: u64) -> Event {
+        Event {
+            seq,
+            timestamp_ns: 1,
+            cookie,
+            kind: EventKind::Send,
+            bytes: 1,
+            errno: 0,
+            pid: 1,
+            tid: 1,
+            uid: 0,
+            cgroup_id: 1,
+            netns: 1,
+            cpu: 0,
+            comm: Comm::from_kernel(b"t"),
+            local: "127.0.0.1:1".parse().unwrap(),
+            remote: "127.0.0.1:2".parse().unwrap(),
+            mode: AttachMode::Tracepoint,
+        }
+    }
+
     /// Decodes one ring buffer record.
     pub fn decode(data: &[u8]) -> Result<Event, DecodeError> {
         // Ring buffer records are 8-byte aligned: read them in place.

@@ -476,28 +476,10 @@ fn fan_out(subscribers: &[Arc<Subscriber>], events: &[Event], clock: &WallClock,
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::event::{Comm, EventKind};
     use socktap_proto::wire;
 
     fn event(seq: u64, cookie: u64) -> Event {
-        Event {
-            seq,
-            timestamp_ns: 1,
-            cookie,
-            kind: EventKind::Send,
-            bytes: 1,
-            errno: 0,
-            pid: 1,
-            tid: 1,
-            uid: 0,
-            cgroup_id: 1,
-            netns: 1,
-            cpu: 0,
-            comm: Comm::from_kernel(b"t"),
-            local: "127.0.0.1:1".parse().unwrap(),
-            remote: "127.0.0.1:2".parse().unwrap(),
-            mode: AttachMode::Tracepoint,
-        }
+        Event::sample(seq, cookie)
     }
 
     /// A request that takes one cookie.

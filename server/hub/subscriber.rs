@@ -334,13 +334,8 @@ impl Subscriber {
         !q.items.is_empty() || q.closed
     }
 
-    /// Events waiting now.
-    pub fn queued(&self) -> usize {
-        self.lock().events
-    }
-
     /// Events waiting now, and their encoded bytes.
-    pub fn queued_with_bytes(&self) -> (usize, usize) {
+    pub fn queued(&self) -> (usize, usize) {
         let q = self.lock();
         (q.events, q.bytes)
     }
@@ -372,16 +367,13 @@ impl Subscriber {
 
     /// The subscriber's counters now.
     pub fn counters(&self) -> SubscriberCounters {
-        let (queued, queued_bytes) = {
-            let q = self.lock();
-            (q.events as u64, q.bytes as u64)
-        };
+        let (queued, queued_bytes) = self.queued();
         SubscriberCounters {
             matched: self.matched.load(Ordering::Relaxed),
             delivered: self.delivered.load(Ordering::Relaxed),
             lost: self.lost.load(Ordering::Relaxed),
-            queued,
-            queued_bytes,
+            queued: queued as u64,
+            queued_bytes: queued_bytes as u64,
             queue_byte_share: self.byte_share.load(Ordering::Relaxed) as u64,
         }
     }

@@ -460,24 +460,9 @@ mod tests {
 
     #[test]
     fn batches_are_sorted_by_seq_however_shuffled() {
-        use crate::event::{AttachMode, Comm, EventKind};
         let event = |seq| Event {
-            seq,
             timestamp_ns: seq,
-            cookie: 1,
-            kind: EventKind::Send,
-            bytes: 1,
-            errno: 0,
-            pid: 1,
-            tid: 1,
-            uid: 0,
-            cgroup_id: 1,
-            netns: 1,
-            cpu: 0,
-            comm: Comm::from_kernel(b"t"),
-            local: "127.0.0.1:1".parse().unwrap(),
-            remote: "127.0.0.1:2".parse().unwrap(),
-            mode: AttachMode::Tracepoint,
+            ..Event::sample(seq, 1)
         };
         let check = |seqs: Vec<u64>| {
             let mut events: Vec<Event> = seqs.iter().map(|&s| event(s)).collect();

@@ -152,7 +152,7 @@ impl EventStream {
     /// Whether the queue holds a full message (`max_batch` events or
     /// [`MAX_MESSAGE_BYTES`]): no reason then to hold it back.
     fn can_fill_a_message(&self) -> bool {
-        let (events, bytes) = self.sub.queued_with_bytes();
+        let (events, bytes) = self.sub.queued();
         events >= self.ctl.max_batch || bytes >= MAX_MESSAGE_BYTES
     }
 
