@@ -1,9 +1,9 @@
 //! socktap-bench: what tracing costs a workload, and what socktapd delivers.
 //!
 //! For each workload (W1 ping-pong, W2 small writers, W3 bulk) it runs each
-//! configuration (untraced, socktapd idle, 1 subscriber, 16 disjoint
-//! subscribers, 16 full-copy subscribers, a bpftrace one-liner), rounds
-//! interleaved so machine drift cancels out, then prints a table and writes
+//! configuration (untraced, socktapd idle, 1 subscriber, 1 subscriber to
+//! one socket, 16 disjoint subscribers, 16 full-copy subscribers, a
+//! bpftrace one-liner), rounds interleaved so machine drift cancels out, then prints a table and writes
 //! JSON under target/bench/. It measures; it asserts nothing about speed.
 //! `--quick` (CI) checks only that every configuration produced numbers and
 //! that a modest fixed rate loses nothing.
@@ -32,6 +32,9 @@ enum Config {
     Idle,
     /// One subscriber taking every event of the workload.
     Sub1,
+    /// One subscriber watching one of the workload's sockets: the kernel
+    /// prefilter writes only that socket's calls.
+    Sub1Narrow,
     /// 16 subscribers, each taking a disjoint share of the workload's sockets.
     Sub16Disjoint,
     /// 16 subscribers, each taking every event of the workload.
@@ -60,7 +63,7 @@ struct Args {
     #[arg(long, value_enum, value_delimiter = ',', default_values_t = [Workload::W1, Workload::W2, Workload::W3])]
     workloads: Vec<Workload>,
     /// Configurations to run.
-    #[arg(long, value_enum, value_delimiter = ',', default_values_t = [Config::Untraced, Config::Idle, Config::Sub1, Config::Sub16Disjoint, Config::Sub16Full, Config::Bpftrace])]
+    #[arg(long, value_enum, value_delimiter = ',', default_values_t = [Config::Untraced, Config::Idle, Config::Sub1, Config::Sub1Narrow, Config::Sub16Disjoint, Config::Sub16Full, Config::Bpftrace])]
     configs: Vec<Config>,
     /// How the benchmark's subscribers decode events: `lean` reads only the
     /// timestamp (prost skips the other fields), `full` builds every
@@ -115,6 +118,7 @@ fn percentiles(mut v: Vec<u64>) -> Option<[f64; 3]> {
 fn cookie_sets(config: Config, cookies: &[u64]) -> Vec<Vec<u64>> {
     match config {
         Config::Sub1 => vec![cookies.to_vec()],
+        Config::Sub1Narrow => vec![cookies[..1].to_vec()],
         Config::Sub16Full => vec![cookies.to_vec(); 16],
         // Socket i goes to subscriber i % 16; a subscriber without a socket
         // filters on a cookie that matches nothing.

@@ -56,6 +56,27 @@ struct socktap_control {
 	__u32 wakeup_interval_ns;
 	/* a process whose calls are not reported (socktapd itself), 0: none */
 	__u32 ignore_tgid;
+	/* The kernel prefilter: 0, every call is an event; else a bit
+	 * (1 << dim) per enum socktap_want_dim that has keys in the `wanted`
+	 * map, and a call is an event only if one of its values for those
+	 * dimensions is a key there. */
+	__u32 prefilter;
+};
+
+/* A dimension of the kernel prefilter. */
+enum socktap_want_dim {
+	SOCKTAP_WANT_COOKIE = 1,
+	SOCKTAP_WANT_PID = 2,         /* tgid */
+	SOCKTAP_WANT_CGROUP = 3,      /* cgroup v2 id */
+	SOCKTAP_WANT_LOCAL_PORT = 4,  /* host byte order */
+	SOCKTAP_WANT_REMOTE_PORT = 5, /* host byte order */
+};
+
+/* A key of the `wanted` map: one value of one dimension. */
+struct socktap_want_key {
+	__u32 dim;   /* enum socktap_want_dim */
+	__u32 pad;   /* 0 */
+	__u64 value;
 };
 
 /* The single entry of the `counters` array map. */

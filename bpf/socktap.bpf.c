@@ -22,6 +22,8 @@ char LICENSE[] SEC("license") = "Dual BSD/GPL";
 struct socktap_event socktap_event_layout = {};
 enum socktap_event_kind socktap_kind_layout = SOCKTAP_KIND_SEND;
 enum socktap_attach_mode socktap_mode_layout = SOCKTAP_MODE_FENTRY;
+enum socktap_want_dim socktap_want_dim_layout = SOCKTAP_WANT_COOKIE;
+struct socktap_want_key socktap_want_key_layout = {};
 
 struct {
 	__uint(type, BPF_MAP_TYPE_RINGBUF);
@@ -49,6 +51,16 @@ struct {
 	__type(key, __u32);
 	__type(value, __u64);
 } drops SEC(".maps");
+
+/* The kernel prefilter's keys (see socktap_control.prefilter), written by
+ * userspace: the union of what the subscribers' filters can match. The
+ * value is unused. Preallocated, so lookups never allocate. */
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, 4096);
+	__type(key, struct socktap_want_key);
+	__type(value, __u8);
+} wanted SEC(".maps");
 
 /* kprobe mode only: the socket and flags of a call in flight, by thread. */
 struct call_args {
@@ -89,14 +101,55 @@ static __always_inline bool is_tcp(struct sock *sk)
 	return sk->sk_protocol == IPPROTO_TCP && sk->sk_type == SOCK_STREAM;
 }
 
+/* The local port in host byte order. `direct`: `sk` is BTF-typed. */
+static __always_inline __u16 local_port(struct sock *sk, bool direct)
+{
+	__u16 port = direct ? sk->__sk_common.skc_num : BPF_CORE_READ(sk, __sk_common.skc_num);
+
+	if (!port) /* unbound after a reset: see struct inet_sock */
+		port = __builtin_bswap16(BPF_CORE_READ((struct inet_sock *)sk, inet_sport));
+	return port;
+}
+
+static __always_inline bool want_key(__u32 dim, __u64 value)
+{
+	struct socktap_want_key key = { .dim = dim, .value = value };
+
+	return bpf_map_lookup_elem(&wanted, &key) != NULL;
+}
+
+/* The kernel prefilter: whether some subscriber may want this call. Only the
+ * dimensions that have keys are looked up, cheapest first. */
+static __always_inline bool wanted_call(struct socktap_control *cfg, __u64 pid_tgid, struct sock *sk, bool direct,
+					__u64 cookie)
+{
+	__u32 dims = cfg->prefilter;
+	__u16 port;
+
+	if (!dims)
+		return true;
+	if ((dims & (1 << SOCKTAP_WANT_COOKIE)) && want_key(SOCKTAP_WANT_COOKIE, cookie))
+		return true;
+	if ((dims & (1 << SOCKTAP_WANT_PID)) && want_key(SOCKTAP_WANT_PID, pid_tgid >> 32))
+		return true;
+	if ((dims & (1 << SOCKTAP_WANT_LOCAL_PORT)) && want_key(SOCKTAP_WANT_LOCAL_PORT, local_port(sk, direct)))
+		return true;
+	if (dims & (1 << SOCKTAP_WANT_REMOTE_PORT)) {
+		port = direct ? sk->__sk_common.skc_dport : BPF_CORE_READ(sk, __sk_common.skc_dport);
+		if (want_key(SOCKTAP_WANT_REMOTE_PORT, __builtin_bswap16(port)))
+			return true;
+	}
+	if ((dims & (1 << SOCKTAP_WANT_CGROUP)) && want_key(SOCKTAP_WANT_CGROUP, bpf_get_current_cgroup_id()))
+		return true;
+	return false;
+}
+
 /* Socket fields, for a BTF-typed `sk` (fentry, tp_btf): direct loads, which
  * the verifier turns into fault-safe loads without a helper call. */
 static __always_inline void fill_sock_direct(struct socktap_event *e, struct sock *sk)
 {
 	e->netns = sk->__sk_common.skc_net.net->ns.inum;
-	e->sport = sk->__sk_common.skc_num;
-	if (!e->sport) /* unbound after a reset: see struct inet_sock */
-		e->sport = __builtin_bswap16(BPF_CORE_READ((struct inet_sock *)sk, inet_sport));
+	e->sport = local_port(sk, true);
 	e->dport = __builtin_bswap16(sk->__sk_common.skc_dport);
 	e->family = sk->__sk_common.skc_family;
 	if (e->family == AF_INET6 && bpf_core_field_exists(sk->__sk_common.skc_v6_daddr)) {
@@ -114,9 +167,7 @@ static __always_inline void fill_sock_direct(struct socktap_event *e, struct soc
 static __always_inline void fill_sock_probe_read(struct socktap_event *e, struct sock *sk)
 {
 	e->netns = BPF_CORE_READ(sk, __sk_common.skc_net.net, ns.inum);
-	e->sport = BPF_CORE_READ(sk, __sk_common.skc_num);
-	if (!e->sport) /* unbound after a reset: see struct inet_sock */
-		e->sport = __builtin_bswap16(BPF_CORE_READ((struct inet_sock *)sk, inet_sport));
+	e->sport = local_port(sk, false);
 	e->dport = __builtin_bswap16(BPF_CORE_READ(sk, __sk_common.skc_dport));
 	e->family = BPF_CORE_READ(sk, __sk_common.skc_family);
 	if (e->family == AF_INET6 && bpf_core_field_exists(sk->__sk_common.skc_v6_daddr)) {
@@ -139,8 +190,8 @@ static __always_inline void emit(struct socktap_control *cfg, __u64 pid_tgid, st
 	struct socktap_event *e;
 	__u64 seq, now, flags = BPF_RB_NO_WAKEUP;
 
-	if (!st)
-		return;
+	if (!st || !wanted_call(cfg, pid_tgid, sk, direct, cookie))
+		return; /* unwanted calls take no sequence number */
 	seq = __sync_fetch_and_add(&st->next_seq, 1);
 
 	e = bpf_ringbuf_reserve(&events, sizeof(*e), 0);

@@ -27,15 +27,27 @@ fn by_cookie(cookie: u64) -> pb::WatchEventsRequest {
 /// Sums bytes per kind from a stream until `send` and `recv` bytes are seen
 /// (or the stream stalls), then checks nothing more arrives for a while.
 async fn sums(stream: &mut tonic::Streaming<pb::WatchEventsResponse>, cookie: u64, send: u64, recv: u64) -> (u64, u64) {
-    let (mut s, mut r) = (0u64, 0u64);
+    let (s, r, _) = sums_and_cgroups(stream, cookie, send, recv).await;
+    (s, r)
+}
+
+/// [`sums`], and the cgroup ids the events carried.
+async fn sums_and_cgroups(
+    stream: &mut tonic::Streaming<pb::WatchEventsResponse>,
+    cookie: u64,
+    send: u64,
+    recv: u64,
+) -> (u64, u64, HashSet<u64>) {
+    let (mut s, mut r, mut cgroups) = (0u64, 0u64, HashSet::new());
     let mut deadline = tokio::time::Instant::now() + Duration::from_secs(10);
     loop {
         let msg = tokio::time::timeout_at(deadline, stream.message()).await;
-        let Ok(msg) = msg else { return (s, r) };
+        let Ok(msg) = msg else { return (s, r, cgroups) };
         match msg.expect("stream ok").and_then(|m| m.message) {
             Some(Message::Events(b)) => {
                 for e in b.events {
                     assert_eq!(e.cookie, cookie, "only the filtered socket: {e:?}");
+                    cgroups.insert(e.cgroup_id);
                     match pb::EventKind::try_from(e.kind).unwrap() {
                         pb::EventKind::Send => s += e.bytes as u64,
                         pb::EventKind::Recv => r += e.bytes as u64,
@@ -44,7 +56,7 @@ async fn sums(stream: &mut tonic::Streaming<pb::WatchEventsResponse>, cookie: u6
                 }
             }
             Some(Message::Lost(l)) => panic!("unexpected loss: {l:?}"),
-            None => return (s, r),
+            None => return (s, r, cgroups),
         }
         if s >= send && r >= recv {
             // Settle: a surplus event would show up now.
@@ -135,4 +147,293 @@ async fn filtered_subscribers_get_exactly_their_sockets_bytes_and_shutdown_detac
         std::thread::sleep(Duration::from_millis(10));
     }
     assert!(left.is_empty(), "programs left after shutdown: {left:?}");
+}
+
+async fn wait_subscribers(hub: &socktap::hub::Hub, n: usize) {
+    for _ in 0..1000 {
+        if hub.subscriber_count() == n {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    panic!("{n} subscribers never registered");
+}
+
+/// Sends `n` bytes each way over a connection, in `calls` writes.
+fn ping(c: &mut std::net::TcpStream, s: &mut std::net::TcpStream, calls: usize, n: usize) {
+    for _ in 0..calls {
+        c.write_all(&vec![1u8; n]).unwrap();
+        s.read_exact(&mut vec![0u8; n]).unwrap();
+        s.write_all(&vec![2u8; n]).unwrap();
+        c.read_exact(&mut vec![0u8; n]).unwrap();
+    }
+}
+
+/// Events the kernel wrote (took a seq for) while `f` ran.
+fn produced_during(probe: &socktap::probe::Probe, f: impl FnOnce()) -> u64 {
+    let before = probe.counters().produced;
+    f();
+    probe.counters().produced - before
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_kernel_writes_only_calls_some_subscriber_may_want() {
+    let Some(_bpf) = bpf_available("daemon_kernel") else {
+        return;
+    };
+    let KernelDaemon { probe, hub, daemon: d } = kernel_daemon(ProbeOptions::default(), HubConfig::default()).await;
+    let mut client = d.client().await;
+    let (mut wc, mut ws) = tcp_pair(false);
+    let (mut uc, mut us) = tcp_pair(false);
+    let (cookie_wc, cookie_ws) = (so_cookie(&wc), so_cookie(&ws));
+
+    // One subscriber by the wanted server socket's local port, one by the
+    // wanted client socket's cookie: the prefilter holds those two values.
+    let by_port = pb::WatchEventsRequest {
+        allow: vec![pb::EventFilter {
+            local_ports: vec![ws.local_addr().unwrap().port().into()],
+            ..Default::default()
+        }],
+        ..Default::default()
+    };
+    let mut watch_ws = client.watch_events(by_port).await.unwrap().into_inner();
+    let mut watch_wc = client.watch_events(by_cookie(cookie_wc)).await.unwrap().into_inner();
+    wait_subscribers(&hub, 2).await;
+    let st = client.get_status(pb::GetStatusRequest {}).await.unwrap().into_inner();
+    assert!(st.kernel_gate_open && st.kernel_prefilter, "{st:?}");
+    assert_eq!(st.kernel_prefilter_keys, 2);
+
+    // 8000 calls on an unwanted connection: the kernel writes none of them
+    // (what it writes meanwhile is other traffic on the host).
+    let unwanted = produced_during(&probe, || ping(&mut uc, &mut us, 2000, 10));
+    assert!(
+        unwanted < 800,
+        "prefilter on: {unwanted} events written for 8000 unwanted calls"
+    );
+
+    // The wanted connection: each subscriber gets exactly its socket's bytes,
+    // with no loss and no seq gap announced.
+    let wanted = produced_during(&probe, || ping(&mut wc, &mut ws, 100, 1000));
+    assert!(wanted >= 400, "{wanted} events written for 400 wanted calls");
+    assert_eq!(
+        sums(&mut watch_wc, cookie_wc, 100_000, 100_000).await,
+        (100_000, 100_000)
+    );
+    assert_eq!(
+        sums(&mut watch_ws, cookie_ws, 100_000, 100_000).await,
+        (100_000, 100_000)
+    );
+
+    // A subscriber without filters needs every call: the prefilter goes off.
+    let everything = client
+        .watch_events(pb::WatchEventsRequest::default())
+        .await
+        .unwrap()
+        .into_inner();
+    wait_subscribers(&hub, 3).await;
+    let st = client.get_status(pb::GetStatusRequest {}).await.unwrap().into_inner();
+    assert!(!st.kernel_prefilter && st.kernel_prefilter_keys == 0, "{st:?}");
+    let all = produced_during(&probe, || ping(&mut uc, &mut us, 2000, 10));
+    assert!(all >= 8000, "prefilter off: {all} events written for 8000 calls");
+
+    // It leaves: the prefilter is back, with the same two values.
+    drop(everything);
+    wait_subscribers(&hub, 2).await;
+    let st = client.get_status(pb::GetStatusRequest {}).await.unwrap().into_inner();
+    assert!(st.kernel_prefilter && st.kernel_prefilter_keys == 2, "{st:?}");
+    let unwanted = produced_during(&probe, || ping(&mut uc, &mut us, 2000, 10));
+    assert!(unwanted < 800, "prefilter on again: {unwanted} events written");
+    ping(&mut wc, &mut ws, 10, 500);
+    assert_eq!(sums(&mut watch_wc, cookie_wc, 5000, 5000).await, (5000, 5000));
+    assert_eq!(sums(&mut watch_ws, cookie_ws, 5000, 5000).await, (5000, 5000));
+    d.stop().await;
+}
+
+/// Each field the kernel prefilter can check lets the calls it names
+/// through: a subscriber whose filter puts one value in that field (and two
+/// in the others, so that field is the one the prefilter uses) gets every
+/// byte of its socket.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_prefilter_field_lets_its_calls_through() {
+    let Some(_bpf) = bpf_available("daemon_kernel") else {
+        return;
+    };
+    let KernelDaemon { probe, hub, daemon: d } = kernel_daemon(ProbeOptions::default(), HubConfig::default()).await;
+    let mut client = d.client().await;
+    let (mut c, mut s) = tcp_pair(false);
+    let cookie = so_cookie(&c);
+
+    // By cookie first, which also tells the test its cgroup id.
+    let mut w = client.watch_events(by_cookie(cookie)).await.unwrap().into_inner();
+    wait_subscribers(&hub, 1).await;
+    ping(&mut c, &mut s, 5, 100);
+    let (sent, received, cgroups) = sums_and_cgroups(&mut w, cookie, 500, 500).await;
+    assert_eq!((sent, received), (500, 500), "by cookie");
+    assert_eq!(cgroups.len(), 1, "{cgroups:?}");
+    let cgroup = *cgroups.iter().next().unwrap();
+    drop(w);
+    wait_subscribers(&hub, 0).await;
+
+    let narrow = |f: pb::EventFilter| pb::WatchEventsRequest {
+        allow: vec![pb::EventFilter {
+            cookies: vec![cookie, u64::MAX],
+            ..f
+        }],
+        ..Default::default()
+    };
+    let cases = [
+        (
+            "pids",
+            pb::EventFilter {
+                pids: vec![std::process::id()],
+                ..Default::default()
+            },
+        ),
+        (
+            "cgroup_ids",
+            pb::EventFilter {
+                cgroup_ids: vec![cgroup],
+                ..Default::default()
+            },
+        ),
+        (
+            "local_ports",
+            pb::EventFilter {
+                local_ports: vec![c.local_addr().unwrap().port().into()],
+                ..Default::default()
+            },
+        ),
+        (
+            "remote_ports",
+            pb::EventFilter {
+                remote_ports: vec![c.peer_addr().unwrap().port().into()],
+                ..Default::default()
+            },
+        ),
+    ];
+    for (field, f) in cases {
+        let mut w = client.watch_events(narrow(f)).await.unwrap().into_inner();
+        wait_subscribers(&hub, 1).await;
+        let st = client.get_status(pb::GetStatusRequest {}).await.unwrap().into_inner();
+        assert!(st.kernel_prefilter && st.kernel_prefilter_keys == 1, "{field}: {st:?}");
+        // 10 calls on `c` (and 10 on its peer, which only pids and
+        // cgroup_ids name).
+        let produced = produced_during(&probe, || ping(&mut c, &mut s, 5, 100));
+        assert!(produced >= 10, "{field}: {produced} events written for 10 calls");
+        assert_eq!(sums(&mut w, cookie, 500, 500).await, (500, 500), "{field}");
+        drop(w);
+        wait_subscribers(&hub, 0).await;
+    }
+
+    // More values than the kernel map holds (4096): the prefilter goes off
+    // and every call is written; the hub still filters.
+    let many = pb::WatchEventsRequest {
+        allow: (0..5)
+            .map(|i| pb::EventFilter {
+                cookies: std::iter::once(cookie).chain((1..1000).map(|v| v + i * 1000)).collect(),
+                ..Default::default()
+            })
+            .collect(),
+        ..Default::default()
+    };
+    let mut w = client.watch_events(many).await.unwrap().into_inner();
+    wait_subscribers(&hub, 1).await;
+    let st = client.get_status(pb::GetStatusRequest {}).await.unwrap().into_inner();
+    assert!(!st.kernel_prefilter && st.kernel_prefilter_keys == 0, "{st:?}");
+    ping(&mut c, &mut s, 5, 100);
+    assert_eq!(sums(&mut w, cookie, 500, 500).await, (500, 500), "prefilter off");
+    d.stop().await;
+}
+
+/// While other subscribers come and go (each changing the prefilter: other
+/// values, another field, off and on again), a connected subscriber's
+/// socket keeps moving bytes as fast as it can, and every byte is reported.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn prefilter_changes_never_drop_a_connected_subscribers_calls() {
+    let Some(_bpf) = bpf_available("daemon_kernel") else {
+        return;
+    };
+    let KernelDaemon {
+        probe: _probe, // dropping it unloads the programs
+        hub,
+        daemon: d,
+    } = kernel_daemon(ProbeOptions::default(), HubConfig::default()).await;
+    let mut client = d.client().await;
+    let (mut c, mut s) = tcp_pair(false);
+    let cookie = so_cookie(&c);
+    let mut watch = client.watch_events(by_cookie(cookie)).await.unwrap().into_inner();
+    wait_subscribers(&hub, 1).await;
+    // Drained as it comes, until the daemon stops (which flushes the queue).
+    let drained = tokio::spawn(async move {
+        let (mut send, mut recv) = (0u64, 0u64);
+        while let Some(m) = watch.message().await.expect("stream ok") {
+            match m.message {
+                Some(Message::Events(b)) => {
+                    for e in b.events {
+                        assert_eq!(e.cookie, cookie, "only the filtered socket: {e:?}");
+                        match pb::EventKind::try_from(e.kind).unwrap() {
+                            pb::EventKind::Send => send += e.bytes as u64,
+                            _ => recv += e.bytes as u64,
+                        }
+                    }
+                }
+                Some(Message::Lost(l)) => panic!("unexpected loss: {l:?}"),
+                None => {}
+            }
+        }
+        (send, recv)
+    });
+
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let traffic = std::thread::spawn({
+        let stop = stop.clone();
+        move || {
+            let mut round_trips = 0u64;
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                ping(&mut c, &mut s, 1, 100);
+                round_trips += 1;
+            }
+            round_trips
+        }
+    });
+    let others = [
+        pb::EventFilter {
+            local_ports: vec![1],
+            ..Default::default()
+        },
+        pb::EventFilter {
+            cookies: vec![u64::MAX],
+            pids: vec![1],
+            ..Default::default()
+        },
+        pb::EventFilter {
+            comms: vec!["nothing".into()],
+            ..Default::default()
+        },
+    ];
+    let mut changes = 0;
+    for round in 0..10 {
+        for f in &others {
+            let other = pb::WatchEventsRequest {
+                allow: vec![f.clone()],
+                ..Default::default()
+            };
+            let w = client.watch_events(other).await.unwrap().into_inner();
+            wait_subscribers(&hub, 2).await;
+            tokio::time::sleep(Duration::from_millis(2 + round)).await;
+            drop(w);
+            wait_subscribers(&hub, 1).await;
+            changes += 2;
+        }
+    }
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let round_trips = traffic.join().unwrap();
+    assert!(
+        round_trips > 100,
+        "traffic ran during the {changes} changes: {round_trips} round trips"
+    );
+    tokio::time::sleep(Duration::from_millis(500)).await; // the last calls reach the hub
+    d.stop().await;
+    let bytes = round_trips * 100;
+    assert_eq!(drained.await.unwrap(), (bytes, bytes));
 }

@@ -129,6 +129,20 @@ pub fn status_text(s: &api::GetStatusResponse) -> String {
             "closed (no subscriber)"
         }
     );
+    if s.kernel_gate_open {
+        let _ = writeln!(
+            out,
+            "kernel prefilter: {}",
+            if s.kernel_prefilter {
+                format!(
+                    "on, {} values (only calls some subscriber may want)",
+                    s.kernel_prefilter_keys
+                )
+            } else {
+                "off (every call is an event)".to_string()
+            }
+        );
+    }
     let _ = writeln!(out, "history: {}/{} events", s.history_len, s.history_capacity);
     let _ = writeln!(
         out,

@@ -131,6 +131,8 @@ impl Socktap for Fake {
             events_read: 1234,
             kernel_drops: 5,
             kernel_gate_open: true,
+            kernel_prefilter: true,
+            kernel_prefilter_keys: 7,
             subscribers: vec![api::SubscriberStatus {
                 id: 3,
                 peer: "127.0.0.1:9".into(),
@@ -457,6 +459,7 @@ fn status_table_and_json() {
         "{}",
         r.stdout
     );
+    assert!(r.stdout.contains("kernel prefilter: on, 7 values"), "{}", r.stdout);
     let r = socktap(&["--addr", &addr, "status", "-o", "json"]);
     let s: api::GetStatusResponse = serde_json::from_str(r.stdout.trim()).unwrap();
     assert_eq!((s.events_read, s.kernel_drops), (1234, 5));

@@ -2,12 +2,14 @@
 //! the way. Matching is OR between filters, AND between the fields of one
 //! filter, OR within a field's values; deny wins.
 
+use std::collections::BTreeSet;
 use std::net::IpAddr;
 
 use ipnet::IpNet;
 use socktap_proto::v1 as pb;
 
 use crate::event::{Event, EventKind};
+use crate::probe::{WantDim, WantKey};
 
 /// Limits on a filter request.
 #[derive(Clone, Copy, Debug)]
@@ -96,6 +98,32 @@ impl Compiled {
     }
 }
 
+impl Compiled {
+    /// Values of one field that every event this filter matches has one
+    /// of: the field the kernel prefilter can check that has the fewest
+    /// values. None when the filter constrains none of those fields.
+    fn kernel_keys(&self) -> Option<impl Iterator<Item = WantKey> + '_> {
+        let fields: [(WantDim, Vec<u64>); 5] = [
+            (WantDim::Cookie, self.cookies.0.clone()),
+            (WantDim::Pid, self.pids.0.iter().map(|&v| v.into()).collect()),
+            (WantDim::Cgroup, self.cgroup_ids.0.clone()),
+            (
+                WantDim::LocalPort,
+                self.local_ports.0.iter().map(|&v| v.into()).collect(),
+            ),
+            (
+                WantDim::RemotePort,
+                self.remote_ports.0.iter().map(|&v| v.into()).collect(),
+            ),
+        ];
+        let (dim, values) = fields
+            .into_iter()
+            .filter(|(_, v)| !v.is_empty())
+            .min_by_key(|(_, v)| v.len())?;
+        Some(values.into_iter().map(move |value| WantKey { dim, value }))
+    }
+}
+
 fn kind_code(k: EventKind) -> u8 {
     match k {
         EventKind::Send => 1,
@@ -127,6 +155,21 @@ impl Selector {
     /// True when the event should be delivered.
     pub fn matches(&self, e: &Event) -> bool {
         (self.allow.is_empty() || self.allow.iter().any(|f| f.matches(e))) && !self.deny.iter().any(|f| f.matches(e))
+    }
+
+    /// Keys for the kernel prefilter such that every event this selector
+    /// matches has at least one of them; None when it needs every event
+    /// (no allow filter, or one without a cookie, pid, cgroup or port).
+    /// Deny filters are left to the hub.
+    pub fn kernel_keys(&self) -> Option<BTreeSet<WantKey>> {
+        if self.allow.is_empty() {
+            return None;
+        }
+        let mut keys = BTreeSet::new();
+        for f in &self.allow {
+            keys.extend(f.kernel_keys()?);
+        }
+        Some(keys)
     }
 }
 
@@ -296,6 +339,70 @@ mod tests {
 
     fn sel(allow: Vec<pb::EventFilter>, deny: Vec<pb::EventFilter>) -> Selector {
         Selector::compile(&allow, &deny, FilterLimits::default()).unwrap()
+    }
+
+    /// What the BPF programs' prefilter (`wanted_call`) lets through.
+    pub(crate) fn kernel_admits(keys: &Option<BTreeSet<WantKey>>, e: &Event) -> bool {
+        let Some(keys) = keys else { return true };
+        [
+            (WantDim::Cookie, e.cookie),
+            (WantDim::Pid, e.pid.into()),
+            (WantDim::Cgroup, e.cgroup_id),
+            (WantDim::LocalPort, e.local.port().into()),
+            (WantDim::RemotePort, e.remote.port().into()),
+        ]
+        .into_iter()
+        .any(|(dim, value)| keys.contains(&WantKey { dim, value }))
+    }
+
+    #[test]
+    fn kernel_keys_take_each_allow_filters_smallest_field() {
+        let key = |dim, value| WantKey { dim, value };
+        let web = pb::EventFilter {
+            pids: vec![10, 11, 12],
+            local_ports: vec![80, 443],
+            comms: vec!["nginx".into()],
+            ..Default::default()
+        };
+        let sock = pb::EventFilter {
+            cookies: vec![99],
+            ..Default::default()
+        };
+        let keys = sel(vec![web.clone(), sock], vec![]).kernel_keys();
+        assert_eq!(
+            keys,
+            Some(
+                [
+                    key(WantDim::LocalPort, 80),
+                    key(WantDim::LocalPort, 443),
+                    key(WantDim::Cookie, 99)
+                ]
+                .into()
+            )
+        );
+        let matched = ev(5, 10, "nginx", "1.2.3.4:5000", EventKind::Send, 0);
+        let mut on_80 = matched;
+        on_80.local = "127.0.0.1:80".parse().unwrap();
+        assert!(kernel_admits(&keys, &on_80));
+        assert!(!kernel_admits(&keys, &matched), "port 4000, cookie 5: not wanted");
+
+        let by_comm = pb::EventFilter {
+            comms: vec!["curl".into()],
+            ..Default::default()
+        };
+        assert_eq!(
+            sel(vec![web.clone(), by_comm], vec![]).kernel_keys(),
+            None,
+            "one filter needs everything"
+        );
+        assert_eq!(
+            sel(vec![], vec![web.clone()]).kernel_keys(),
+            None,
+            "deny only needs everything"
+        );
+        assert_eq!(sel(vec![], vec![]).kernel_keys(), None);
+        let with_deny = sel(vec![web.clone()], vec![web]).kernel_keys();
+        assert_eq!(with_deny.map(|k| k.len()), Some(2), "deny filters add nothing");
     }
 
     #[test]
@@ -588,6 +695,40 @@ mod tests {
                     Ok(sel) => for e in &events { let _ = sel.matches(e); },
                     Err(err) => prop_assert!(err.field.starts_with("allow") || err.field.starts_with("deny"), "{}", err),
                 }
+            }
+
+            /// The kernel prefilter never drops an event a selector matches:
+            /// an allow filter made of some of the event's own fields (and
+            /// other values), among random filters.
+            #[test]
+            fn the_kernel_prefilter_keeps_every_matching_event(
+                e in event_strategy(),
+                fields in any::<[bool; 6]>(),
+                others in proptest::collection::vec(filter_strategy(), 0..3),
+                extra in proptest::collection::vec(1u32..65_536, 0..3),
+            ) {
+                // The event's own value of a field, if chosen, plus others.
+                let own = |on: bool, v: u32| -> Vec<u32> {
+                    if on { std::iter::once(v).chain(extra.iter().copied()).collect() } else { vec![] }
+                };
+                let mut mine = pb::EventFilter {
+                    cookies: if fields[0] { vec![e.cookie, 7] } else { vec![] },
+                    pids: own(fields[1], e.pid),
+                    cgroup_ids: if fields[2] { vec![e.cgroup_id] } else { vec![] },
+                    local_ports: own(fields[3], e.local.port().into()),
+                    remote_ports: own(fields[4] && e.remote.port() != 0, e.remote.port().into()),
+                    ..Default::default()
+                };
+                if fields[5] && !e.comm.as_bytes().is_empty() {
+                    mine.comms = vec![e.comm.to_string()];
+                }
+                let mut allow = others.clone();
+                allow.push(mine);
+                let Ok(sel) = Selector::compile(&allow, &[], FilterLimits::default()) else {
+                    return Ok(()); // one of the random filters is invalid
+                };
+                prop_assert!(sel.matches(&e));
+                prop_assert!(tests::kernel_admits(&sel.kernel_keys(), &e));
             }
 
             /// A filter made of an event's own fields allows it; the same

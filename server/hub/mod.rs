@@ -10,7 +10,7 @@
 pub mod filter;
 pub mod subscriber;
 
-use std::collections::VecDeque;
+use std::collections::{BTreeSet, VecDeque};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -22,7 +22,7 @@ use tracing::{debug, warn};
 
 use crate::convert;
 use crate::event::{monotonic_now_ns, AttachMode, Event, WallClock};
-use crate::probe::{Batch, ProbeControl};
+use crate::probe::{Batch, Prefilter, PrefilterStatus, ProbeControl};
 pub use filter::{FieldError, FilterLimits, Selector};
 pub use subscriber::{Item, Loss, LossSource, Subscriber, SubscriberCounters};
 
@@ -127,6 +127,8 @@ pub struct HubStatus {
     pub history_capacity: usize,
     /// Whether the kernel gate is open.
     pub gate_open: bool,
+    /// The kernel prefilter in force (off without a kernel source).
+    pub prefilter: PrefilterStatus,
     /// The live subscribers.
     pub subscribers: Vec<Arc<Subscriber>>,
 }
@@ -354,6 +356,7 @@ impl Hub {
         st.subscribers.push(sub.clone());
         debug!(id, subscribers = st.subscribers.len(), "subscribed");
         self.share_queue_memory(&st);
+        self.update_prefilter(&st);
         self.update_gate(&mut st);
         Ok(sub)
     }
@@ -365,6 +368,7 @@ impl Hub {
         debug!(id, subscribers = st.subscribers.len(), "unsubscribed");
         self.share_queue_memory(&st);
         self.update_gate(&mut st);
+        self.update_prefilter(&st);
     }
 
     /// The queue memory lent to lagging subscribers: half of it.
@@ -410,7 +414,43 @@ impl Hub {
             history_len: st.history.len(),
             history_capacity: self.inner.config.history_events,
             gate_open: st.gate_open,
+            prefilter: self
+                .inner
+                .source
+                .probe
+                .as_ref()
+                .map(|p| p.prefilter())
+                .unwrap_or_default(),
             subscribers: st.subscribers.clone(),
+        }
+    }
+
+    /// What the kernel should write: the calls some subscriber's filters may
+    /// match, or every call when one of them needs every call (or history
+    /// records always).
+    fn prefilter(&self, st: &State) -> Prefilter {
+        if self.inner.config.record_always {
+            return Prefilter::Everything;
+        }
+        let mut keys = BTreeSet::new();
+        for s in &st.subscribers {
+            match s.selector.kernel_keys() {
+                Some(k) => keys.extend(k),
+                None => return Prefilter::Everything,
+            }
+        }
+        Prefilter::Keys(keys)
+    }
+
+    /// Sets the kernel prefilter to what the subscribers want. With none,
+    /// the gate is closed and the prefilter is left for the next one.
+    fn update_prefilter(&self, st: &State) {
+        let Some(probe) = &self.inner.source.probe else { return };
+        if st.subscribers.is_empty() && !self.inner.config.record_always {
+            return;
+        }
+        if let Err(e) = probe.set_prefilter(&self.prefilter(st)) {
+            warn!("cannot set the kernel prefilter: {e}");
         }
     }
 

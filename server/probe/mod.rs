@@ -10,6 +10,7 @@
 
 mod error;
 mod loader;
+mod prefilter;
 mod reader;
 mod ring;
 pub mod skel;
@@ -29,9 +30,11 @@ use tokio::sync::mpsc;
 
 pub use error::{errno_name, ModeRefusal, ProbeError, Stage};
 pub use loader::{kernel_release, kernel_version};
+pub use prefilter::{Prefilter, PrefilterStatus, WantDim, WantKey};
 pub use reader::MAX_BATCH_EVENTS;
 
 use crate::event::{AttachMode, Event};
+use prefilter::KernelPrefilter;
 use skel::types;
 
 /// Which attach mode to use.
@@ -209,6 +212,8 @@ pub(crate) struct Shared {
     enabled: AtomicBool,
     /// The kernel's wakeup interval now, ns.
     wakeup_interval_ns: AtomicU32,
+    /// The prefilter's control word now (`socktap_control.prefilter`).
+    prefilter_dims: AtomicU32,
     events_read: AtomicU64,
     kernel_drops: AtomicU64,
     decode_errors: AtomicU64,
@@ -251,7 +256,9 @@ pub struct ProbeControl {
     shared: Arc<Shared>,
     ignore_tgid: u32,
     program_ids: Arc<[u32]>,
+    /// Also serializes writes of the control entry.
     attachments: Arc<Mutex<Attachments>>,
+    prefilter: Arc<Mutex<KernelPrefilter>>,
 }
 
 /// The links of a mode whose programs can be detached while nobody wants
@@ -323,6 +330,26 @@ impl ProbeControl {
         Ok(())
     }
 
+    /// Sets the kernel prefilter: which calls the programs turn into
+    /// events. On an error the kernel is left writing every call (or as it
+    /// was, if even that could not be written).
+    pub fn set_prefilter(&self, want: &Prefilter) -> Result<(), ProbeError> {
+        let mut prefilter = self.prefilter.lock().unwrap_or_else(|e| e.into_inner());
+        prefilter.apply(want, |dims| {
+            let _serial = self.attachments.lock().unwrap_or_else(|e| e.into_inner());
+            self.shared.prefilter_dims.store(dims, Ordering::Relaxed);
+            self.write_control(
+                self.shared.enabled.load(Ordering::Relaxed),
+                self.shared.wakeup_interval_ns.load(Ordering::Relaxed),
+            )
+        })
+    }
+
+    /// The kernel prefilter in force.
+    pub fn prefilter(&self) -> PrefilterStatus {
+        self.prefilter.lock().unwrap_or_else(|e| e.into_inner()).status()
+    }
+
     /// The kernel's wakeup interval now.
     pub fn wakeup_interval(&self) -> Duration {
         Duration::from_nanos(self.shared.wakeup_interval_ns.load(Ordering::Relaxed).into())
@@ -334,6 +361,7 @@ impl ProbeControl {
             enabled: enabled.into(),
             wakeup_interval_ns,
             ignore_tgid: self.ignore_tgid,
+            prefilter: self.shared.prefilter_dims.load(Ordering::Relaxed),
         };
         // SAFETY: socktap_control is Plain (see skel.rs): no padding.
         let bytes = unsafe { plain::as_bytes(&value) };
@@ -632,6 +660,7 @@ fn control_of(
             programs,
             links: Vec::new(),
         })),
+        prefilter: Arc::new(Mutex::new(KernelPrefilter::new(handle(&skel.maps.wanted, "wanted")?))),
     })
 }
 

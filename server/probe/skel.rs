@@ -9,3 +9,5 @@ include!(concat!(env!("OUT_DIR"), "/socktap.skel.rs"));
 unsafe impl plain::Plain for types::socktap_control {}
 // SAFETY: as above.
 unsafe impl plain::Plain for types::socktap_counters {}
+// SAFETY: as above.
+unsafe impl plain::Plain for types::socktap_want_key {}

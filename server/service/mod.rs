@@ -256,6 +256,8 @@ pub fn status(hub: &Hub) -> pb::GetStatusResponse {
             .map(|p| p.counters().produced)
             .unwrap_or(s.events_read + s.kernel_drops),
         kernel_gate_open: s.gate_open,
+        kernel_prefilter: s.prefilter.on,
+        kernel_prefilter_keys: s.prefilter.keys as u32,
         history_len: s.history_len as u64,
         history_capacity: s.history_capacity as u64,
         queued_bytes: subscribers.iter().map(|sub| sub.queued_bytes).sum(),

@@ -1,0 +1,171 @@
+//! The kernel prefilter: which calls the BPF programs turn into events.
+//!
+//! While it is on, the programs write only calls that match at least one
+//! key of the `wanted` map: a value of the socket cookie, the process id,
+//! the cgroup id, the local port or the remote port. The hub sets it to the
+//! union of what its subscribers' filters can match, so a subscriber
+//! watching one port on a busy host costs the other calls a map lookup, not
+//! a ring-buffer record. Unwanted calls take no sequence number: a gap in
+//! `seq` still means a loss.
+
+use std::collections::BTreeSet;
+
+use libbpf_rs::{MapCore, MapFlags, MapHandle};
+
+use super::skel::types;
+use super::ProbeError;
+
+/// A field the kernel prefilter can match on.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum WantDim {
+    /// The socket cookie.
+    Cookie,
+    /// The process id (tgid).
+    Pid,
+    /// The cgroup v2 id.
+    Cgroup,
+    /// The local port.
+    LocalPort,
+    /// The remote port.
+    RemotePort,
+}
+
+impl WantDim {
+    fn code(self) -> u32 {
+        use types::socktap_want_dim as d;
+        let dim = match self {
+            WantDim::Cookie => d::SOCKTAP_WANT_COOKIE,
+            WantDim::Pid => d::SOCKTAP_WANT_PID,
+            WantDim::Cgroup => d::SOCKTAP_WANT_CGROUP,
+            WantDim::LocalPort => d::SOCKTAP_WANT_LOCAL_PORT,
+            WantDim::RemotePort => d::SOCKTAP_WANT_REMOTE_PORT,
+        };
+        dim.0
+    }
+}
+
+/// One value of one field: a call with that value is wanted.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct WantKey {
+    /// The field.
+    pub dim: WantDim,
+    /// Its value (ports and pids widened).
+    pub value: u64,
+}
+
+/// What the kernel writes.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub enum Prefilter {
+    /// Every call.
+    #[default]
+    Everything,
+    /// Only calls matching one of these keys.
+    Keys(BTreeSet<WantKey>),
+}
+
+/// The prefilter in force, for status reports.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct PrefilterStatus {
+    /// Whether the kernel writes only wanted calls.
+    pub on: bool,
+    /// The keys it holds.
+    pub keys: usize,
+}
+
+/// The `wanted` map and what it holds; lives behind the probe's lock.
+pub(crate) struct KernelPrefilter {
+    map: MapHandle,
+    /// The keys in the map.
+    keys: BTreeSet<WantKey>,
+    /// The dimensions the programs look up: 0 while off.
+    dims: u32,
+}
+
+impl KernelPrefilter {
+    pub(crate) fn new(map: MapHandle) -> Self {
+        KernelPrefilter {
+            map,
+            keys: BTreeSet::new(),
+            dims: 0,
+        }
+    }
+
+    /// The most keys the map holds.
+    pub(crate) fn capacity(&self) -> usize {
+        self.map.max_entries() as usize
+    }
+
+    pub(crate) fn status(&self) -> PrefilterStatus {
+        PrefilterStatus {
+            on: self.dims != 0,
+            keys: if self.dims != 0 { self.keys.len() } else { 0 },
+        }
+    }
+
+    /// Moves to `want` without a moment in which a call wanted both before
+    /// and after is dropped: new keys go in before the programs look for
+    /// them, old keys go out after they stopped. `write_dims` stores a
+    /// control word in the kernel.
+    pub(crate) fn apply(
+        &mut self,
+        want: &Prefilter,
+        mut write_dims: impl FnMut(u32) -> Result<(), ProbeError>,
+    ) -> Result<(), ProbeError> {
+        let Prefilter::Keys(want) = want else {
+            return self.turn_off(write_dims);
+        };
+        if want.is_empty() || want.len() > self.capacity() {
+            return self.turn_off(write_dims);
+        }
+        for k in want.difference(&self.keys.clone()) {
+            if let Err(e) = self.insert(*k) {
+                self.turn_off(write_dims)?;
+                return Err(e);
+            }
+        }
+        let dims = want.iter().fold(0u32, |d, k| d | 1 << k.dim.code());
+        write_dims(dims)?;
+        self.dims = dims;
+        let stale: Vec<WantKey> = self.keys.difference(want).copied().collect();
+        for k in stale {
+            self.remove(k)?;
+        }
+        Ok(())
+    }
+
+    fn turn_off(&mut self, mut write_dims: impl FnMut(u32) -> Result<(), ProbeError>) -> Result<(), ProbeError> {
+        write_dims(0)?;
+        self.dims = 0;
+        let all: Vec<WantKey> = self.keys.iter().copied().collect();
+        for k in all {
+            self.remove(k)?;
+        }
+        Ok(())
+    }
+
+    fn insert(&mut self, k: WantKey) -> Result<(), ProbeError> {
+        self.map
+            .update(&key_bytes(k), &[1u8], MapFlags::ANY)
+            .map_err(|e| ProbeError::Setup(format!("adding a prefilter key: {e:#}")))?;
+        self.keys.insert(k);
+        Ok(())
+    }
+
+    fn remove(&mut self, k: WantKey) -> Result<(), ProbeError> {
+        self.map
+            .delete(&key_bytes(k))
+            .map_err(|e| ProbeError::Setup(format!("removing a prefilter key: {e:#}")))?;
+        self.keys.remove(&k);
+        Ok(())
+    }
+}
+
+fn key_bytes(k: WantKey) -> Vec<u8> {
+    let key = types::socktap_want_key {
+        dim: k.dim.code(),
+        pad: 0,
+        value: k.value,
+    };
+    // SAFETY: socktap_want_key is Plain (see skel.rs): no padding.
+    unsafe { plain::as_bytes(&key) }.to_vec()
+}
