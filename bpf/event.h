@@ -70,6 +70,8 @@ enum socktap_want_dim {
 	SOCKTAP_WANT_CGROUP = 3,      /* cgroup v2 id */
 	SOCKTAP_WANT_LOCAL_PORT = 4,  /* host byte order */
 	SOCKTAP_WANT_REMOTE_PORT = 5, /* host byte order */
+	SOCKTAP_WANT_UID = 6,
+	SOCKTAP_WANT_COMM = 7,        /* the comm's two NUL-padded 8-byte halves, XORed */
 };
 
 /* A key of the `wanted` map: one value of one dimension. */

@@ -119,7 +119,9 @@ static __always_inline bool want_key(__u32 dim, __u64 value)
 }
 
 /* The kernel prefilter: whether some subscriber may want this call. Only the
- * dimensions that have keys are looked up, cheapest first. */
+ * dimensions that have keys are looked up, cheapest first. A comm key is a
+ * hash, so other comms may pass too: the prefilter only has to let through
+ * every call some subscriber wants; the daemon filters exactly. */
 static __always_inline bool wanted_call(struct socktap_control *cfg, __u64 pid_tgid, struct sock *sk, bool direct,
 					__u64 cookie)
 {
@@ -139,8 +141,18 @@ static __always_inline bool wanted_call(struct socktap_control *cfg, __u64 pid_t
 		if (want_key(SOCKTAP_WANT_REMOTE_PORT, __builtin_bswap16(port)))
 			return true;
 	}
+	if ((dims & (1 << SOCKTAP_WANT_UID)) && want_key(SOCKTAP_WANT_UID, (__u32)bpf_get_current_uid_gid()))
+		return true;
 	if ((dims & (1 << SOCKTAP_WANT_CGROUP)) && want_key(SOCKTAP_WANT_CGROUP, bpf_get_current_cgroup_id()))
 		return true;
+	if (dims & (1 << SOCKTAP_WANT_COMM)) {
+		/* Two words, so the halves load aligned; the helper pads with NULs. */
+		__u64 comm[2] = {};
+
+		bpf_get_current_comm(comm, sizeof(comm));
+		if (want_key(SOCKTAP_WANT_COMM, comm[0] ^ comm[1]))
+			return true;
+	}
 	return false;
 }
 

@@ -27,27 +27,30 @@ fn by_cookie(cookie: u64) -> pb::WatchEventsRequest {
 /// Sums bytes per kind from a stream until `send` and `recv` bytes are seen
 /// (or the stream stalls), then checks nothing more arrives for a while.
 async fn sums(stream: &mut tonic::Streaming<pb::WatchEventsResponse>, cookie: u64, send: u64, recv: u64) -> (u64, u64) {
-    let (s, r, _) = sums_and_cgroups(stream, cookie, send, recv).await;
+    let (s, r, _) = sums_and_callers(stream, cookie, send, recv).await;
     (s, r)
 }
 
-/// [`sums`], and the cgroup ids the events carried.
-async fn sums_and_cgroups(
+/// Who made a call: cgroup id, uid, thread name.
+type Caller = (u64, u32, String);
+
+/// [`sums`], and the callers the events named.
+async fn sums_and_callers(
     stream: &mut tonic::Streaming<pb::WatchEventsResponse>,
     cookie: u64,
     send: u64,
     recv: u64,
-) -> (u64, u64, HashSet<u64>) {
-    let (mut s, mut r, mut cgroups) = (0u64, 0u64, HashSet::new());
+) -> (u64, u64, HashSet<Caller>) {
+    let (mut s, mut r, mut callers) = (0u64, 0u64, HashSet::new());
     let mut deadline = tokio::time::Instant::now() + Duration::from_secs(10);
     loop {
         let msg = tokio::time::timeout_at(deadline, stream.message()).await;
-        let Ok(msg) = msg else { return (s, r, cgroups) };
+        let Ok(msg) = msg else { return (s, r, callers) };
         match msg.expect("stream ok").and_then(|m| m.message) {
             Some(Message::Events(b)) => {
                 for e in b.events {
                     assert_eq!(e.cookie, cookie, "only the filtered socket: {e:?}");
-                    cgroups.insert(e.cgroup_id);
+                    callers.insert((e.cgroup_id, e.uid, e.comm.clone()));
                     match pb::EventKind::try_from(e.kind).unwrap() {
                         pb::EventKind::Send => s += e.bytes as u64,
                         pb::EventKind::Recv => r += e.bytes as u64,
@@ -56,7 +59,7 @@ async fn sums_and_cgroups(
                 }
             }
             Some(Message::Lost(l)) => panic!("unexpected loss: {l:?}"),
-            None => return (s, r, cgroups),
+            None => return (s, r, callers),
         }
         if s >= send && r >= recv {
             // Settle: a surplus event would show up now.
@@ -263,14 +266,15 @@ async fn every_prefilter_field_lets_its_calls_through() {
     let (mut c, mut s) = tcp_pair(false);
     let cookie = so_cookie(&c);
 
-    // By cookie first, which also tells the test its cgroup id.
+    // By cookie first, which also tells the test its cgroup id, uid and
+    // thread name as the kernel sees them.
     let mut w = client.watch_events(by_cookie(cookie)).await.unwrap().into_inner();
     wait_subscribers(&hub, 1).await;
     ping(&mut c, &mut s, 5, 100);
-    let (sent, received, cgroups) = sums_and_cgroups(&mut w, cookie, 500, 500).await;
+    let (sent, received, callers) = sums_and_callers(&mut w, cookie, 500, 500).await;
     assert_eq!((sent, received), (500, 500), "by cookie");
-    assert_eq!(cgroups.len(), 1, "{cgroups:?}");
-    let cgroup = *cgroups.iter().next().unwrap();
+    assert_eq!(callers.len(), 1, "{callers:?}");
+    let (cgroup, uid, comm) = callers.into_iter().next().unwrap();
     drop(w);
     wait_subscribers(&hub, 0).await;
 
@@ -293,6 +297,20 @@ async fn every_prefilter_field_lets_its_calls_through() {
             "cgroup_ids",
             pb::EventFilter {
                 cgroup_ids: vec![cgroup],
+                ..Default::default()
+            },
+        ),
+        (
+            "uids",
+            pb::EventFilter {
+                uids: vec![uid],
+                ..Default::default()
+            },
+        ),
+        (
+            "comms",
+            pb::EventFilter {
+                comms: vec![comm.clone()],
                 ..Default::default()
             },
         ),

@@ -9,7 +9,7 @@ use ipnet::IpNet;
 use socktap_proto::v1 as pb;
 
 use crate::event::{Event, EventKind};
-use crate::probe::{WantDim, WantKey};
+use crate::probe::{comm_key, WantDim, WantKey};
 
 /// Limits on a filter request.
 #[derive(Clone, Copy, Debug)]
@@ -103,7 +103,7 @@ impl Compiled {
     /// of: the field the kernel prefilter can check that has the fewest
     /// values. None when the filter constrains none of those fields.
     fn kernel_keys(&self) -> Option<impl Iterator<Item = WantKey> + '_> {
-        let fields: [(WantDim, Vec<u64>); 5] = [
+        let fields: [(WantDim, Vec<u64>); 7] = [
             (WantDim::Cookie, self.cookies.0.clone()),
             (WantDim::Pid, self.pids.0.iter().map(|&v| v.into()).collect()),
             (WantDim::Cgroup, self.cgroup_ids.0.clone()),
@@ -115,6 +115,8 @@ impl Compiled {
                 WantDim::RemotePort,
                 self.remote_ports.0.iter().map(|&v| v.into()).collect(),
             ),
+            (WantDim::Uid, self.uids.0.iter().map(|&v| v.into()).collect()),
+            (WantDim::Comm, self.comms.iter().map(|c| comm_key(c)).collect()),
         ];
         let (dim, values) = fields
             .into_iter()
@@ -159,7 +161,8 @@ impl Selector {
 
     /// Keys for the kernel prefilter such that every event this selector
     /// matches has at least one of them; None when it needs every event
-    /// (no allow filter, or one without a cookie, pid, cgroup or port).
+    /// (no allow filter, or one without a cookie, pid, cgroup, port, uid or
+    /// exact comm).
     /// Deny filters are left to the hub.
     pub fn kernel_keys(&self) -> Option<BTreeSet<WantKey>> {
         if self.allow.is_empty() {
@@ -350,9 +353,34 @@ mod tests {
             (WantDim::Cgroup, e.cgroup_id),
             (WantDim::LocalPort, e.local.port().into()),
             (WantDim::RemotePort, e.remote.port().into()),
+            (WantDim::Uid, e.uid.into()),
+            (WantDim::Comm, comm_key(e.comm.as_bytes())),
         ]
         .into_iter()
         .any(|(dim, value)| keys.contains(&WantKey { dim, value }))
+    }
+
+    #[test]
+    fn comm_keys_fold_the_padded_name() {
+        let sel_comm = |c: &str| {
+            sel(
+                vec![pb::EventFilter {
+                    comms: vec![c.into()],
+                    ..Default::default()
+                }],
+                vec![],
+            )
+            .kernel_keys()
+        };
+        let nginx = ev(1, 1, "nginx", "1.2.3.4:80", EventKind::Send, 0);
+        assert!(kernel_admits(&sel_comm("nginx"), &nginx));
+        assert!(!kernel_admits(&sel_comm("nginx2"), &nginx));
+        assert!(!kernel_admits(&sel_comm("ngin"), &nginx), "exact names, not prefixes");
+        // 15 bytes: both halves count.
+        let long = ev(1, 1, "kworker/u8:1-ev", "1.2.3.4:80", EventKind::Send, 0);
+        assert!(kernel_admits(&sel_comm("kworker/u8:1-ev"), &long));
+        assert!(!kernel_admits(&sel_comm("kworker/u8:1-ex"), &long));
+        assert_eq!(comm_key(b"ab"), u64::from_ne_bytes(*b"ab\0\0\0\0\0\0"));
     }
 
     #[test]
@@ -361,7 +389,7 @@ mod tests {
         let web = pb::EventFilter {
             pids: vec![10, 11, 12],
             local_ports: vec![80, 443],
-            comms: vec!["nginx".into()],
+            comm_prefixes: vec!["ngin".into()], // not a kernel field
             ..Default::default()
         };
         let sock = pb::EventFilter {
@@ -386,12 +414,12 @@ mod tests {
         assert!(kernel_admits(&keys, &on_80));
         assert!(!kernel_admits(&keys, &matched), "port 4000, cookie 5: not wanted");
 
-        let by_comm = pb::EventFilter {
-            comms: vec!["curl".into()],
+        let by_prefix = pb::EventFilter {
+            comm_prefixes: vec!["cur".into()],
             ..Default::default()
         };
         assert_eq!(
-            sel(vec![web.clone(), by_comm], vec![]).kernel_keys(),
+            sel(vec![web.clone(), by_prefix], vec![]).kernel_keys(),
             None,
             "one filter needs everything"
         );
@@ -703,7 +731,7 @@ mod tests {
             #[test]
             fn the_kernel_prefilter_keeps_every_matching_event(
                 e in event_strategy(),
-                fields in any::<[bool; 6]>(),
+                fields in any::<[bool; 7]>(),
                 others in proptest::collection::vec(filter_strategy(), 0..3),
                 extra in proptest::collection::vec(1u32..65_536, 0..3),
             ) {
@@ -717,6 +745,7 @@ mod tests {
                     cgroup_ids: if fields[2] { vec![e.cgroup_id] } else { vec![] },
                     local_ports: own(fields[3], e.local.port().into()),
                     remote_ports: own(fields[4] && e.remote.port() != 0, e.remote.port().into()),
+                    uids: own(fields[6], e.uid),
                     ..Default::default()
                 };
                 if fields[5] && !e.comm.as_bytes().is_empty() {

@@ -30,7 +30,7 @@ use tokio::sync::mpsc;
 
 pub use error::{errno_name, ModeRefusal, ProbeError, Stage};
 pub use loader::{kernel_release, kernel_version};
-pub use prefilter::{Prefilter, PrefilterStatus, WantDim, WantKey};
+pub use prefilter::{comm_key, Prefilter, PrefilterStatus, WantDim, WantKey};
 pub use reader::MAX_BATCH_EVENTS;
 
 use crate::event::{AttachMode, Event};

@@ -2,7 +2,7 @@
 //!
 //! While it is on, the programs write only calls that match at least one
 //! key of the `wanted` map: a value of the socket cookie, the process id,
-//! the cgroup id, the local port or the remote port. The hub sets it to the
+//! the cgroup id, the local or remote port, the uid, or the thread name. The hub sets it to the
 //! union of what its subscribers' filters can match, so a subscriber
 //! watching one port on a busy host costs the other calls a map lookup, not
 //! a ring-buffer record. Unwanted calls take no sequence number: a gap in
@@ -28,6 +28,22 @@ pub enum WantDim {
     LocalPort,
     /// The remote port.
     RemotePort,
+    /// The real uid.
+    Uid,
+    /// The thread name (comm), as [`comm_key`] folds it.
+    Comm,
+}
+
+/// The value of a [`WantDim::Comm`] key for a thread name of at most 15
+/// bytes: its two NUL-padded 8-byte halves XORed, as the BPF programs
+/// compute it from the kernel's comm. Different names may share a value;
+/// the prefilter then lets both through.
+pub fn comm_key(comm: &[u8]) -> u64 {
+    let mut padded = [0u8; 16];
+    let n = comm.len().min(15);
+    padded[..n].copy_from_slice(&comm[..n]);
+    let (lo, hi) = padded.split_at(8);
+    u64::from_ne_bytes(lo.try_into().expect("8 bytes")) ^ u64::from_ne_bytes(hi.try_into().expect("8 bytes"))
 }
 
 impl WantDim {
@@ -39,6 +55,8 @@ impl WantDim {
             WantDim::Cgroup => d::SOCKTAP_WANT_CGROUP,
             WantDim::LocalPort => d::SOCKTAP_WANT_LOCAL_PORT,
             WantDim::RemotePort => d::SOCKTAP_WANT_REMOTE_PORT,
+            WantDim::Uid => d::SOCKTAP_WANT_UID,
+            WantDim::Comm => d::SOCKTAP_WANT_COMM,
         };
         dim.0
     }
