@@ -253,9 +253,9 @@ async fn the_kernel_writes_only_calls_some_subscriber_may_want() {
 }
 
 /// Each field the kernel prefilter can check lets the calls it names
-/// through: a subscriber whose filter puts one value in that field (and two
-/// in the others, so that field is the one the prefilter uses) gets every
-/// byte of its socket.
+/// through: a subscriber whose filter puts one value in that field and two
+/// in `cookies` (so that field, having fewer, is the one the prefilter
+/// uses) gets every byte of its socket.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_prefilter_field_lets_its_calls_through() {
     let Some(_bpf) = bpf_available("daemon_kernel") else {
