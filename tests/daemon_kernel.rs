@@ -153,7 +153,7 @@ async fn filtered_subscribers_get_exactly_their_sockets_bytes_and_shutdown_detac
 }
 
 async fn wait_subscribers(hub: &socktap::hub::Hub, n: usize) {
-    for _ in 0..1000 {
+    for _ in 0..4000 {
         if hub.subscriber_count() == n {
             return;
         }
@@ -365,17 +365,24 @@ async fn every_prefilter_field_lets_its_calls_through() {
 
 /// While other subscribers come and go (each changing the prefilter: other
 /// values, another field, off and on again), a connected subscriber's
-/// socket keeps moving bytes as fast as it can, and every byte is reported.
+/// socket keeps moving bytes, and every byte is reported.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn prefilter_changes_never_drop_a_connected_subscribers_calls() {
     let Some(_bpf) = bpf_available("daemon_kernel") else {
         return;
     };
+    // Queues that hold every event of the test even if the drain stalls (a
+    // debug build on a busy machine): what is checked is the kernel side.
+    let queues = HubConfig {
+        queue_events: 1 << 22,
+        queue_bytes: 1 << 30,
+        ..HubConfig::default()
+    };
     let KernelDaemon {
         probe: _probe, // dropping it unloads the programs
         hub,
         daemon: d,
-    } = kernel_daemon(ProbeOptions::default(), HubConfig::default()).await;
+    } = kernel_daemon(ProbeOptions::default(), queues).await;
     let mut client = d.client().await;
     let (mut c, mut s) = tcp_pair(false);
     let cookie = so_cookie(&c);
@@ -406,10 +413,13 @@ async fn prefilter_changes_never_drop_a_connected_subscribers_calls() {
     let traffic = std::thread::spawn({
         let stop = stop.clone();
         move || {
+            // Paced a little (each sleep takes ~50-60 µs with the default
+            // timer slack), so the reader keeps up in a debug build too.
             let mut round_trips = 0u64;
             while !stop.load(std::sync::atomic::Ordering::Relaxed) {
                 ping(&mut c, &mut s, 1, 100);
                 round_trips += 1;
+                std::thread::sleep(Duration::from_micros(1));
             }
             round_trips
         }
@@ -425,7 +435,7 @@ async fn prefilter_changes_never_drop_a_connected_subscribers_calls() {
             ..Default::default()
         },
         pb::EventFilter {
-            comms: vec!["nothing".into()],
+            comm_prefixes: vec!["nothing".into()], // not a kernel field: off
             ..Default::default()
         },
     ];

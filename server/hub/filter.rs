@@ -9,7 +9,7 @@ use ipnet::IpNet;
 use socktap_proto::v1 as pb;
 
 use crate::event::{Event, EventKind};
-use crate::probe::{comm_key, WantDim, WantKey};
+use crate::probe::{comm_key, WantDim, WantKey, PREFILTER_CAPACITY};
 
 /// Limits on a filter request.
 #[derive(Clone, Copy, Debug)]
@@ -139,6 +139,8 @@ fn kind_code(k: EventKind) -> u8 {
 pub struct Selector {
     allow: Vec<Compiled>,
     deny: Vec<Compiled>,
+    /// See [`Selector::kernel_keys`]; computed once, when compiled.
+    kernel: Option<BTreeSet<WantKey>>,
 }
 
 impl Selector {
@@ -151,7 +153,9 @@ impl Selector {
         Ok(Selector {
             allow: compile_list("allow", allow, limits)?,
             deny: compile_list("deny", deny, limits)?,
-        })
+            kernel: None,
+        }
+        .with_kernel_keys())
     }
 
     /// True when the event should be delivered.
@@ -160,19 +164,29 @@ impl Selector {
     }
 
     /// Keys for the kernel prefilter such that every event this selector
-    /// matches has at least one of them; None when it needs every event
-    /// (no allow filter, or one without a cookie, pid, cgroup, port, uid or
-    /// exact comm).
-    /// Deny filters are left to the hub.
-    pub fn kernel_keys(&self) -> Option<BTreeSet<WantKey>> {
-        if self.allow.is_empty() {
-            return None;
-        }
-        let mut keys = BTreeSet::new();
-        for f in &self.allow {
-            keys.extend(f.kernel_keys()?);
-        }
-        Some(keys)
+    /// matches has at least one of them; None when it needs every event:
+    /// no allow filter, one without a cookie, pid, cgroup, port, uid or
+    /// exact comm, or more keys than the kernel's map holds
+    /// ([`PREFILTER_CAPACITY`]). Deny filters are left to the hub.
+    pub fn kernel_keys(&self) -> Option<&BTreeSet<WantKey>> {
+        self.kernel.as_ref()
+    }
+
+    fn with_kernel_keys(mut self) -> Self {
+        self.kernel = (|| {
+            if self.allow.is_empty() {
+                return None;
+            }
+            let mut keys = BTreeSet::new();
+            for f in &self.allow {
+                keys.extend(f.kernel_keys()?);
+                if keys.len() > PREFILTER_CAPACITY {
+                    return None;
+                }
+            }
+            Some(keys)
+        })();
+        self
     }
 }
 
@@ -345,7 +359,7 @@ mod tests {
     }
 
     /// What the BPF programs' prefilter (`wanted_call`) lets through.
-    pub(crate) fn kernel_admits(keys: &Option<BTreeSet<WantKey>>, e: &Event) -> bool {
+    pub(crate) fn kernel_admits(keys: Option<&BTreeSet<WantKey>>, e: &Event) -> bool {
         let Some(keys) = keys else { return true };
         [
             (WantDim::Cookie, e.cookie),
@@ -371,15 +385,19 @@ mod tests {
                 vec![],
             )
             .kernel_keys()
+            .cloned()
         };
         let nginx = ev(1, 1, "nginx", "1.2.3.4:80", EventKind::Send, 0);
-        assert!(kernel_admits(&sel_comm("nginx"), &nginx));
-        assert!(!kernel_admits(&sel_comm("nginx2"), &nginx));
-        assert!(!kernel_admits(&sel_comm("ngin"), &nginx), "exact names, not prefixes");
+        assert!(kernel_admits(sel_comm("nginx").as_ref(), &nginx));
+        assert!(!kernel_admits(sel_comm("nginx2").as_ref(), &nginx));
+        assert!(
+            !kernel_admits(sel_comm("ngin").as_ref(), &nginx),
+            "exact names, not prefixes"
+        );
         // 15 bytes: both halves count.
         let long = ev(1, 1, "kworker/u8:1-ev", "1.2.3.4:80", EventKind::Send, 0);
-        assert!(kernel_admits(&sel_comm("kworker/u8:1-ev"), &long));
-        assert!(!kernel_admits(&sel_comm("kworker/u8:1-ex"), &long));
+        assert!(kernel_admits(sel_comm("kworker/u8:1-ev").as_ref(), &long));
+        assert!(!kernel_admits(sel_comm("kworker/u8:1-ex").as_ref(), &long));
         assert_eq!(comm_key(b"ab"), u64::from_ne_bytes(*b"ab\0\0\0\0\0\0"));
     }
 
@@ -396,7 +414,7 @@ mod tests {
             cookies: vec![99],
             ..Default::default()
         };
-        let keys = sel(vec![web.clone(), sock], vec![]).kernel_keys();
+        let keys = sel(vec![web.clone(), sock], vec![]).kernel_keys().cloned();
         assert_eq!(
             keys,
             Some(
@@ -411,26 +429,41 @@ mod tests {
         let matched = ev(5, 10, "nginx", "1.2.3.4:5000", EventKind::Send, 0);
         let mut on_80 = matched;
         on_80.local = "127.0.0.1:80".parse().unwrap();
-        assert!(kernel_admits(&keys, &on_80));
-        assert!(!kernel_admits(&keys, &matched), "port 4000, cookie 5: not wanted");
+        assert!(kernel_admits(keys.as_ref(), &on_80));
+        assert!(
+            !kernel_admits(keys.as_ref(), &matched),
+            "port 4000, cookie 5: not wanted"
+        );
 
         let by_prefix = pb::EventFilter {
             comm_prefixes: vec!["cur".into()],
             ..Default::default()
         };
         assert_eq!(
-            sel(vec![web.clone(), by_prefix], vec![]).kernel_keys(),
+            sel(vec![web.clone(), by_prefix], vec![]).kernel_keys().cloned(),
             None,
             "one filter needs everything"
         );
         assert_eq!(
-            sel(vec![], vec![web.clone()]).kernel_keys(),
+            sel(vec![], vec![web.clone()]).kernel_keys().cloned(),
             None,
             "deny only needs everything"
         );
         assert_eq!(sel(vec![], vec![]).kernel_keys(), None);
-        let with_deny = sel(vec![web.clone()], vec![web]).kernel_keys();
+        let with_deny = sel(vec![web.clone()], vec![web]).kernel_keys().cloned();
         assert_eq!(with_deny.map(|k| k.len()), Some(2), "deny filters add nothing");
+
+        let cookies = |from: u64| pb::EventFilter {
+            cookies: (from..from + 1024).collect(),
+            ..Default::default()
+        };
+        let four: Vec<_> = (0..4).map(|i| cookies(i * 1024)).collect();
+        assert_eq!(
+            sel(four.clone(), vec![]).kernel_keys().map(|k| k.len()),
+            Some(PREFILTER_CAPACITY)
+        );
+        let five: Vec<_> = (0..5).map(|i| cookies(i * 1024)).collect();
+        assert_eq!(sel(five, vec![]).kernel_keys(), None, "more than the map holds");
     }
 
     #[test]
@@ -757,7 +790,7 @@ mod tests {
                     return Ok(()); // one of the random filters is invalid
                 };
                 prop_assert!(sel.matches(&e));
-                prop_assert!(tests::kernel_admits(&sel.kernel_keys(), &e));
+                prop_assert!(tests::kernel_admits(sel.kernel_keys(), &e));
             }
 
             /// A filter made of an event's own fields allows it; the same

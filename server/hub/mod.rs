@@ -22,7 +22,7 @@ use tracing::{debug, warn};
 
 use crate::convert;
 use crate::event::{monotonic_now_ns, AttachMode, Event, WallClock};
-use crate::probe::{Batch, Prefilter, PrefilterStatus, ProbeControl};
+use crate::probe::{Batch, Prefilter, PrefilterStatus, ProbeControl, PREFILTER_CAPACITY};
 pub use filter::{FieldError, FilterLimits, Selector};
 pub use subscriber::{Item, Loss, LossSource, Subscriber, SubscriberCounters};
 
@@ -433,10 +433,20 @@ impl Hub {
             return Prefilter::Everything;
         }
         let mut keys = BTreeSet::new();
-        for s in &st.subscribers {
+        for (i, s) in st.subscribers.iter().enumerate() {
+            // Subscribers with equal filters share one selector: once is enough.
+            if st.subscribers[..i]
+                .iter()
+                .any(|o| Arc::ptr_eq(&o.selector, &s.selector))
+            {
+                continue;
+            }
             match s.selector.kernel_keys() {
-                Some(k) => keys.extend(k),
+                Some(k) => keys.extend(k.iter().copied()),
                 None => return Prefilter::Everything,
+            }
+            if keys.len() > PREFILTER_CAPACITY {
+                return Prefilter::Everything;
             }
         }
         Prefilter::Keys(keys)

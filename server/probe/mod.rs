@@ -30,7 +30,7 @@ use tokio::sync::mpsc;
 
 pub use error::{errno_name, ModeRefusal, ProbeError, Stage};
 pub use loader::{kernel_release, kernel_version};
-pub use prefilter::{comm_key, Prefilter, PrefilterStatus, WantDim, WantKey};
+pub use prefilter::{comm_key, Prefilter, PrefilterStatus, WantDim, WantKey, PREFILTER_CAPACITY};
 pub use reader::MAX_BATCH_EVENTS;
 
 use crate::event::{AttachMode, Event};
@@ -660,7 +660,7 @@ fn control_of(
             programs,
             links: Vec::new(),
         })),
-        prefilter: Arc::new(Mutex::new(KernelPrefilter::new(handle(&skel.maps.wanted, "wanted")?))),
+        prefilter: Arc::new(Mutex::new(KernelPrefilter::new(handle(&skel.maps.wanted, "wanted")?)?)),
     })
 }
 

@@ -15,6 +15,10 @@ use libbpf_rs::{MapCore, MapFlags, MapHandle};
 use super::skel::types;
 use super::ProbeError;
 
+/// The most keys the kernel prefilter holds: the `wanted` map's size in
+/// bpf/socktap.bpf.c (checked when the probe loads).
+pub const PREFILTER_CAPACITY: usize = 4096;
+
 /// A field the kernel prefilter can match on.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub enum WantDim {
@@ -100,17 +104,18 @@ pub(crate) struct KernelPrefilter {
 }
 
 impl KernelPrefilter {
-    pub(crate) fn new(map: MapHandle) -> Self {
-        KernelPrefilter {
+    pub(crate) fn new(map: MapHandle) -> Result<Self, ProbeError> {
+        let size = map.max_entries() as usize;
+        if size != PREFILTER_CAPACITY {
+            return Err(ProbeError::Setup(format!(
+                "the wanted map holds {size} keys, not {PREFILTER_CAPACITY}: rebuild socktapd"
+            )));
+        }
+        Ok(KernelPrefilter {
             map,
             keys: BTreeSet::new(),
             dims: 0,
-        }
-    }
-
-    /// The most keys the map holds.
-    pub(crate) fn capacity(&self) -> usize {
-        self.map.max_entries() as usize
+        })
     }
 
     pub(crate) fn status(&self) -> PrefilterStatus {
@@ -132,7 +137,7 @@ impl KernelPrefilter {
         let Prefilter::Keys(want) = want else {
             return self.turn_off(write_dims);
         };
-        if want.is_empty() || want.len() > self.capacity() {
+        if want.is_empty() || want.len() > PREFILTER_CAPACITY {
             return self.turn_off(write_dims);
         }
         for k in want.difference(&self.keys.clone()) {
