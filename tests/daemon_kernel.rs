@@ -348,7 +348,11 @@ async fn every_prefilter_field_lets_its_calls_through() {
     let many = pb::WatchEventsRequest {
         allow: (0..5)
             .map(|i| pb::EventFilter {
-                cookies: std::iter::once(cookie).chain((1..1000).map(|v| v + i * 1000)).collect(),
+                // Made-up cookies far above any real one (the kernel counts
+                // them up from 1: small values are other sockets, gRPC's).
+                cookies: std::iter::once(cookie)
+                    .chain((1..1000).map(|v| u64::MAX - v - i * 1000))
+                    .collect(),
                 ..Default::default()
             })
             .collect(),
