@@ -299,10 +299,13 @@ fn the_reader_widens_the_wakeup_interval_under_load_and_narrows_it_after() {
     let rate = load.join().unwrap() * 2; // calls per second
     eprintln!("pacing: {rate} events/s, widened: {widened}");
     // A slow machine (the TCG VMs of the kernel matrix) may not reach the
-    // threshold: then the interval must stay short.
+    // threshold. `rate` is a mean over 500 ms and the reader measures 10 ms
+    // windows, so a bursty VM can pass 20k events/s in some window at a
+    // mean of 8.7k (seen in CI): only a mean ten times below the threshold
+    // says that no window reached it. The rule itself is unit-tested.
     if rate > socktap::probe::BATCH_ABOVE_RATE * 5 / 4 {
         assert!(widened, "{rate} events/s should switch to the batch interval");
-    } else if rate < socktap::probe::UNBATCH_BELOW_RATE {
+    } else if rate < socktap::probe::BATCH_ABOVE_RATE / 10 {
         assert!(!widened, "{rate} events/s must keep the low-rate interval");
     }
     let deadline = std::time::Instant::now() + Duration::from_secs(5);
