@@ -249,6 +249,28 @@ async fn the_kernel_writes_only_calls_some_subscriber_may_want() {
     ping(&mut wc, &mut ws, 10, 500);
     assert_eq!(sums(&mut watch_wc, cookie_wc, 5000, 5000).await, (5000, 5000));
     assert_eq!(sums(&mut watch_ws, cookie_ws, 5000, 5000).await, (5000, 5000));
+
+    // Another port is wanted, then the first port's subscriber leaves: its
+    // value leaves the kernel too (the field stays in use), so of the wanted
+    // connection only the client socket's 200 calls are written.
+    let by_other_port = pb::WatchEventsRequest {
+        allow: vec![pb::EventFilter {
+            local_ports: vec![uc.local_addr().unwrap().port().into()],
+            ..Default::default()
+        }],
+        ..Default::default()
+    };
+    let _watch_uc = client.watch_events(by_other_port).await.unwrap().into_inner();
+    wait_subscribers(&hub, 3).await;
+    drop(watch_ws);
+    wait_subscribers(&hub, 2).await;
+    let st = client.get_status(pb::GetStatusRequest {}).await.unwrap().into_inner();
+    assert!(st.kernel_prefilter && st.kernel_prefilter_keys == 2, "{st:?}");
+    let written = produced_during(&probe, || ping(&mut wc, &mut ws, 100, 10));
+    assert!(
+        (200..300).contains(&written),
+        "{written} events written for 200 wanted and 200 unwanted calls"
+    );
     d.stop().await;
 }
 
