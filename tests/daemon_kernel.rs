@@ -47,23 +47,27 @@ async fn sums_and_callers(
         let msg = tokio::time::timeout_at(deadline, stream.message()).await;
         let Ok(msg) = msg else { return (s, r, callers) };
         match msg.expect("stream ok").and_then(|m| m.message) {
-            Some(Message::Events(b)) => {
-                for e in b.events {
-                    assert_eq!(e.cookie, cookie, "only the filtered socket: {e:?}");
-                    callers.insert((e.cgroup_id, e.uid, e.comm.clone()));
-                    match pb::EventKind::try_from(e.kind).unwrap() {
-                        pb::EventKind::Send => s += e.bytes as u64,
-                        pb::EventKind::Recv => r += e.bytes as u64,
-                        pb::EventKind::Unspecified => panic!("unspecified kind"),
-                    }
-                }
-            }
+            Some(Message::Events(b)) => tally(b, cookie, (&mut s, &mut r), &mut callers),
             Some(Message::Lost(l)) => panic!("unexpected loss: {l:?}"),
             None => return (s, r, callers),
         }
         if s >= send && r >= recv {
             // Settle: a surplus event would show up now.
             deadline = tokio::time::Instant::now() + Duration::from_millis(200);
+        }
+    }
+}
+
+/// Adds a batch's bytes per kind, checking that every event is `cookie`'s,
+/// and notes its callers.
+fn tally(b: pb::EventBatch, cookie: u64, (sent, received): (&mut u64, &mut u64), callers: &mut HashSet<Caller>) {
+    for e in b.events {
+        assert_eq!(e.cookie, cookie, "only the filtered socket: {e:?}");
+        callers.insert((e.cgroup_id, e.uid, e.comm.clone()));
+        match pb::EventKind::try_from(e.kind).unwrap() {
+            pb::EventKind::Send => *sent += e.bytes as u64,
+            pb::EventKind::Recv => *received += e.bytes as u64,
+            pb::EventKind::Unspecified => panic!("unspecified kind"),
         }
     }
 }
@@ -92,12 +96,7 @@ async fn filtered_subscribers_get_exactly_their_sockets_bytes_and_shutdown_detac
     let (cc, sc) = (so_cookie(&c), so_cookie(&s));
     let mut watch_c = client.watch_events(by_cookie(cc)).await.unwrap().into_inner();
     let mut watch_s = client.watch_events(by_cookie(sc)).await.unwrap().into_inner();
-    for _ in 0..1000 {
-        if hub.subscriber_count() == 2 {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    }
+    wait_subscribers(&hub, 2).await;
     assert!(
         client
             .get_status(pb::GetStatusRequest {})
@@ -150,16 +149,6 @@ async fn filtered_subscribers_get_exactly_their_sockets_bytes_and_shutdown_detac
         std::thread::sleep(Duration::from_millis(10));
     }
     assert!(left.is_empty(), "programs left after shutdown: {left:?}");
-}
-
-async fn wait_subscribers(hub: &socktap::hub::Hub, n: usize) {
-    for _ in 0..4000 {
-        if hub.subscriber_count() == n {
-            return;
-        }
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    }
-    panic!("{n} subscribers never registered");
 }
 
 /// Sends `n` bytes each way over a connection, in `calls` writes.
@@ -416,18 +405,10 @@ async fn prefilter_changes_never_drop_a_connected_subscribers_calls() {
     wait_subscribers(&hub, 1).await;
     // Drained as it comes, until the daemon stops (which flushes the queue).
     let drained = tokio::spawn(async move {
-        let (mut send, mut recv) = (0u64, 0u64);
+        let (mut send, mut recv, mut callers) = (0u64, 0u64, HashSet::new());
         while let Some(m) = watch.message().await.expect("stream ok") {
             match m.message {
-                Some(Message::Events(b)) => {
-                    for e in b.events {
-                        assert_eq!(e.cookie, cookie, "only the filtered socket: {e:?}");
-                        match pb::EventKind::try_from(e.kind).unwrap() {
-                            pb::EventKind::Send => send += e.bytes as u64,
-                            _ => recv += e.bytes as u64,
-                        }
-                    }
-                }
+                Some(Message::Events(b)) => tally(b, cookie, (&mut send, &mut recv), &mut callers),
                 Some(Message::Lost(l)) => panic!("unexpected loss: {l:?}"),
                 None => {}
             }

@@ -150,12 +150,12 @@ impl Selector {
         deny: &[pb::EventFilter],
         limits: FilterLimits,
     ) -> Result<Self, FieldError> {
+        let allow = compile_list("allow", allow, limits)?;
         Ok(Selector {
-            allow: compile_list("allow", allow, limits)?,
+            kernel: kernel_keys_of(&allow),
+            allow,
             deny: compile_list("deny", deny, limits)?,
-            kernel: None,
-        }
-        .with_kernel_keys())
+        })
     }
 
     /// True when the event should be delivered.
@@ -171,23 +171,21 @@ impl Selector {
     pub fn kernel_keys(&self) -> Option<&BTreeSet<WantKey>> {
         self.kernel.as_ref()
     }
+}
 
-    fn with_kernel_keys(mut self) -> Self {
-        self.kernel = (|| {
-            if self.allow.is_empty() {
-                return None;
-            }
-            let mut keys = BTreeSet::new();
-            for f in &self.allow {
-                keys.extend(f.kernel_keys()?);
-                if keys.len() > PREFILTER_CAPACITY {
-                    return None;
-                }
-            }
-            Some(keys)
-        })();
-        self
+/// See [`Selector::kernel_keys`].
+fn kernel_keys_of(allow: &[Compiled]) -> Option<BTreeSet<WantKey>> {
+    if allow.is_empty() {
+        return None;
     }
+    let mut keys = BTreeSet::new();
+    for f in allow {
+        keys.extend(f.kernel_keys()?);
+        if keys.len() > PREFILTER_CAPACITY {
+            return None;
+        }
+    }
+    Some(keys)
 }
 
 fn compile_list(name: &str, list: &[pb::EventFilter], limits: FilterLimits) -> Result<Vec<Compiled>, FieldError> {

@@ -347,7 +347,10 @@ impl ProbeControl {
 
     /// The kernel prefilter in force.
     pub fn prefilter(&self) -> PrefilterStatus {
-        self.prefilter.lock().unwrap_or_else(|e| e.into_inner()).status()
+        PrefilterStatus {
+            on: self.shared.prefilter_dims.load(Ordering::Relaxed) != 0,
+            keys: self.prefilter.lock().unwrap_or_else(|e| e.into_inner()).len(),
+        }
     }
 
     /// The kernel's wakeup interval now.

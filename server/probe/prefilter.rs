@@ -99,8 +99,6 @@ pub(crate) struct KernelPrefilter {
     map: MapHandle,
     /// The keys in the map.
     keys: BTreeSet<WantKey>,
-    /// The dimensions the programs look up: 0 while off.
-    dims: u32,
 }
 
 impl KernelPrefilter {
@@ -114,15 +112,12 @@ impl KernelPrefilter {
         Ok(KernelPrefilter {
             map,
             keys: BTreeSet::new(),
-            dims: 0,
         })
     }
 
-    pub(crate) fn status(&self) -> PrefilterStatus {
-        PrefilterStatus {
-            on: self.dims != 0,
-            keys: if self.dims != 0 { self.keys.len() } else { 0 },
-        }
+    /// The keys in the map (none while the prefilter is off).
+    pub(crate) fn len(&self) -> usize {
+        self.keys.len()
     }
 
     /// Moves to `want` without a moment in which a call wanted both before
@@ -147,14 +142,12 @@ impl KernelPrefilter {
         }
         let dims = want.iter().fold(0u32, |d, k| d | 1 << k.dim.code());
         write_dims(dims)?;
-        self.dims = dims;
         let stale: Vec<WantKey> = self.keys.difference(want).copied().collect();
         self.remove(&stale)
     }
 
     fn turn_off(&mut self, mut write_dims: impl FnMut(u32) -> Result<(), ProbeError>) -> Result<(), ProbeError> {
         write_dims(0)?;
-        self.dims = 0;
         let all: Vec<WantKey> = self.keys.iter().copied().collect();
         self.remove(&all)
     }

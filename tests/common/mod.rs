@@ -264,6 +264,18 @@ pub async fn next_msg(
         .map(|m| m.message.expect("message set"))
 }
 
+/// Waits until the hub has `n` subscribers (a stream registers, or leaves,
+/// a little after the client's call returns).
+pub async fn wait_subscribers(hub: &socktap::hub::Hub, n: usize) {
+    for _ in 0..4000 {
+        if hub.subscriber_count() == n {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    panic!("expected {n} subscribers, have {}", hub.subscriber_count());
+}
+
 /// socktapd assembled in-process on the real kernel: a probe in the mode
 /// under test (gate closed until someone subscribes), the hub dispatching
 /// its batches, and the gRPC server.
