@@ -2,19 +2,29 @@
 //! time and peak RSS belong to that measurement alone.
 
 use std::os::unix::process::CommandExt;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use socktap_proto::v1::socktap_client::SocktapClient;
+use socktap_client::DaemonAddr;
 use socktap_proto::v1::{GetStatusRequest, GetStatusResponse};
-use tonic::transport::Channel;
+
+/// How the benchmark's subscribers reach socktapd.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum Transport {
+    /// TCP on 127.0.0.1 (socktapd's default kind of listener).
+    Tcp,
+    /// A unix socket (`--listen unix:/path`).
+    Unix,
+}
 
 /// A running socktapd.
 pub struct Daemon {
     child: Child,
-    /// Its gRPC endpoint (http://127.0.0.1:port).
-    pub url: String,
+    /// Where it serves gRPC.
+    pub addr: DaemonAddr,
+    /// The unix socket to remove when it stops, if it listens on one.
+    socket: Option<PathBuf>,
     start_cpu_ticks: u64,
     started: Instant,
 }
@@ -34,11 +44,17 @@ fn free_port() -> std::io::Result<u16> {
 
 impl Daemon {
     /// Starts `socktapd` and waits until it answers GetStatus.
-    pub async fn start(binary: &Path, extra: &[String]) -> Result<Daemon, String> {
-        let port = free_port().map_err(|e| e.to_string())?;
-        let url = format!("http://127.0.0.1:{port}");
+    pub async fn start(binary: &Path, extra: &[String], transport: Transport) -> Result<Daemon, String> {
+        let (listen, socket) = match transport {
+            Transport::Tcp => (format!("127.0.0.1:{}", free_port().map_err(|e| e.to_string())?), None),
+            Transport::Unix => {
+                let path = std::env::temp_dir().join(format!("socktap-bench-{}.sock", std::process::id()));
+                (format!("unix:{}", path.display()), Some(path))
+            }
+        };
+        let addr: DaemonAddr = listen.parse()?;
         let mut cmd = Command::new(binary);
-        cmd.args(["--listen", &format!("127.0.0.1:{port}")])
+        cmd.args(["--listen", &listen])
             .args(extra)
             .env("RUST_LOG", "warn,libbpf=off")
             .stdout(Stdio::null())
@@ -60,7 +76,8 @@ impl Daemon {
         let child = cmd.spawn().map_err(|e| format!("starting {}: {e}", binary.display()))?;
         let mut d = Daemon {
             child,
-            url,
+            addr,
+            socket,
             start_cpu_ticks: 0,
             started: Instant::now(),
         };
@@ -80,9 +97,7 @@ impl Daemon {
 
     /// Its status.
     pub async fn status(&self) -> Result<GetStatusResponse, String> {
-        let mut c: SocktapClient<Channel> = SocktapClient::connect(self.url.clone())
-            .await
-            .map_err(|e| e.to_string())?;
+        let mut c = socktap_client::connect(&self.addr).await.map_err(|e| e.to_string())?;
         Ok(c.get_status(GetStatusRequest {})
             .await
             .map_err(|e| e.to_string())?
@@ -136,7 +151,11 @@ impl Daemon {
     pub fn stop(mut self) -> Result<(), String> {
         // SAFETY: FFI; signals our own child by pid.
         unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
-        match self.child.wait() {
+        let exit = self.child.wait();
+        if let Some(path) = &self.socket {
+            let _ = std::fs::remove_file(path); // socktapd removes it; this is for a crash
+        }
+        match exit {
             Ok(st) if st.success() => Ok(()),
             Ok(st) => Err(format!("socktapd exited with {st}")),
             Err(e) => Err(e.to_string()),

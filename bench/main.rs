@@ -70,6 +70,10 @@ struct Args {
     /// `socktap.v1.Event`.
     #[arg(long, value_enum, default_value = "lean")]
     subscriber_decode: subscribers::Decode,
+    /// How the subscribers reach socktapd: `tcp` (127.0.0.1) or `unix` (a
+    /// unix socket, which skips the loopback TCP stack on both ends).
+    #[arg(long, value_enum, default_value = "tcp")]
+    transport: daemon::Transport,
     /// The socktapd binary (default: next to this one).
     #[arg(long)]
     socktapd: Option<PathBuf>,
@@ -162,7 +166,7 @@ async fn measure(args: &Args, socktapd: &Path, w: Workload, c: Config, round: u3
             Err(why) => run.note = Some(format!("bpftrace unavailable: {why}")),
         },
         _ => {
-            let mut d = match Daemon::start(socktapd, &args.socktapd_arg).await {
+            let mut d = match Daemon::start(socktapd, &args.socktapd_arg, args.transport).await {
                 Ok(d) => d,
                 Err(e) => {
                     run.note = Some(e);
@@ -172,7 +176,7 @@ async fn measure(args: &Args, socktapd: &Path, w: Workload, c: Config, round: u3
             let p = prepare(w).expect("loopback connections");
             let sets = cookie_sets(c, &p.cookies);
             let n = sets.len();
-            let subs = Subscribers::start(&d.url, sets, args.subscriber_decode);
+            let subs = Subscribers::start(&d.addr, sets, args.subscriber_decode);
             if let Err(e) = d.wait_subscribers(n).await {
                 run.note = Some(e);
             }
@@ -508,12 +512,13 @@ fn report(args: &Args, runs: &[Run], zero_loss: Option<&Run>, kernel: &str, cpu:
         .map(|r| r.attach_mode.clone());
     let nproc = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0);
     println!(
-        "socktapd attach mode {}, kernel {kernel}, {cpu}, {nproc} CPUs",
-        mode.as_deref().unwrap_or("- (socktapd did not run)")
+        "socktapd attach mode {}, subscribers over {:?}, kernel {kernel}, {cpu}, {nproc} CPUs",
+        mode.as_deref().unwrap_or("- (socktapd did not run)"),
+        args.transport
     );
     let doc = json!({
         "kernel": kernel, "cpu_model": cpu, "attach_mode": mode,
-        "nproc": nproc,
+        "nproc": nproc, "transport": format!("{:?}", args.transport).to_lowercase(),
         "seconds_per_run": args.seconds, "rounds": args.rounds, "quick": args.quick,
         "summary": summary,
         "runs": runs.iter().map(|r| json!({

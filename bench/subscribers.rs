@@ -4,6 +4,7 @@
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
+use socktap_client::DaemonAddr;
 use socktap_proto::v1::{EventFilter, LossSource, LostEvents, WatchEventsRequest};
 use tokio::task::JoinHandle;
 use tonic::codegen::http::uri::PathAndQuery;
@@ -81,19 +82,19 @@ pub struct Subscribers {
 
 impl Subscribers {
     /// Subscribes once per cookie list.
-    pub fn start(url: &str, filters: Vec<Vec<u64>>, decode: Decode) -> Subscribers {
+    pub fn start(addr: &DaemonAddr, filters: Vec<Vec<u64>>, decode: Decode) -> Subscribers {
         let stop = Arc::new(AtomicBool::new(false));
         let tasks = filters
             .into_iter()
             .enumerate()
             .map(|(i, cookies)| {
-                let url = url.to_owned();
+                let addr = addr.clone();
                 let stop = stop.clone();
                 tokio::spawn(async move {
                     match decode {
-                        Decode::Lean => run::<LeanResponse>(url, cookies, i as u64, stop).await,
+                        Decode::Lean => run::<LeanResponse>(addr, cookies, i as u64, stop).await,
                         Decode::Full => {
-                            run::<socktap_proto::v1::WatchEventsResponse>(url, cookies, i as u64, stop).await
+                            run::<socktap_proto::v1::WatchEventsResponse>(addr, cookies, i as u64, stop).await
                         }
                     }
                 })
@@ -139,12 +140,14 @@ impl Response for socktap_proto::v1::WatchEventsResponse {
     }
 }
 
-async fn run<R: Response>(url: String, cookies: Vec<u64>, seed: u64, stop: Arc<AtomicBool>) -> Result<Seen, String> {
-    let channel = tonic::transport::Endpoint::from_shared(url)
-        .map_err(|e| e.to_string())?
-        .initial_stream_window_size(4 << 20)
-        .initial_connection_window_size(16 << 20)
-        .connect()
+async fn run<R: Response>(
+    addr: DaemonAddr,
+    cookies: Vec<u64>,
+    seed: u64,
+    stop: Arc<AtomicBool>,
+) -> Result<Seen, String> {
+    // The client library's channel: the same HTTP/2 windows as `socktap`.
+    let channel = socktap_client::channel_with(&addr, &Default::default())
         .await
         .map_err(|e| e.to_string())?;
     let mut client = tonic::client::Grpc::new(channel).max_decoding_message_size(64 << 20);

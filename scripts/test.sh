@@ -32,3 +32,6 @@ cargo build --workspace --bins --locked
 sudo=()
 [ "$(id -u)" -eq 0 ] || sudo=(sudo)
 "${sudo[@]}" target/debug/socktap-bench --quick --seconds 0.5
+# The same smoke test with the subscribers on a unix socket (W1, 1 subscriber).
+"${sudo[@]}" target/debug/socktap-bench --quick --seconds 0.5 --transport unix \
+  --workloads w1 --configs untraced,sub1 --out target/bench/unix

@@ -85,6 +85,12 @@ pub async fn connect(addr: &DaemonAddr) -> Result<SocktapClient<Channel>, Connec
 
 /// Connects to socktapd.
 pub async fn connect_with(addr: &DaemonAddr, opts: &ConnectOptions) -> Result<SocktapClient<Channel>, ConnectError> {
+    Ok(SocktapClient::new(channel_with(addr, opts).await?).max_decoding_message_size(64 << 20))
+}
+
+/// Opens an HTTP/2 channel to socktapd, for clients that call its methods
+/// through their own codec (a benchmark that decodes only timestamps, say).
+pub async fn channel_with(addr: &DaemonAddr, opts: &ConnectOptions) -> Result<Channel, ConnectError> {
     let fail = |e: &dyn std::error::Error| ConnectError {
         addr: addr.clone(),
         cause: root_cause(e),
@@ -121,7 +127,7 @@ pub async fn connect_with(addr: &DaemonAddr, opts: &ConnectOptions) -> Result<So
                 .map_err(|e| fail(&e))?
         }
     };
-    Ok(SocktapClient::new(channel).max_decoding_message_size(64 << 20))
+    Ok(channel)
 }
 
 /// Large HTTP/2 receive windows: event batches are large, and the default

@@ -19,6 +19,6 @@ pub mod cli;
 pub mod format;
 pub mod top;
 
-pub use addr::{connect, connect_with, ConnectError, ConnectOptions, DaemonAddr};
+pub use addr::{channel_with, connect, connect_with, ConnectError, ConnectOptions, DaemonAddr};
 /// The `socktap.v1` API types and client.
 pub use socktap_proto::v1 as api;
