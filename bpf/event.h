@@ -81,6 +81,12 @@ struct socktap_want_key {
 	__u64 value;
 };
 
+/* The `drops` map: CPU n counts in slot n * SOCKTAP_DROPS_STRIDE (8 u64s,
+ * a cache line per CPU). An enum, so the skeleton's types carry it. */
+enum socktap_drops_layout {
+	SOCKTAP_DROPS_STRIDE = 8,
+};
+
 /* The single entry of the `counters` array map. */
 struct socktap_counters {
 	__u64 next_seq;        /* events attempted so far (== next sequence number) */

@@ -32,11 +32,13 @@ typedef _Bool bool;
 enum bpf_map_type {
 	BPF_MAP_TYPE_HASH = 1,
 	BPF_MAP_TYPE_ARRAY = 2,
-	BPF_MAP_TYPE_PERCPU_ARRAY = 6,
 	BPF_MAP_TYPE_RINGBUF = 27,
 };
 enum {
 	BPF_ANY = 0,
+};
+enum {
+	BPF_F_MMAPABLE = 1U << 10,
 };
 enum {
 	BPF_RB_NO_WAKEUP = 1,

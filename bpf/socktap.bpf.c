@@ -24,6 +24,7 @@ enum socktap_event_kind socktap_kind_layout = SOCKTAP_KIND_SEND;
 enum socktap_attach_mode socktap_mode_layout = SOCKTAP_MODE_FENTRY;
 enum socktap_want_dim socktap_want_dim_layout = SOCKTAP_WANT_COOKIE;
 struct socktap_want_key socktap_want_key_layout = {};
+enum socktap_drops_layout socktap_drops_stride_layout = SOCKTAP_DROPS_STRIDE;
 
 struct {
 	__uint(type, BPF_MAP_TYPE_RINGBUF);
@@ -44,10 +45,15 @@ struct {
 	__type(value, struct socktap_counters);
 } counters SEC(".maps");
 
-/* Ring buffer reservations that failed (ring full), per CPU. */
+/* Ring buffer reservations that failed (ring full), a cache line per CPU
+ * (see SOCKTAP_DROPS_STRIDE). Userspace sizes it to the possible CPUs
+ * before load and maps it, so the
+ * reader sums it from memory on every pass: a bpf() lookup per pass cost
+ * tens of microseconds here, on the way to every subscriber. */
 struct {
-	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
-	__uint(max_entries, 1);
+	__uint(type, BPF_MAP_TYPE_ARRAY);
+	__uint(map_flags, BPF_F_MMAPABLE);
+	__uint(max_entries, SOCKTAP_DROPS_STRIDE); /* resized by userspace */
 	__type(key, __u32);
 	__type(value, __u64);
 } drops SEC(".maps");
@@ -208,10 +214,13 @@ static __always_inline void emit(struct socktap_control *cfg, __u64 pid_tgid, st
 
 	e = bpf_ringbuf_reserve(&events, sizeof(*e), 0);
 	if (!e) {
-		__u64 *d = bpf_map_lookup_elem(&drops, &zero);
+		__u32 slot = bpf_get_smp_processor_id() * SOCKTAP_DROPS_STRIDE;
+		__u64 *d = bpf_map_lookup_elem(&drops, &slot);
 
+		/* Atomic: a task that preempts this one on the same CPU may
+		 * count in the same slot. */
 		if (d)
-			*d += 1; /* per-CPU slot: no other writer */
+			__sync_fetch_and_add(d, 1);
 		return;
 	}
 

@@ -7,6 +7,7 @@ use libbpf_rs::skel::{OpenSkel, Skel, SkelBuilder};
 use libbpf_rs::OpenObject;
 use tracing::debug;
 
+use super::drops;
 use super::error::{errno_of, ModeRefusal, ProbeError, Stage};
 use super::skel::{OpenSocktapSkel, SocktapSkel, SocktapSkelBuilder};
 use super::{ModeRequest, ProbeOptions};
@@ -98,6 +99,11 @@ fn try_mode<'obj>(
     open.maps
         .events
         .set_max_entries(opts.ring_buffer_bytes)
+        .map_err(|e| refusal(mode, Stage::Open, e))?;
+    let cpus = libbpf_rs::num_possible_cpus().map_err(|e| refusal(mode, Stage::Open, e))?;
+    open.maps
+        .drops
+        .set_max_entries(drops::entries_for(cpus))
         .map_err(|e| refusal(mode, Stage::Open, e))?;
     if let Some(rodata) = open.maps.rodata_data.as_deref_mut() {
         rodata.recvmsg_flags_arg = if kernel_before(5, 19) { 4 } else { 3 };

@@ -8,6 +8,7 @@
 //! a runtime consumer takes the reading over; dropping the [`Probe`] stops
 //! the reading and detaches and unloads every program and map.
 
+mod drops;
 mod error;
 mod loader;
 mod prefilter;

@@ -8,12 +8,13 @@ use std::sync::atomic::Ordering;
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
-use libbpf_rs::{MapCore, MapFlags, MapHandle};
+use libbpf_rs::MapCore;
 use tokio::io::unix::AsyncFd;
 use tokio::io::Interest;
 use tokio::sync::mpsc::error::TrySendError;
 use tracing::{debug, error, warn};
 
+use super::drops::MappedDrops;
 use super::ring::MappedRing;
 use super::skel::SocktapSkel;
 use super::{Batch, Consumer, ProbeControl, ProbeOptions, Sink, BATCH_ABOVE_RATE, RATE_WINDOW, UNBATCH_BELOW_RATE};
@@ -43,7 +44,7 @@ pub const MAX_BATCH_EVENTS: usize = 4096;
 pub(crate) struct Reader {
     ring: MappedRing,
     control: ProbeControl,
-    drops: MapHandle,
+    drops: MappedDrops,
     drops_seen: u64,
     pacing: Pacing,
     poll: Duration,
@@ -59,7 +60,9 @@ impl Reader {
         let events = &skel.maps.events;
         let ring = MappedRing::new(events.as_fd(), events.max_entries() as usize)
             .map_err(|e| format!("cannot map the ring buffer: {e}"))?;
-        let drops = MapHandle::try_from(&skel.maps.drops).map_err(|e| format!("duplicating the drops map: {e:#}"))?;
+        let drops = &skel.maps.drops;
+        let drops = MappedDrops::new(drops.as_fd(), drops.max_entries())
+            .map_err(|e| format!("cannot map the drops map: {e}"))?;
         Ok(Reader {
             ring,
             control: control.clone(),
@@ -124,7 +127,7 @@ impl Reader {
         }
         self.full_batch = taken.records >= MAX_BATCH_EVENTS;
 
-        let drops_total = read_drops(&self.drops);
+        let drops_total = self.drops.total();
         let new_drops = drops_total.saturating_sub(self.drops_seen);
         self.drops_seen = drops_total;
         shared.kernel_drops.store(drops_total, Ordering::Relaxed);
@@ -370,25 +373,6 @@ fn sort_by_seq(events: &mut [Event]) {
         budget -= moves;
         events[at..=i].rotate_right(1);
     }
-}
-
-fn read_drops(drops: &MapHandle) -> u64 {
-    match drops.lookup_percpu(&0u32.to_ne_bytes(), MapFlags::ANY) {
-        Ok(Some(per_cpu)) => per_cpu.iter().map(|v| u64_of(v)).sum(),
-        Ok(None) => 0,
-        Err(e) => {
-            warn!("reading the drop counter failed: {e:#}");
-            0
-        }
-    }
-}
-
-pub(crate) fn u64_of(bytes: &[u8]) -> u64 {
-    bytes
-        .get(..8)
-        .and_then(|b| b.try_into().ok())
-        .map(u64::from_ne_bytes)
-        .unwrap_or(0)
 }
 
 #[cfg(test)]
