@@ -326,6 +326,15 @@ mod tests {
         ]
     }
 
+    /// Thread names: any bytes (invalid UTF-8 included), or the usual
+    /// ASCII ones.
+    fn comm_bytes() -> impl Strategy<Value = Vec<u8>> {
+        prop_oneof![
+            prop::collection::vec(any::<u8>(), 0..16),
+            "[ -~]{0,16}".prop_map(String::into_bytes),
+        ]
+    }
+
     fn any_event() -> impl Strategy<Value = Event> {
         (
             (
@@ -344,7 +353,7 @@ mod tests {
                 any::<u32>(),
                 any::<u32>(),
             ),
-            (prop::collection::vec(any::<u8>(), 0..16), addr(), addr(), 0..3u8),
+            (comm_bytes(), addr(), addr(), 0..3u8),
         )
             .prop_map(|(a, b, c)| Event {
                 seq: a.0,
@@ -402,6 +411,24 @@ mod tests {
             }
             runs.push(all);
             prop_assert_eq!(runs.iter().map(EncodedEvents::count).sum::<usize>(), events.len());
+            // Each run alone holds exactly its events: the cuts fall between
+            // entries, where the counts say.
+            let mut first = 0;
+            for run in &runs {
+                let alone = wire::WatchEventsResponse {
+                    message: Some(wire::watch_events_response::Message::Events(wire::EncodedEventBatch {
+                        runs: vec![run.clone()],
+                    })),
+                };
+                let decoded = pb::WatchEventsResponse::decode(&alone.encode_to_vec()[..])
+                    .map_err(|e| TestCaseError::fail(format!("a run does not decode alone: {e}")))?;
+                let Some(pb::watch_events_response::Message::Events(b)) = decoded.message else {
+                    return Err(TestCaseError::fail("not a batch"));
+                };
+                let want: Vec<_> = events[first..first + run.count()].iter().map(|e| event(e, &clock)).collect();
+                prop_assert_eq!(b.events, want);
+                first += run.count();
+            }
             let ours = wire::WatchEventsResponse {
                 message: Some(wire::watch_events_response::Message::Events(wire::EncodedEventBatch { runs })),
             };
