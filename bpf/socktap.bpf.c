@@ -210,15 +210,23 @@ static __always_inline void emit(struct socktap_control *cfg, __u64 pid_tgid, st
 
 	if (!st || !wanted_call(cfg, pid_tgid, sk, direct, cookie))
 		return; /* unwanted calls take no sequence number */
-	seq = __sync_fetch_and_add(&st->next_seq, 1);
 
+	/*
+	 * The sequence number is taken after the reservation, so a record
+	 * follows in the ring every record numbered before it by more than a
+	 * few instructions: the reader stops at a record still being written,
+	 * so a program preempted here (or a vCPU descheduled under emulation)
+	 * holds back the records after it instead of being overtaken by them.
+	 * Taken before, such a record arrived after later ones.
+	 */
 	e = bpf_ringbuf_reserve(&events, sizeof(*e), 0);
+	seq = __sync_fetch_and_add(&st->next_seq, 1);
 	if (!e) {
 		__u32 slot = bpf_get_smp_processor_id() * SOCKTAP_DROPS_STRIDE;
 		__u64 *d = bpf_map_lookup_elem(&drops, &slot);
 
 		/* Atomic: a task that preempts this one on the same CPU may
-		 * count in the same slot. */
+		 * count in the same slot. The number taken is the gap. */
 		if (d)
 			__sync_fetch_and_add(d, 1);
 		return;
