@@ -132,18 +132,27 @@ impl Reader {
         self.drops_seen = drops_total;
         shared.kernel_drops.store(drops_total, Ordering::Relaxed);
 
-        if let Some(ns) = self.pacing.observe(self.pending.len(), Instant::now()) {
+        if let Some(ns) = self.pacing.observe(taken.records, Instant::now()) {
             if let Err(e) = self.control.set_wakeup_interval(ns) {
                 warn!("{e}");
             }
         }
-        if self.pending.is_empty() && new_drops == 0 {
+        // Records from different CPUs can be committed slightly out of
+        // order; hand them on in sequence order. A record the reader
+        // stopped at (still being written, or left for the next batch) may
+        // carry a lower number than some read after it: what is numbered
+        // at or above its bound waits for the next pass (its commit wakes
+        // the reader).
+        sort_by_seq(&mut self.pending);
+        let ready = match self.ring.peek_first_u64() {
+            Some(bound) => self.pending.partition_point(|e| e.seq < bound),
+            None => self.pending.len(),
+        };
+        if ready == 0 && new_drops == 0 {
             return None;
         }
-        let mut events = std::mem::replace(&mut self.pending, Vec::with_capacity(MAX_BATCH_EVENTS));
-        // Records from different CPUs can be committed slightly out of
-        // order; hand them on in sequence order.
-        sort_by_seq(&mut events);
+        let held = self.pending.split_off(ready);
+        let events = std::mem::replace(&mut self.pending, held);
         shared.events_read.fetch_add(events.len() as u64, Ordering::Relaxed);
         Some(Batch {
             events,

@@ -223,6 +223,42 @@ impl MappedRing {
         }
     }
 
+    /// The first 8 bytes of the next record not consumed yet (discarded
+    /// ones skipped), written or still being written; None when nothing
+    /// waits.
+    ///
+    /// For an event record those bytes are its `seq`. While the record is
+    /// being written they may still hold the `seq` of the record that
+    /// filled the same place a lap earlier (or 0 on the first lap): a
+    /// lower number, since that record was read before this place could
+    /// be reserved again, and the programs take a number after their
+    /// reservation. Either way no event numbered below it can still come.
+    pub fn peek_first_u64(&self) -> Option<u64> {
+        let mut pos = self.consumer_pos().load(Ordering::Acquire);
+        let prod = self.producer_pos().load(Ordering::Acquire);
+        while pos < prod {
+            let word = self.header(pos).load(Ordering::Acquire);
+            let busy = word & BUSY_BIT != 0;
+            let len = (word & !(BUSY_BIT | DISCARD_BIT)) as usize;
+            if busy || word & DISCARD_BIT == 0 {
+                let off = self.page + ((pos as usize + HEADER) & (self.size - 1));
+                // SAFETY: `off` lies inside the data area, mapped for the
+                // life of `self`; positions are 8-byte aligned and so is the
+                // header, so the record's first word is aligned and does not
+                // wrap (the size is a multiple of 8). A program may be
+                // writing it: it is read atomically, as the program's
+                // aligned 8-byte store is atomic.
+                let first = unsafe { &*self.producer.byte_add(off).cast::<AtomicU64>() };
+                return Some(first.load(Ordering::Acquire));
+            }
+            if HEADER + len > self.size {
+                return None;
+            }
+            pos += (HEADER + len).next_multiple_of(8) as u64;
+        }
+        None
+    }
+
     /// The ring buffer map: pollable, readable when it has data (for an
     /// async reactor).
     pub fn map_fd(&self) -> BorrowedFd<'_> {
