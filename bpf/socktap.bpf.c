@@ -47,9 +47,8 @@ struct {
 
 /* Ring buffer reservations that failed (ring full), a cache line per CPU
  * (see SOCKTAP_DROPS_STRIDE). Userspace sizes it to the possible CPUs
- * before load and maps it, so the
- * reader sums it from memory on every pass: a bpf() lookup per pass cost
- * tens of microseconds here, on the way to every subscriber. */
+ * before load and maps it, so the reader sums it from memory after every
+ * pass instead of making a bpf() call on the way to every subscriber. */
 struct {
 	__uint(type, BPF_MAP_TYPE_ARRAY);
 	__uint(map_flags, BPF_F_MMAPABLE);

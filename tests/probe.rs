@@ -594,10 +594,10 @@ fn pin_to_cpu(cpu: usize) {
     }
 }
 
-/// Two writers pinned to different CPUs, as fast as they can (here the
-/// kernel batches wakeups): records of the two CPUs interleave in the ring,
-/// and every call arrives once, in strict sequence order across all
-/// batches, with no loss.
+/// Two writers pinned to different CPUs, as fast as they can (the kernel
+/// batches wakeups at this rate here; under emulation it may not):
+/// records of the two CPUs interleave in the ring, and every call arrives
+/// once, in strict sequence order across all batches, with no loss.
 #[test]
 fn two_cpus_writing_arrive_in_sequence_order() {
     let Some(_bpf) = bpf_available("two CPUs") else {
@@ -616,17 +616,6 @@ fn two_cpus_writing_arrive_in_sequence_order() {
         let _ = tx.send(b);
     });
     let before = probe.counters();
-    let batched = Arc::new(AtomicBool::new(false));
-    let watch = {
-        let (control, batched) = (probe.control().clone(), batched.clone());
-        std::thread::spawn(move || {
-            let deadline = std::time::Instant::now() + WAIT;
-            while !batched.load(Ordering::Relaxed) && std::time::Instant::now() < deadline {
-                batched.store(!control.wakeup_interval().is_zero(), Ordering::Relaxed);
-                std::thread::sleep(Duration::from_millis(1));
-            }
-        })
-    };
     let writes = 20_000u64;
     let mut cookies = Vec::new();
     let mut writers = Vec::new();
@@ -679,12 +668,6 @@ fn two_cpus_writing_arrive_in_sequence_order() {
     assert!(cpus_seen.len() >= 2, "written on two CPUs: {cpus_seen:?}");
     let after = probe.counters();
     assert_eq!(after.kernel_drops, before.kernel_drops, "nothing lost");
-    watch.join().unwrap();
-    if !batched.load(Ordering::Relaxed) {
-        // Under emulation (the kernel matrix's VMs) the rate can stay under
-        // the batching threshold; order and counts were checked all the same.
-        eprintln!("note: the kernel did not batch wakeups at this machine's rate");
-    }
 }
 
 /// With a runtime consumer the ring is read on that runtime; when the

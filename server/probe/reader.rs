@@ -151,7 +151,10 @@ impl Reader {
         if ready == 0 && new_drops == 0 {
             return None;
         }
-        let held = self.pending.split_off(ready);
+        // What is held back starts the next batch, with room for a whole one
+        // (growing from nothing would copy the batch several times a pass).
+        let mut held = self.pending.split_off(ready);
+        held.reserve(MAX_BATCH_EVENTS);
         let events = std::mem::replace(&mut self.pending, held);
         shared.events_read.fetch_add(events.len() as u64, Ordering::Relaxed);
         Some(Batch {
