@@ -65,10 +65,11 @@ struct Args {
     /// Configurations to run.
     #[arg(long, value_enum, value_delimiter = ',', default_values_t = [Config::Untraced, Config::Idle, Config::Sub1, Config::Sub1Narrow, Config::Sub16Disjoint, Config::Sub16Full, Config::Bpftrace])]
     configs: Vec<Config>,
-    /// How the benchmark's subscribers decode events: `lean` reads only the
-    /// timestamp (prost skips the other fields), `full` builds every
-    /// `socktap.v1.Event`.
-    #[arg(long, value_enum, default_value = "lean")]
+    /// How the benchmark's subscribers decode events: `scan` walks each
+    /// event's bytes to its timestamp and skips the rest by length, `lean`
+    /// has prost decode only the timestamp (it still steps over every other
+    /// field), `full` builds every `socktap.v1.Event`.
+    #[arg(long, value_enum, default_value = "scan")]
     subscriber_decode: subscribers::Decode,
     /// How the subscribers reach socktapd: `tcp` (127.0.0.1) or `unix` (a
     /// unix socket, which skips the loopback TCP stack on both ends).

@@ -4,10 +4,15 @@
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
+use prost::bytes::{Buf, Bytes};
+use prost::encoding::{decode_varint, WireType};
+use prost::Message;
 use socktap_client::DaemonAddr;
 use socktap_proto::v1::{EventFilter, LossSource, LostEvents, WatchEventsRequest};
 use tokio::task::JoinHandle;
+use tonic::codec::{BufferSettings, Codec, DecodeBuf, Decoder};
 use tonic::codegen::http::uri::PathAndQuery;
+use tonic_prost::{ProstCodec, ProstEncoder};
 
 /// `socktap.v1.WatchEventsResponse` as the benchmark's subscriber reads it:
 /// the same wire format, decoding of each event only the fields it uses
@@ -43,7 +48,11 @@ struct LeanEvent {
 /// How the subscriber decodes events.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
 pub enum Decode {
-    /// Only the timestamp it measures latency with.
+    /// Walks each event's wire bytes to its timestamp and skips the rest
+    /// by the event's length: no field after the timestamp is looked at.
+    Scan,
+    /// prost decodes each event, keeping only the timestamp (it still
+    /// reads every field's tag and length to skip it).
     Lean,
     /// Every field, into `socktap.v1.Event` (strings allocated).
     Full,
@@ -92,9 +101,15 @@ impl Subscribers {
                 let stop = stop.clone();
                 tokio::spawn(async move {
                     match decode {
-                        Decode::Lean => run::<LeanResponse>(addr, cookies, i as u64, stop).await,
+                        Decode::Scan => run::<ScanCodec>(addr, cookies, i as u64, stop).await,
+                        Decode::Lean => {
+                            run::<ProstCodec<WatchEventsRequest, LeanResponse>>(addr, cookies, i as u64, stop).await
+                        }
                         Decode::Full => {
-                            run::<socktap_proto::v1::WatchEventsResponse>(addr, cookies, i as u64, stop).await
+                            run::<ProstCodec<WatchEventsRequest, socktap_proto::v1::WatchEventsResponse>>(
+                                addr, cookies, i as u64, stop,
+                            )
+                            .await
                         }
                     }
                 })
@@ -116,36 +131,154 @@ impl Subscribers {
 }
 
 /// What the subscriber needs of a response, whichever way it was decoded.
-trait Response: prost::Message + Default + Send + 'static {
-    /// Event timestamps (monotonic ns), or the loss notice.
-    fn view(self) -> Option<Result<Vec<u64>, LostEvents>>;
+trait Response: Send + Sync + 'static {
+    /// Event timestamps (monotonic ns), or the loss notice; `None` for a
+    /// response with neither.
+    fn view(self) -> Result<Option<Result<Vec<u64>, LostEvents>>, String>;
 }
 
 impl Response for LeanResponse {
-    fn view(self) -> Option<Result<Vec<u64>, LostEvents>> {
-        Some(match self.message? {
+    fn view(self) -> Result<Option<Result<Vec<u64>, LostEvents>>, String> {
+        Ok(self.message.map(|m| match m {
             LeanMessage::Events(b) => Ok(b.events.into_iter().map(|e| e.monotonic_ns).collect()),
             LeanMessage::Lost(l) => Err(l),
-        })
+        }))
     }
 }
 
 impl Response for socktap_proto::v1::WatchEventsResponse {
-    fn view(self) -> Option<Result<Vec<u64>, LostEvents>> {
+    fn view(self) -> Result<Option<Result<Vec<u64>, LostEvents>>, String> {
         use socktap_proto::v1::watch_events_response::Message;
-        Some(match self.message? {
+        Ok(self.message.map(|m| match m {
             Message::Events(b) => Ok(b.events.into_iter().map(|e| e.monotonic_ns).collect()),
             Message::Lost(l) => Err(l),
-        })
+        }))
     }
 }
 
-async fn run<R: Response>(
-    addr: DaemonAddr,
-    cookies: Vec<u64>,
-    seed: u64,
-    stop: Arc<AtomicBool>,
-) -> Result<Seen, String> {
+/// A `WatchEventsResponse` left as its wire bytes, read by [`scan`].
+struct Scanned(Bytes);
+
+impl Response for Scanned {
+    fn view(self) -> Result<Option<Result<Vec<u64>, LostEvents>>, String> {
+        scan(&self.0).map_err(|e| format!("malformed WatchEventsResponse: {e}"))
+    }
+}
+
+/// The `scan` decode: requests encoded by prost, responses handed over as
+/// their bytes.
+#[derive(Default)]
+struct ScanCodec;
+
+impl Codec for ScanCodec {
+    type Encode = WatchEventsRequest;
+    type Decode = Scanned;
+    type Encoder = ProstEncoder<WatchEventsRequest>;
+    type Decoder = ScanDecoder;
+
+    fn encoder(&mut self) -> Self::Encoder {
+        ProstEncoder::new(BufferSettings::default())
+    }
+
+    fn decoder(&mut self) -> Self::Decoder {
+        ScanDecoder
+    }
+}
+
+struct ScanDecoder;
+
+impl Decoder for ScanDecoder {
+    type Item = Scanned;
+    type Error = tonic::Status;
+
+    fn decode(&mut self, src: &mut DecodeBuf<'_>) -> Result<Option<Scanned>, tonic::Status> {
+        Ok(Some(Scanned(src.copy_to_bytes(src.remaining()))))
+    }
+}
+
+/// Reads a `WatchEventsResponse`: each event's `monotonic_ns` (field 3 of
+/// `Event`), found by walking the event's fields up to it; the rest of the
+/// event is skipped by its length. A loss notice is decoded whole.
+fn scan(mut msg: &[u8]) -> Result<Option<Result<Vec<u64>, LostEvents>>, String> {
+    let mut out = None;
+    while !msg.is_empty() {
+        let (field, wire) = key(&mut msg)?;
+        match (field, wire) {
+            (1, WireType::LengthDelimited) => {
+                let mut batch = delimited(&mut msg)?;
+                let mut stamps = Vec::new();
+                while !batch.is_empty() {
+                    let (field, wire) = key(&mut batch)?;
+                    if (field, wire) != (1, WireType::LengthDelimited) {
+                        skip(wire, &mut batch)?;
+                        continue;
+                    }
+                    let mut event = delimited(&mut batch)?;
+                    let mut stamp = 0;
+                    while !event.is_empty() {
+                        let (field, wire) = key(&mut event)?;
+                        if (field, wire) == (3, WireType::Varint) {
+                            stamp = varint(&mut event)?;
+                            break;
+                        }
+                        skip(wire, &mut event)?;
+                    }
+                    stamps.push(stamp);
+                }
+                out = Some(Ok(stamps));
+            }
+            (2, WireType::LengthDelimited) => {
+                let lost = LostEvents::decode(delimited(&mut msg)?).map_err(|e| e.to_string())?;
+                out = Some(Err(lost));
+            }
+            _ => skip(wire, &mut msg)?,
+        }
+    }
+    Ok(out)
+}
+
+#[inline]
+fn varint(buf: &mut &[u8]) -> Result<u64, String> {
+    decode_varint(buf).map_err(|e| e.to_string())
+}
+
+#[inline]
+fn key(buf: &mut &[u8]) -> Result<(u64, WireType), String> {
+    let key = varint(buf)?;
+    let wire = WireType::try_from(key & 7).map_err(|e| e.to_string())?;
+    Ok((key >> 3, wire))
+}
+
+fn delimited<'a>(buf: &mut &'a [u8]) -> Result<&'a [u8], String> {
+    let len = varint(buf)?;
+    if len > buf.len() as u64 {
+        return Err(format!("a field of {len} bytes where {} are left", buf.len()));
+    }
+    let (field, rest) = buf.split_at(len as usize);
+    *buf = rest;
+    Ok(field)
+}
+
+fn skip(wire: WireType, buf: &mut &[u8]) -> Result<(), String> {
+    let len = match wire {
+        WireType::Varint => return varint(buf).map(drop),
+        WireType::SixtyFourBit => 8,
+        WireType::ThirtyTwoBit => 4,
+        WireType::LengthDelimited => return delimited(buf).map(drop),
+        WireType::StartGroup | WireType::EndGroup => return Err("a group (socktap.v1 has none)".into()),
+    };
+    if len > buf.len() {
+        return Err(format!("a field of {len} bytes where {} are left", buf.len()));
+    }
+    *buf = &buf[len..];
+    Ok(())
+}
+
+async fn run<C>(addr: DaemonAddr, cookies: Vec<u64>, seed: u64, stop: Arc<AtomicBool>) -> Result<Seen, String>
+where
+    C: Codec<Encode = WatchEventsRequest> + Default + Send + 'static,
+    C::Decode: Response,
+{
     // The client library's channel: the same HTTP/2 windows as `socktap`.
     let channel = socktap_client::channel_with(&addr, &Default::default())
         .await
@@ -160,7 +293,7 @@ async fn run<R: Response>(
         ..Default::default()
     };
     client.ready().await.map_err(|e| e.to_string())?;
-    let codec = tonic_prost::ProstCodec::<WatchEventsRequest, R>::default();
+    let codec = C::default();
     let path = PathAndQuery::from_static("/socktap.v1.Socktap/WatchEvents");
     let mut stream = client
         .server_streaming(tonic::Request::new(req), path, codec)
@@ -180,7 +313,7 @@ async fn run<R: Response>(
                 continue;
             }
         };
-        let Some(msg) = msg.and_then(R::view) else {
+        let Some(msg) = msg.map(Response::view).transpose()?.flatten() else {
             return Ok(seen);
         };
         match msg {
@@ -208,6 +341,77 @@ async fn run<R: Response>(
         }
         if stop.load(Ordering::Relaxed) {
             return Ok(seen);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use socktap_proto::v1::watch_events_response::Message as Msg;
+    use socktap_proto::v1::{Event, EventBatch, WatchEventsResponse};
+
+    fn event(seq: u64, monotonic_ns: u64) -> Event {
+        Event {
+            seq,
+            time: Some(socktap_proto::Timestamp {
+                seconds: 1_700_000_000,
+                nanos: 5,
+            }),
+            monotonic_ns,
+            cookie: u64::MAX - seq,
+            bytes: 64,
+            pid: 4242,
+            comm: "writer".into(),
+            local_addr: "127.0.0.1".into(),
+            local_port: 40000,
+            remote_addr: "::1".into(),
+            remote_port: 443,
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn scan_reads_every_timestamp_of_a_batch() {
+        let stamps: Vec<u64> = vec![1, 127, 128, 1 << 35, u64::MAX];
+        let msg = WatchEventsResponse {
+            message: Some(Msg::Events(EventBatch {
+                events: stamps
+                    .iter()
+                    .enumerate()
+                    .map(|(i, &t)| event(i as u64 + 1, t))
+                    .collect(),
+            })),
+        };
+        assert_eq!(scan(&msg.encode_to_vec()).unwrap(), Some(Ok(stamps)));
+    }
+
+    #[test]
+    fn scan_reads_a_loss_notice_whole() {
+        let lost = LostEvents {
+            source: LossSource::SubscriberQueue as i32,
+            count: 17,
+            first_seq: 100,
+            last_seq: 116,
+            ..Default::default()
+        };
+        let msg = WatchEventsResponse {
+            message: Some(Msg::Lost(lost)),
+        };
+        assert_eq!(scan(&msg.encode_to_vec()).unwrap(), Some(Err(lost)));
+        assert_eq!(scan(&[]).unwrap(), None);
+    }
+
+    #[test]
+    fn scan_refuses_a_cut_message() {
+        let msg = WatchEventsResponse {
+            message: Some(Msg::Events(EventBatch {
+                events: vec![event(1, 99), event(2, 100)],
+            })),
+        }
+        .encode_to_vec();
+        for cut in 1..msg.len() {
+            assert!(scan(&msg[..cut]).is_err(), "cut at {cut} of {}", msg.len());
         }
     }
 }
