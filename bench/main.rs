@@ -273,12 +273,18 @@ impl Bpftrace {
     }
 }
 
+/// The middle value; with an even count, the mean of the two middle ones.
 fn median(mut v: Vec<f64>) -> f64 {
     if v.is_empty() {
         return 0.0;
     }
     v.sort_by(f64::total_cmp);
-    v[v.len() / 2]
+    let mid = v.len() / 2;
+    if v.len().is_multiple_of(2) {
+        (v[mid - 1] + v[mid]) / 2.0
+    } else {
+        v[mid]
+    }
 }
 
 fn cpu_model() -> String {
