@@ -55,8 +55,12 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     }
     wire.compile_fds(fds.clone())?;
 
+    // Every field in the JSON, zeros included (as `grpcurl -emit-defaults`
+    // prints): a JSON-lines consumer finds `seq`, `uid`, `errno` on every
+    // line, not only when they are non-zero.
     pbjson_build::Builder::new()
         .register_descriptors(&descriptor)?
+        .emit_fields()
         .build(&[".socktap.v1"])?;
     Ok(())
 }

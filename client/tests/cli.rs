@@ -243,6 +243,16 @@ fn json_lines_are_proto3_json_and_losses_go_to_stderr() {
     assert_eq!(first["kind"], "EVENT_KIND_SEND");
     assert_eq!(first["localAddr"], "10.0.0.2");
     assert_eq!(first["time"], "2025-11-24T16:00:00.250+00:00");
+    assert_eq!(first["errno"], 0, "zeros are written, not left out");
+    // Every line has the same keys, whatever its values (the second event
+    // has no bytes and uid 0).
+    let keys = |l: &str| {
+        let v: serde_json::Value = serde_json::from_str(l).unwrap();
+        v.as_object().unwrap().keys().cloned().collect::<Vec<_>>()
+    };
+    for l in r.stdout.lines() {
+        assert_eq!(keys(l), keys(r.stdout.lines().next().unwrap()), "{l}");
+    }
     let l: api::LostEvents = serde_json::from_str(r.stderr.trim()).unwrap();
     assert_eq!(l, lost());
     assert_eq!(
