@@ -140,9 +140,10 @@ impl Reader {
         // Records from different CPUs can be committed slightly out of
         // order; hand them on in sequence order. A record the reader
         // stopped at (still being written, or left for the next batch) may
-        // carry a lower number than some read after it: what is numbered
+        // carry a lower number than some taken before it: what is numbered
         // at or above its bound waits for the next pass (its commit wakes
-        // the reader).
+        // the reader). Not covered: a record after it numbered below what
+        // is handed on, which takes two programs stalled at once (README).
         sort_by_seq(&mut self.pending);
         let ready = match self.ring.peek_first_u64() {
             Some(bound) => self.pending.partition_point(|e| e.seq < bound),
