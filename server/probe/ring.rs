@@ -29,6 +29,32 @@ const DISCARD_BIT: u32 = 1 << 30;
 /// Record header bytes (`struct bpf_ringbuf_hdr`).
 const HEADER: usize = 8;
 
+/// A record header's length word, decoded.
+#[derive(Clone, Copy)]
+struct Header {
+    /// Reserved and not yet submitted.
+    busy: bool,
+    /// Submitted as discarded: to be skipped.
+    discarded: bool,
+    /// Body bytes.
+    len: usize,
+}
+
+impl Header {
+    fn from_word(word: u32) -> Header {
+        Header {
+            busy: word & BUSY_BIT != 0,
+            discarded: word & DISCARD_BIT != 0,
+            len: (word & !(BUSY_BIT | DISCARD_BIT)) as usize,
+        }
+    }
+
+    /// The position of the record after this one, which is at `pos`.
+    fn next(self, pos: u64) -> u64 {
+        pos + (HEADER + self.len).next_multiple_of(8) as u64
+    }
+}
+
 /// A mapped BPF ring buffer, a descriptor of its map and an epoll instance
 /// that reports when it has data.
 pub(crate) struct MappedRing {
@@ -137,15 +163,17 @@ impl MappedRing {
         unsafe { &*self.producer.cast::<AtomicU64>() }
     }
 
-    /// The record header at ring position `pos`.
-    fn header(&self, pos: u64) -> &AtomicU32 {
+    /// The header of the record at ring position `pos`, read with acquire
+    /// ordering (a clear busy bit makes the record's body visible).
+    fn header_at(&self, pos: u64) -> Header {
         let off = self.page + (pos as usize & (self.size - 1));
         // SAFETY: `off` lies inside the data area, which is mapped for the
         // life of `self`; ring positions are 8-byte aligned, so the
         // header's length word is aligned and the header does not wrap;
         // the kernel writes it atomically (it clears the busy bit with
         // xchg).
-        unsafe { &*self.producer.byte_add(off).cast::<AtomicU32>() }
+        let word = unsafe { &*self.producer.byte_add(off).cast::<AtomicU32>() };
+        Header::from_word(word.load(Ordering::Acquire))
     }
 
     /// `len` bytes of the data area from offset `start` (< size), which
@@ -187,20 +215,19 @@ impl MappedRing {
         loop {
             let prod = self.producer_pos().load(Ordering::Acquire);
             while pos < prod && done.records < max {
-                let word = self.header(pos).load(Ordering::Acquire);
-                if word & BUSY_BIT != 0 {
+                let h = self.header_at(pos);
+                if h.busy {
                     break;
                 }
-                let len = (word & !(BUSY_BIT | DISCARD_BIT)) as usize;
-                if HEADER + len > self.size {
+                if HEADER + h.len > self.size {
                     done.malformed = true;
                     return done;
                 }
-                if word & DISCARD_BIT == 0 {
-                    f(self.body(pos, len));
+                if !h.discarded {
+                    f(self.body(pos, h.len));
                     done.records += 1;
                 }
-                pos += (HEADER + len).next_multiple_of(8) as u64;
+                pos = h.next(pos);
             }
             self.consumer_pos().store(pos, Ordering::Release);
             if done.records >= max {
@@ -215,9 +242,7 @@ impl MappedRing {
             // ours before we look again. So either the kernel sees our
             // position and wakes us, or we see its record now.
             fence(Ordering::SeqCst);
-            if pos >= self.producer_pos().load(Ordering::Acquire)
-                || self.header(pos).load(Ordering::Acquire) & BUSY_BIT != 0
-            {
+            if pos >= self.producer_pos().load(Ordering::Acquire) || self.header_at(pos).busy {
                 return done;
             }
         }
@@ -237,10 +262,8 @@ impl MappedRing {
         let mut pos = self.consumer_pos().load(Ordering::Acquire);
         let prod = self.producer_pos().load(Ordering::Acquire);
         while pos < prod {
-            let word = self.header(pos).load(Ordering::Acquire);
-            let busy = word & BUSY_BIT != 0;
-            let len = (word & !(BUSY_BIT | DISCARD_BIT)) as usize;
-            if busy || word & DISCARD_BIT == 0 {
+            let h = self.header_at(pos);
+            if h.busy || !h.discarded {
                 let off = self.page + ((pos as usize + HEADER) & (self.size - 1));
                 // SAFETY: `off` lies inside the data area, mapped for the
                 // life of `self`; positions are 8-byte aligned and so is the
@@ -251,10 +274,10 @@ impl MappedRing {
                 let first = unsafe { &*self.producer.byte_add(off).cast::<AtomicU64>() };
                 return Some(first.load(Ordering::Acquire));
             }
-            if HEADER + len > self.size {
+            if HEADER + h.len > self.size {
                 return None;
             }
-            pos += (HEADER + len).next_multiple_of(8) as u64;
+            pos = h.next(pos);
         }
         None
     }
