@@ -513,8 +513,11 @@ fn report(args: &Args, runs: &[Run], zero_loss: Option<&Run>, kernel: &str, cpu:
             z.lost_history
         );
     }
+    // The paced run starts socktapd too, so a table of untraced runs alone
+    // still names the mode it used.
     let mode = runs
         .iter()
+        .chain(zero_loss)
         .find(|r| !r.attach_mode.is_empty() && !r.attach_mode.starts_with("bpftrace"))
         .map(|r| r.attach_mode.clone());
     let nproc = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0);
