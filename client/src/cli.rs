@@ -35,19 +35,37 @@ const EXAMPLES: &str = "Examples:
 #[command(name = "socktap", version, after_help = EXAMPLES)]
 pub struct Cli {
     /// socktapd's address: host:port, http://host:port, https://host:port or unix:/path.
-    #[arg(long, global = true, env = "SOCKTAP_ADDR", default_value = "127.0.0.1:50051")]
+    #[arg(
+        long,
+        global = true,
+        help_heading = "Connection",
+        env = "SOCKTAP_ADDR",
+        default_value = "127.0.0.1:50051"
+    )]
     pub addr: DaemonAddr,
     /// File holding the bearer token socktapd requires (--auth-token-file there).
-    #[arg(long, global = true, env = "SOCKTAP_TOKEN_FILE")]
+    #[arg(long, global = true, help_heading = "Connection", env = "SOCKTAP_TOKEN_FILE")]
     pub token_file: Option<PathBuf>,
     /// CA certificate (PEM) to trust for https:// instead of the system's roots.
-    #[arg(long, global = true, env = "SOCKTAP_CA_CERT")]
+    #[arg(long, global = true, help_heading = "Connection", env = "SOCKTAP_CA_CERT")]
     pub ca_cert: Option<PathBuf>,
     /// Client certificate (PEM), for socktapd with mTLS.
-    #[arg(long, global = true, env = "SOCKTAP_CLIENT_CERT", requires = "client_key")]
+    #[arg(
+        long,
+        global = true,
+        help_heading = "Connection",
+        env = "SOCKTAP_CLIENT_CERT",
+        requires = "client_key"
+    )]
     pub client_cert: Option<PathBuf>,
     /// Client private key (PEM).
-    #[arg(long, global = true, env = "SOCKTAP_CLIENT_KEY", requires = "client_cert")]
+    #[arg(
+        long,
+        global = true,
+        help_heading = "Connection",
+        env = "SOCKTAP_CLIENT_KEY",
+        requires = "client_cert"
+    )]
     pub client_key: Option<PathBuf>,
     /// What to do.
     #[command(subcommand)]
@@ -152,6 +170,7 @@ pub enum FamilyArg {
 /// a comma list) matches any of its values; `--exclude-*` flags drop what
 /// they match.
 #[derive(Args, Debug, Default, Clone)]
+#[command(next_help_heading = "Filters")]
 pub struct FilterArgs {
     /// Only this process id (tgid).
     #[arg(long, value_delimiter = ',')]
@@ -190,31 +209,31 @@ pub struct FilterArgs {
     #[arg(long)]
     pub errors: bool,
     /// Drop this process id.
-    #[arg(long, value_delimiter = ',')]
+    #[arg(long, help_heading = "Exclusions", value_delimiter = ',')]
     pub exclude_pid: Vec<u32>,
     /// Drop this thread name (exact).
-    #[arg(long, value_delimiter = ',', value_parser = comm)]
+    #[arg(long, help_heading = "Exclusions", value_delimiter = ',', value_parser = comm)]
     pub exclude_comm: Vec<String>,
     /// Drop thread names starting with this.
-    #[arg(long, value_delimiter = ',', value_parser = comm)]
+    #[arg(long, help_heading = "Exclusions", value_delimiter = ',', value_parser = comm)]
     pub exclude_comm_prefix: Vec<String>,
     /// Drop this socket cookie.
-    #[arg(long, value_delimiter = ',')]
+    #[arg(long, help_heading = "Exclusions", value_delimiter = ',')]
     pub exclude_cookie: Vec<u64>,
     /// Drop this local port.
-    #[arg(long, value_delimiter = ',', value_parser = port)]
+    #[arg(long, help_heading = "Exclusions", value_delimiter = ',', value_parser = port)]
     pub exclude_port: Vec<u32>,
     /// Drop this remote port.
-    #[arg(long, value_delimiter = ',', value_parser = port)]
+    #[arg(long, help_heading = "Exclusions", value_delimiter = ',', value_parser = port)]
     pub exclude_remote_port: Vec<u32>,
     /// Drop remote addresses in this CIDR.
-    #[arg(long, value_delimiter = ',', value_parser = cidr)]
+    #[arg(long, help_heading = "Exclusions", value_delimiter = ',', value_parser = cidr)]
     pub exclude_cidr: Vec<String>,
     /// Drop this uid.
-    #[arg(long, value_delimiter = ',')]
+    #[arg(long, help_heading = "Exclusions", value_delimiter = ',')]
     pub exclude_uid: Vec<u32>,
     /// Drop this cgroup v2 id.
-    #[arg(long, value_delimiter = ',')]
+    #[arg(long, help_heading = "Exclusions", value_delimiter = ',')]
     pub exclude_cgroup: Vec<u64>,
     /// Also show this socktap process's own calls (receiving the stream
     /// produces events; by default they are dropped to avoid a feedback loop).
@@ -225,8 +244,6 @@ pub struct FilterArgs {
 /// `socktap watch`.
 #[derive(Args, Debug)]
 pub struct WatchArgs {
-    #[command(flatten)]
-    pub filters: FilterArgs,
     /// Start with the last N matching events from socktapd's history.
     #[arg(long, value_name = "N", conflicts_with_all = ["since", "resume_after"])]
     pub replay: Option<u32>,
@@ -245,6 +262,8 @@ pub struct WatchArgs {
     /// Same as -o json.
     #[arg(long)]
     pub json: bool,
+    #[command(flatten)]
+    pub filters: FilterArgs,
 }
 
 /// `socktap status`.
@@ -258,8 +277,6 @@ pub struct StatusArgs {
 /// `socktap top`.
 #[derive(Args, Debug)]
 pub struct TopArgs {
-    #[command(flatten)]
-    pub filters: FilterArgs,
     /// Refresh interval (1s, 500ms, 5s).
     #[arg(long, value_parser = interval, default_value = "1s")]
     pub interval: Duration,
@@ -269,6 +286,8 @@ pub struct TopArgs {
     /// Exit after this many refreshes (default: until Ctrl-C).
     #[arg(long)]
     pub iterations: Option<u64>,
+    #[command(flatten)]
+    pub filters: FilterArgs,
 }
 
 fn comm(s: &str) -> Result<String, String> {

@@ -422,6 +422,15 @@ fn exit_codes_and_one_line_messages() {
         assert_eq!(r.code, 0);
         assert!(r.stdout.contains("Examples:"), "{cmd:?}");
     }
+
+    // Flags are grouped: a command's own options, then filters, then
+    // exclusions, then how to reach socktapd.
+    let r = socktap(&["watch", "--help"]);
+    let at = |s: &str| r.stdout.find(s).unwrap_or_else(|| panic!("{s} in {}", r.stdout));
+    assert!(at("--replay") < at("\nFilters:"));
+    assert!(at("\nFilters:") < at("--pid") && at("--pid") < at("\nExclusions:"));
+    assert!(at("\nExclusions:") < at("--exclude-pid") && at("--exclude-pid") < at("\nConnection:"));
+    assert!(at("\nConnection:") < at("--token-file"));
 }
 
 #[test]
