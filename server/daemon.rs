@@ -117,6 +117,25 @@ pub struct TlsOptions {
     pub client_ca_pem: Option<Vec<u8>>,
 }
 
+impl TlsOptions {
+    fn server_config(&self) -> ServerTlsConfig {
+        let mut cfg = ServerTlsConfig::new().identity(Identity::from_pem(&self.cert_pem, &self.key_pem));
+        if let Some(ca) = &self.client_ca_pem {
+            cfg = cfg.client_ca_root(Certificate::from_pem(ca));
+        }
+        cfg
+    }
+
+    /// Parses the certificates and key as serving would, so that bad
+    /// material is refused at start rather than once everything is loaded.
+    pub fn validate(&self) -> Result<(), ServeError> {
+        Server::builder()
+            .tls_config(self.server_config())
+            .map(drop)
+            .map_err(ServeError::Tls)
+    }
+}
+
 /// Security and limits of the gRPC server.
 #[derive(Clone, Debug)]
 pub struct ServeOptions {
@@ -167,7 +186,10 @@ pub enum ServeError {
     /// Building the reflection service failed.
     #[error("building the reflection service: {0}")]
     Reflection(#[from] tonic_reflection::server::Error),
-    /// The transport failed (or the TLS material was rejected).
+    /// The TLS certificates or key were rejected.
+    #[error("TLS certificate or key rejected")]
+    Tls(#[source] tonic::transport::Error),
+    /// The transport failed.
     #[error("serving gRPC: {0}")]
     Transport(#[from] tonic::transport::Error),
 }
@@ -211,11 +233,7 @@ pub async fn serve(
         .http2_keepalive_timeout(Some(opts.keepalive_timeout))
         .max_concurrent_streams(opts.max_streams_per_connection);
     if let Some(tls) = &opts.tls {
-        let mut cfg = ServerTlsConfig::new().identity(Identity::from_pem(&tls.cert_pem, &tls.key_pem));
-        if let Some(ca) = &tls.client_ca_pem {
-            cfg = cfg.client_ca_root(Certificate::from_pem(ca));
-        }
-        builder = builder.tls_config(cfg)?;
+        builder = builder.tls_config(tls.server_config()).map_err(ServeError::Tls)?;
     }
     let socktap = SocktapServer::new(SocktapService::with_max_request_bytes(
         hub.clone(),

@@ -9,7 +9,8 @@ use std::path::PathBuf;
 
 use socktap::daemon::{self, ListenAddr, Listener, ServeOptions, TlsOptions};
 use socktap::hub::{FilterLimits, Hub, HubConfig, Source};
-use socktap::probe::{ModeRequest, Probe, ProbeOptions};
+use socktap::privileges::Account;
+use socktap::probe::{ModeRequest, Probe, ProbeError, ProbeOptions};
 use tracing::{error, info};
 
 /// Per-socket TCP telemetry daemon: streams every TCP send/recv, tagged with
@@ -27,91 +28,116 @@ struct Args {
     #[arg(long, env = "SOCKTAPD_LISTEN", default_value = "127.0.0.1:50051")]
     listen: ListenAddr,
     /// Kernel ring buffer size in bytes (a power of two, at least 4096).
-    #[arg(long, env = "SOCKTAPD_RING_BUFFER_BYTES", default_value_t = 8 << 20)]
+    #[arg(long, help_heading = "Kernel", env = "SOCKTAPD_RING_BUFFER_BYTES", default_value_t = 8 << 20)]
     ring_buffer_bytes: u32,
     /// Events each subscriber may have queued before it loses some.
-    #[arg(long, env = "SOCKTAPD_QUEUE_EVENTS", default_value_t = 65_536, value_parser = clap::value_parser!(u32).range(1..))]
+    #[arg(long, help_heading = "Subscribers", env = "SOCKTAPD_QUEUE_EVENTS", default_value_t = 65_536, value_parser = clap::value_parser!(u32).range(1..))]
     queue_events: u32,
     /// Bytes of encoded events all subscribers' queues may hold together:
     /// half in equal shares, half a reserve that lagging subscribers borrow
     /// from. Memory stays bounded however many subscribe.
-    #[arg(long, env = "SOCKTAPD_QUEUE_BYTES", default_value_t = 8 << 20, value_parser = clap::value_parser!(u64).range(65_536..=(1 << 40)))]
+    #[arg(long, help_heading = "Subscribers", env = "SOCKTAPD_QUEUE_BYTES", default_value_t = 8 << 20, value_parser = clap::value_parser!(u64).range(65_536..=(1 << 40)))]
     queue_bytes: u64,
     /// Events kept in memory for replay and resume (0: none).
-    #[arg(long, env = "SOCKTAPD_HISTORY_EVENTS", default_value_t = 65_536)]
+    #[arg(
+        long,
+        help_heading = "Subscribers",
+        env = "SOCKTAPD_HISTORY_EVENTS",
+        default_value_t = 65_536
+    )]
     history_events: u32,
     /// Concurrent WatchEvents streams.
-    #[arg(long, env = "SOCKTAPD_MAX_SUBSCRIBERS", default_value_t = 128, value_parser = clap::value_parser!(u32).range(1..))]
+    #[arg(long, help_heading = "Subscribers", env = "SOCKTAPD_MAX_SUBSCRIBERS", default_value_t = 128, value_parser = clap::value_parser!(u32).range(1..))]
     max_subscribers: u32,
     /// Filters per allow/deny list in one request.
-    #[arg(long, env = "SOCKTAPD_MAX_FILTERS", default_value_t = 64)]
+    #[arg(
+        long,
+        help_heading = "Subscribers",
+        env = "SOCKTAPD_MAX_FILTERS",
+        default_value_t = 64
+    )]
     max_filters: u32,
     /// Values per field of one filter.
-    #[arg(long, env = "SOCKTAPD_MAX_FILTER_VALUES", default_value_t = 1024)]
+    #[arg(
+        long,
+        help_heading = "Subscribers",
+        env = "SOCKTAPD_MAX_FILTER_VALUES",
+        default_value_t = 1024
+    )]
     max_filter_values: u32,
     /// Record events (and fill history) even with no subscriber. By default
     /// the BPF programs write nothing while nobody watches.
-    #[arg(long, env = "SOCKTAPD_RECORD_ALWAYS")]
+    #[arg(long, help_heading = "Kernel", env = "SOCKTAPD_RECORD_ALWAYS")]
     record_always: bool,
     /// Also report socktapd's own TCP calls. Off by default: serving events
     /// produces sends, which would produce more events.
-    #[arg(long, env = "SOCKTAPD_TRACE_SELF")]
+    #[arg(long, help_heading = "Kernel", env = "SOCKTAPD_TRACE_SELF")]
     trace_self: bool,
     /// After loading the programs and binding the listener, switch to this
     /// user and drop every capability (needs Linux >= 6.5; see README).
-    #[arg(long, env = "SOCKTAPD_USER")]
+    #[arg(long, help_heading = "Access", env = "SOCKTAPD_USER")]
     user: Option<String>,
     /// Group that may connect to a unix socket listener (the socket gets mode 0660).
-    #[arg(long, env = "SOCKTAPD_SOCKET_GROUP")]
+    #[arg(long, help_heading = "Access", env = "SOCKTAPD_SOCKET_GROUP")]
     socket_group: Option<String>,
     /// File holding a bearer token that Socktap RPCs must present
     /// (`authorization: Bearer <token>`). Health and reflection stay open.
-    #[arg(long, env = "SOCKTAPD_AUTH_TOKEN_FILE")]
+    #[arg(long, help_heading = "Access", env = "SOCKTAPD_AUTH_TOKEN_FILE")]
     auth_token_file: Option<PathBuf>,
     /// TLS certificate chain (PEM). With --tls-key, serves TLS.
-    #[arg(long, env = "SOCKTAPD_TLS_CERT", requires = "tls_key")]
+    #[arg(long, help_heading = "Access", env = "SOCKTAPD_TLS_CERT", requires = "tls_key")]
     tls_cert: Option<PathBuf>,
     /// TLS private key (PEM).
-    #[arg(long, env = "SOCKTAPD_TLS_KEY", requires = "tls_cert")]
+    #[arg(long, help_heading = "Access", env = "SOCKTAPD_TLS_KEY", requires = "tls_cert")]
     tls_key: Option<PathBuf>,
     /// CA (PEM) that client certificates must chain to: turns on mTLS.
-    #[arg(long, env = "SOCKTAPD_TLS_CLIENT_CA", requires = "tls_cert")]
+    #[arg(long, help_heading = "Access", env = "SOCKTAPD_TLS_CLIENT_CA", requires = "tls_cert")]
     tls_client_ca: Option<PathBuf>,
     /// Seconds between HTTP/2 keepalive PINGs (dead clients are dropped).
-    #[arg(long, env = "SOCKTAPD_KEEPALIVE_SECS", default_value_t = 30, value_parser = clap::value_parser!(u64).range(1..))]
+    #[arg(long, help_heading = "Subscribers", env = "SOCKTAPD_KEEPALIVE_SECS", default_value_t = 30, value_parser = clap::value_parser!(u64).range(1..))]
     keepalive_secs: u64,
     /// Seconds a keepalive PING may go unanswered.
-    #[arg(long, env = "SOCKTAPD_KEEPALIVE_TIMEOUT_SECS", default_value_t = 10, value_parser = clap::value_parser!(u64).range(1..))]
+    #[arg(long, help_heading = "Subscribers", env = "SOCKTAPD_KEEPALIVE_TIMEOUT_SECS", default_value_t = 10, value_parser = clap::value_parser!(u64).range(1..))]
     keepalive_timeout_secs: u64,
     /// Largest request message, in bytes.
-    #[arg(long, env = "SOCKTAPD_MAX_REQUEST_BYTES", default_value_t = 1 << 20)]
+    #[arg(long, help_heading = "Subscribers", env = "SOCKTAPD_MAX_REQUEST_BYTES", default_value_t = 1 << 20)]
     max_request_bytes: usize,
     /// Concurrent WatchEvents streams per client connection (TCP); more get
     /// RESOURCE_EXHAUSTED. HTTP/2 allows 16 more streams for unary calls.
-    #[arg(long, env = "SOCKTAPD_MAX_STREAMS_PER_CONNECTION", default_value_t = 32, value_parser = clap::value_parser!(u32).range(1..1_000_000))]
+    #[arg(long, help_heading = "Subscribers", env = "SOCKTAPD_MAX_STREAMS_PER_CONNECTION", default_value_t = 32, value_parser = clap::value_parser!(u32).range(1..1_000_000))]
     max_streams_per_connection: u32,
     /// Enable the kernel's BPF run-time statistics (shown by status; costs
     /// two clock reads per program run).
-    #[arg(long, env = "SOCKTAPD_BPF_STATS")]
+    #[arg(long, help_heading = "Kernel", env = "SOCKTAPD_BPF_STATS")]
     bpf_stats: bool,
     /// At low event rates, 0 wakes the reader as soon as it has caught up
     /// (every event is read at once); N wakes it at most once per N
     /// microseconds.
-    #[arg(long, env = "SOCKTAPD_WAKEUP_INTERVAL_US", default_value_t = 0)]
+    #[arg(
+        long,
+        help_heading = "Tuning",
+        env = "SOCKTAPD_WAKEUP_INTERVAL_US",
+        default_value_t = 0
+    )]
     wakeup_interval_us: u64,
     /// Above 20k events/s, the kernel wakes the reader at most once per
     /// this many microseconds (fewer, larger batches); never less than
     /// --wakeup-interval-us.
-    #[arg(long, env = "SOCKTAPD_BATCH_INTERVAL_US", default_value_t = 500)]
+    #[arg(
+        long,
+        help_heading = "Tuning",
+        env = "SOCKTAPD_BATCH_INTERVAL_US",
+        default_value_t = 500
+    )]
     batch_interval_us: u64,
     /// While the kernel batches wakeups (above 20k events/s, or with a
     /// nonzero --wakeup-interval-us), the reader drains the ring at least
     /// this often, in microseconds.
-    #[arg(long, env = "SOCKTAPD_POLL_INTERVAL_US", default_value_t = 1000, value_parser = clap::value_parser!(u64).range(1..))]
+    #[arg(long, help_heading = "Tuning", env = "SOCKTAPD_POLL_INTERVAL_US", default_value_t = 1000, value_parser = clap::value_parser!(u64).range(1..))]
     poll_interval_us: u64,
     /// Threads that serve gRPC (the ring buffer reader has its own). One is
     /// cheapest: a second one is woken with the first for every batch.
-    #[arg(long, env = "SOCKTAPD_WORKER_THREADS", default_value_t = 1, value_parser = clap::value_parser!(u16).range(1..=256))]
+    #[arg(long, help_heading = "Tuning", env = "SOCKTAPD_WORKER_THREADS", default_value_t = 1, value_parser = clap::value_parser!(u16).range(1..=256))]
     worker_threads: u16,
 }
 
@@ -125,8 +151,20 @@ fn main() -> ExitCode {
         // Colours only on a terminal: not in journald, files or pipes.
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
-    let args = Args::parse();
-    match run(args) {
+    let args = match Args::try_parse() {
+        Ok(args) => args,
+        Err(e) if !e.use_stderr() => {
+            // --help, --version
+            let _ = e.print();
+            return ExitCode::SUCCESS;
+        }
+        Err(e) => return usage_error(&socktap_client::cli::one_line(&e)),
+    };
+    let prepared = match Prepared::from_args(&args) {
+        Ok(p) => p,
+        Err(e) => return usage_error(&format!("{e:#}")),
+    };
+    match run(args, prepared) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("socktapd: error: {e:#}");
@@ -135,43 +173,87 @@ fn main() -> ExitCode {
     }
 }
 
-fn run(args: Args) -> anyhow::Result<()> {
+/// Bad flags: one line naming the flag, exit code 2, before anything is
+/// loaded or bound.
+fn usage_error(message: &str) -> ExitCode {
+    eprintln!("socktapd: {message}");
+    ExitCode::from(2)
+}
+
+/// What the flags name, checked and read before anything is loaded: a
+/// mistake in them is the caller's (exit code 2), not the kernel's.
+struct Prepared {
+    probe: ProbeOptions,
+    serve: ServeOptions,
+    socket_group: Option<u32>,
+    user: Option<Account>,
+}
+
+impl Prepared {
+    fn from_args(args: &Args) -> anyhow::Result<Prepared> {
+        let probe = ProbeOptions {
+            mode: args.mode,
+            ring_buffer_bytes: args.ring_buffer_bytes,
+            wakeup_interval: Duration::from_micros(args.wakeup_interval_us),
+            batch_interval: Duration::from_micros(args.batch_interval_us.max(args.wakeup_interval_us)),
+            poll_interval: Duration::from_micros(args.poll_interval_us),
+            enabled: args.record_always,
+            ignore_pid: (!args.trace_self).then(std::process::id),
+            bpf_stats: args.bpf_stats,
+            ..Default::default()
+        };
+        match probe.validate() {
+            Ok(()) => {}
+            Err(ProbeError::InvalidOption { option, reason }) => {
+                let flag = match option {
+                    "ring_buffer_bytes" => "ring-buffer-bytes",
+                    "wakeup_interval" => "wakeup-interval-us",
+                    "batch_interval" => "batch-interval-us",
+                    other => anyhow::bail!("invalid probe option {other}: {reason}"),
+                };
+                anyhow::bail!("--{flag}: {reason}");
+            }
+            Err(e) => return Err(e.into()),
+        }
+        let socket_group = match &args.socket_group {
+            None => None,
+            Some(name) => Some(
+                nix::unistd::Group::from_name(name)
+                    .with_context(|| format!("--socket-group: looking up group {name}"))?
+                    .with_context(|| format!("--socket-group: no group named {name}"))?
+                    .gid
+                    .as_raw(),
+            ),
+        };
+        let serve = serve_options(args)?;
+        if let Some(tls) = &serve.tls {
+            tls.validate().context("--tls-cert, --tls-key, --tls-client-ca")?;
+        }
+        Ok(Prepared {
+            probe,
+            serve,
+            socket_group,
+            user: args.user.as_deref().map(Account::resolve).transpose()?,
+        })
+    }
+}
+
+fn run(args: Args, prepared: Prepared) -> anyhow::Result<()> {
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(args.worker_threads.into())
         .enable_all()
         .build()
         .context("starting the async runtime")?;
-    runtime.block_on(async_main(args))
+    runtime.block_on(async_main(args, prepared))
 }
 
-async fn async_main(args: Args) -> anyhow::Result<()> {
+async fn async_main(args: Args, prepared: Prepared) -> anyhow::Result<()> {
     let shutdown = shutdown_signal()?;
-    let serve_opts = serve_options(&args)?;
-    let group = match &args.socket_group {
-        None => None,
-        Some(name) => Some(
-            nix::unistd::Group::from_name(name)
-                .with_context(|| format!("looking up group {name}"))?
-                .with_context(|| format!("--socket-group: no group named {name}"))?
-                .gid
-                .as_raw(),
-        ),
-    };
     // Bind first: a port in use is found before anything is loaded.
-    let listener = Listener::bind_with(&args.listen, group)
+    let listener = Listener::bind_with(&args.listen, prepared.socket_group)
         .await
         .with_context(|| format!("cannot listen on {}", args.listen))?;
-    let mut probe = Probe::start(ProbeOptions {
-        mode: args.mode,
-        ring_buffer_bytes: args.ring_buffer_bytes,
-        wakeup_interval: Duration::from_micros(args.wakeup_interval_us),
-        batch_interval: Duration::from_micros(args.batch_interval_us.max(args.wakeup_interval_us)),
-        poll_interval: Duration::from_micros(args.poll_interval_us),
-        enabled: args.record_always,
-        ignore_pid: (!args.trace_self).then(std::process::id),
-        bpf_stats: args.bpf_stats,
-        ..Default::default()
-    })?;
+    let mut probe = Probe::start(prepared.probe)?;
     let refused: Vec<String> = probe.refused_modes().iter().map(|r| r.to_string()).collect();
     for r in &refused {
         info!("passed over: {r}");
@@ -203,13 +285,13 @@ async fn async_main(args: Args) -> anyhow::Result<()> {
         let hub = hub.clone();
         move |batch| hub.dispatch(batch)
     });
-    if let Some(user) = &args.user {
-        socktap::privileges::drop_to_user(user)?;
-        info!(user = %user, "dropped root and every capability");
+    if let Some(account) = &prepared.user {
+        account.switch_to()?;
+        info!(user = %account.name(), "dropped root and every capability");
     }
     let addr = listener.local_addr();
     println!("socktapd: serving socktap.v1 on {addr} (attach mode {})", probe.mode());
-    let served = daemon::serve(hub, listener, serve_opts, shutdown).await;
+    let served = daemon::serve(hub, listener, prepared.serve, shutdown).await;
     drop(probe); // detach and unload before exiting
     if let Err(e) = served {
         error!("{e}");
@@ -220,12 +302,12 @@ async fn async_main(args: Args) -> anyhow::Result<()> {
 }
 
 fn serve_options(args: &Args) -> anyhow::Result<ServeOptions> {
-    let read = |p: &PathBuf| std::fs::read(p).with_context(|| format!("reading {}", p.display()));
+    let read = |flag: &str, p: &PathBuf| std::fs::read(p).with_context(|| format!("{flag} {}", p.display()));
     let auth_token = match &args.auth_token_file {
         None => None,
         Some(p) => {
-            let token = String::from_utf8(read(p)?)
-                .context("the auth token file is not UTF-8")?
+            let token = String::from_utf8(read("--auth-token-file", p)?)
+                .with_context(|| format!("--auth-token-file {}: not UTF-8", p.display()))?
                 .trim()
                 .to_owned();
             anyhow::ensure!(!token.is_empty(), "--auth-token-file {} is empty", p.display());
@@ -234,9 +316,13 @@ fn serve_options(args: &Args) -> anyhow::Result<ServeOptions> {
     };
     let tls = match (&args.tls_cert, &args.tls_key) {
         (Some(cert), Some(key)) => Some(TlsOptions {
-            cert_pem: read(cert)?,
-            key_pem: read(key)?,
-            client_ca_pem: args.tls_client_ca.as_ref().map(read).transpose()?,
+            cert_pem: read("--tls-cert", cert)?,
+            key_pem: read("--tls-key", key)?,
+            client_ca_pem: args
+                .tls_client_ca
+                .as_ref()
+                .map(|p| read("--tls-client-ca", p))
+                .transpose()?,
         }),
         _ => None,
     };

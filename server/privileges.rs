@@ -31,24 +31,54 @@ pub enum DropError {
     },
 }
 
-/// Switches every thread of the process to `name`'s uid and gid (glibc
-/// applies set*id to all threads). Leaving uid 0 without keep-caps clears
-/// each thread's permitted, effective and ambient capabilities.
-pub fn drop_to_user(name: &str) -> Result<(), DropError> {
-    let call = |what, errno| DropError::Call {
-        user: name.to_owned(),
-        what,
-        errno,
-    };
-    // An unparseable release counts as too old: refuse rather than guess.
-    if crate::probe::kernel_version().unwrap_or((0, 0)) < (6, 5) {
-        return Err(DropError::OldKernel(crate::probe::kernel_release()));
+/// The user socktapd will run as: looked up, and the kernel checked, at
+/// start, so that a bad `--user` is refused before anything is loaded.
+#[derive(Debug, Clone)]
+pub struct Account {
+    name: String,
+    user: User,
+}
+
+impl Account {
+    /// Looks up `name`, and refuses kernels on which the drop would break
+    /// the daemon (see [`DropError::OldKernel`]).
+    pub fn resolve(name: &str) -> Result<Account, DropError> {
+        // An unparseable release counts as too old: refuse rather than guess.
+        if crate::probe::kernel_version().unwrap_or((0, 0)) < (6, 5) {
+            return Err(DropError::OldKernel(crate::probe::kernel_release()));
+        }
+        let user = User::from_name(name)
+            .map_err(|errno| DropError::Call {
+                user: name.to_owned(),
+                what: "looking up the user",
+                errno,
+            })?
+            .ok_or_else(|| DropError::NoSuchUser(name.to_owned()))?;
+        Ok(Account {
+            name: name.to_owned(),
+            user,
+        })
     }
-    let user = User::from_name(name)
-        .map_err(|e| call("looking up the user", e))?
-        .ok_or_else(|| DropError::NoSuchUser(name.to_owned()))?;
-    setgroups(&[user.gid]).map_err(|e| call("setgroups", e))?;
-    setresgid(user.gid, user.gid, user.gid).map_err(|e| call("setresgid", e))?;
-    setresuid(user.uid, user.uid, user.uid).map_err(|e| call("setresuid", e))?;
-    Ok(())
+
+    /// The user's name, as given.
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// Switches every thread of the process to this user's uid and gid
+    /// (glibc applies set*id to all threads). Leaving uid 0 without
+    /// keep-caps clears each thread's permitted, effective and ambient
+    /// capabilities.
+    pub fn switch_to(&self) -> Result<(), DropError> {
+        let call = |what, errno| DropError::Call {
+            user: self.name.clone(),
+            what,
+            errno,
+        };
+        let (uid, gid) = (self.user.uid, self.user.gid);
+        setgroups(&[gid]).map_err(|e| call("setgroups", e))?;
+        setresgid(gid, gid, gid).map_err(|e| call("setresgid", e))?;
+        setresuid(uid, uid, uid).map_err(|e| call("setresuid", e))?;
+        Ok(())
+    }
 }

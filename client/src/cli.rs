@@ -538,12 +538,37 @@ pub fn parse(args: impl IntoIterator<Item = std::ffi::OsString>, err: &mut (dyn 
             Err(0)
         }
         Err(e) => {
-            let text = e.to_string();
-            let first = text.lines().next().unwrap_or("invalid arguments");
-            let _ = writeln!(err, "socktap: {}", first.strip_prefix("error: ").unwrap_or(first));
+            let _ = writeln!(err, "socktap: {}", one_line(&e));
             Err(2)
         }
     }
+}
+
+/// A clap error as one line for a command-line tool's exit-2 message: its
+/// first paragraph with its lines joined (so that "the following required
+/// arguments were not provided:" keeps the flags it lists), then any
+/// `tip:` (a similar flag's name) in parentheses; without the `error: `
+/// prefix, the usage and the help hint.
+pub fn one_line(e: &clap::Error) -> String {
+    let text = e.to_string();
+    let join = |p: &str| {
+        p.lines()
+            .map(str::trim)
+            .filter(|l| !l.is_empty())
+            .collect::<Vec<_>>()
+            .join(" ")
+    };
+    let mut paragraphs = text.split("\n\n").map(join);
+    let first = paragraphs.next().unwrap_or_default();
+    let mut line = match first.strip_prefix("error: ") {
+        Some(rest) => rest.to_owned(),
+        None if first.is_empty() => "invalid arguments".to_owned(),
+        None => first,
+    };
+    for tip in paragraphs.filter(|p| p.starts_with("tip:")) {
+        line.push_str(&format!(" ({tip})"));
+    }
+    line
 }
 
 /// Runs a command; returns the process exit code: 0 done (or stdout

@@ -398,6 +398,11 @@ fn exit_codes_and_one_line_messages() {
         (vec!["--addr", "ftp://x:1", "status"], "--addr"),
         (vec!["top", "--interval", "1ms"], "--interval"),
         (vec!["watch", "--replay", "3", "--resume-after", "4"], "--replay"),
+        (vec!["--client-cert", "c.pem", "status"], "--client-key"),
+        (
+            vec!["watch", "--comm-prefx", "x"],
+            "similar argument exists: '--comm-prefix'",
+        ),
     ] {
         let r = socktap(&args);
         assert_eq!(r.code, 2, "{args:?}: {}", r.stderr);

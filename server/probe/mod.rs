@@ -124,7 +124,9 @@ impl Default for ProbeOptions {
 }
 
 impl ProbeOptions {
-    fn validate(&self) -> Result<(), ProbeError> {
+    /// Checks the options without loading anything (`Probe::start` does it
+    /// too), so that a daemon can refuse bad flags before it loads.
+    pub fn validate(&self) -> Result<(), ProbeError> {
         let page = page_size();
         let rb = self.ring_buffer_bytes;
         if !rb.is_power_of_two() || rb < page {
