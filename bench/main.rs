@@ -309,15 +309,26 @@ fn parse_rate(s: &str) -> Result<f64, String> {
 }
 
 fn main() -> ExitCode {
-    let mut args = Args::parse();
-    if args.quick && args.paced_round_trips == 0.0 {
-        Args::command()
-            .error(
+    let parsed = Args::try_parse().and_then(|args| {
+        if args.quick && args.paced_round_trips == 0.0 {
+            return Err(Args::command().error(
                 clap::error::ErrorKind::ArgumentConflict,
                 "--quick needs the paced run (its zero-loss check): --paced-round-trips must be above 0",
-            )
-            .exit();
-    }
+            ));
+        }
+        Ok(args)
+    });
+    let mut args = match parsed {
+        Ok(args) => args,
+        Err(e) if !e.use_stderr() => {
+            let _ = e.print();
+            return ExitCode::SUCCESS;
+        }
+        Err(e) => {
+            eprintln!("socktap-bench: {}", socktap_client::cli::one_line(&e));
+            return ExitCode::from(2);
+        }
+    };
     if args.quick {
         args.seconds = args.seconds.min(1.0);
         args.rounds = 1;
