@@ -18,10 +18,11 @@ pub fn table_row(e: &api::Event) -> String {
         .and_then(|t| Local.timestamp_opt(t.seconds, t.nanos.max(0) as u32).single())
         .map(|t| t.format("%H:%M:%S%.6f").to_string())
         .unwrap_or_else(|| "-".into());
-    let dir = match e.kind() {
-        api::EventKind::Send => "send",
-        api::EventKind::Recv => "recv",
-        api::EventKind::Unspecified => "?",
+    // The arrow points the way the bytes went.
+    let (dir, arrow) = match e.kind() {
+        api::EventKind::Send => ("send", '→'),
+        api::EventKind::Recv => ("recv", '←'),
+        api::EventKind::Unspecified => ("?", '-'),
     };
     let err = if e.errno == 0 {
         String::new()
@@ -29,7 +30,7 @@ pub fn table_row(e: &api::Event) -> String {
         errno_name(e.errno)
     };
     format!(
-        "{time:<15} {comm:<15} {pid:>5} {cookie:>12} {dir:<4} {bytes:>9} {local:<21} → {remote:<21} {err}",
+        "{time:<15} {comm:<15} {pid:>5} {cookie:>12} {dir:<4} {bytes:>9} {local:<21} {arrow} {remote:<21} {err}",
         comm = e.comm,
         pid = e.pid,
         cookie = e.cookie,
@@ -166,7 +167,19 @@ pub fn status_text(s: &api::GetStatusResponse) -> String {
             sub.queue_byte_share / 1024
         );
     }
-    if !s.programs.is_empty() {
+    if s.programs.iter().all(|p| p.run_count == 0) {
+        // The kernel counts runs only with BPF statistics on: "runs 0, avg
+        // 0 ns" would read as measured.
+        if !s.programs.is_empty() {
+            let _ = writeln!(
+                out,
+                "programs (no runs counted: run statistics need socktapd --bpf-stats):"
+            );
+        }
+        for p in &s.programs {
+            let _ = writeln!(out, "  {} (id {})", p.name, p.id);
+        }
+    } else {
         let _ = writeln!(out, "programs:");
         for p in &s.programs {
             let avg = if p.run_count > 0 {
@@ -206,9 +219,35 @@ mod tests {
         let row = table_row(&e);
         let cols: Vec<&str> = row.split_whitespace().collect();
         assert!(cols[0].ends_with(".123456"), "{row}");
-        assert_eq!(&cols[1..8], &["curl", "42", "9001", "recv", "1448", "[::1]:5555", "→"]);
+        assert_eq!(&cols[1..8], &["curl", "42", "9001", "recv", "1448", "[::1]:5555", "←"]);
         assert_eq!(cols[8], "10.0.0.1:443");
+        let sent = table_row(&api::Event {
+            kind: api::EventKind::Send as i32,
+            ..e.clone()
+        });
+        assert!(sent.contains("[::1]:5555            → 10.0.0.1:443"), "{sent}");
         let err = table_row(&api::Event { errno: 11, ..e });
         assert!(err.ends_with("EAGAIN"), "{err}");
+    }
+
+    #[test]
+    fn program_run_times_only_when_counted() {
+        let program = |run_count, run_time_ns| api::ProgramStatus {
+            name: "st_tp_send".into(),
+            id: 7,
+            run_count,
+            run_time_ns,
+        };
+        let off = status_text(&api::GetStatusResponse {
+            programs: vec![program(0, 0)],
+            ..Default::default()
+        });
+        assert!(off.contains("need socktapd --bpf-stats"), "{off}");
+        assert!(!off.contains("avg"), "{off}");
+        let on = status_text(&api::GetStatusResponse {
+            programs: vec![program(4, 2000)],
+            ..Default::default()
+        });
+        assert!(on.contains("st_tp_send (id 7)  runs 4  avg 500 ns"), "{on}");
     }
 }

@@ -224,7 +224,7 @@ fn table_output_field_by_field() {
             "recv",
             "0",
             "[::1]:8080",
-            "→",
+            "←",
             "[fd00::7]:51000",
             "EAGAIN"
         ]
