@@ -58,8 +58,61 @@ impl std::fmt::Display for ListenAddr {
 pub enum Listener {
     /// TCP.
     Tcp(TcpListener),
-    /// A unix socket, removed again when served out.
-    Unix(UnixListener, PathBuf),
+    /// A unix socket; its file is removed when the listener is dropped or
+    /// served out.
+    Unix(UnixListener, SocketFile),
+}
+
+/// The file of a unix socket this process bound: its path, and the inode
+/// and birth time it got, so that it is removed only while it is still
+/// this process's (after someone removed it, another server may have bound
+/// the path again, possibly getting the freed inode number back).
+#[derive(Debug)]
+pub struct SocketFile {
+    path: PathBuf,
+    id: Option<FileId>,
+}
+
+type FileId = (u64, u64, Option<std::time::SystemTime>);
+
+impl SocketFile {
+    fn identity(path: &std::path::Path) -> Option<FileId> {
+        use std::os::unix::fs::MetadataExt;
+        std::fs::symlink_metadata(path)
+            .ok()
+            .map(|m| (m.dev(), m.ino(), m.created().ok()))
+    }
+}
+
+impl Drop for SocketFile {
+    /// Removes the file if it is still the socket this process bound.
+    fn drop(&mut self) {
+        if self.id.is_some() && Self::identity(&self.path) == self.id {
+            let _ = std::fs::remove_file(&self.path);
+        }
+    }
+}
+
+/// Clears the way for a unix socket at `path`: a socket file that nothing
+/// answers on (left by a process that died) is removed; one that accepts a
+/// connection belongs to a live server and is left alone (AddrInUse), as
+/// is anything that is not a socket.
+fn clear_stale_socket(path: &std::path::Path) -> std::io::Result<()> {
+    use std::os::unix::fs::FileTypeExt;
+    let Ok(meta) = std::fs::symlink_metadata(path) else {
+        return Ok(());
+    };
+    if !meta.file_type().is_socket() {
+        return Ok(()); // bind reports AddrInUse and the file stays
+    }
+    match std::os::unix::net::UnixStream::connect(path) {
+        Ok(_) => Err(std::io::Error::new(
+            std::io::ErrorKind::AddrInUse,
+            "another process is serving on this socket",
+        )),
+        Err(e) if e.kind() == std::io::ErrorKind::ConnectionRefused => std::fs::remove_file(path),
+        Err(e) => Err(e),
+    }
 }
 
 impl Listener {
@@ -68,28 +121,29 @@ impl Listener {
     /// socket file is replaced.
     pub async fn bind_with(addr: &ListenAddr, unix_group: Option<u32>) -> std::io::Result<Listener> {
         let l = Self::bind(addr).await?;
-        if let Listener::Unix(_, path) = &l {
+        if let Listener::Unix(_, file) = &l {
             use std::os::unix::fs::PermissionsExt;
-            std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o660))?;
+            std::fs::set_permissions(&file.path, std::fs::Permissions::from_mode(0o660))?;
             if let Some(gid) = unix_group {
-                std::os::unix::fs::chown(path, None, Some(gid))?;
+                std::os::unix::fs::chown(&file.path, None, Some(gid))?;
             }
         }
         Ok(l)
     }
 
-    /// Binds `addr`. A stale unix socket file is replaced.
+    /// Binds `addr`. A stale unix socket file (nothing accepts on it) is
+    /// replaced; a live one is refused with AddrInUse.
     pub async fn bind(addr: &ListenAddr) -> std::io::Result<Listener> {
         match addr {
             ListenAddr::Tcp(a) => Ok(Listener::Tcp(TcpListener::bind(a).await?)),
             ListenAddr::Unix(p) => {
-                if std::fs::symlink_metadata(p).is_ok_and(|m| {
-                    use std::os::unix::fs::FileTypeExt;
-                    m.file_type().is_socket()
-                }) {
-                    std::fs::remove_file(p)?;
-                }
-                Ok(Listener::Unix(UnixListener::bind(p)?, p.clone()))
+                clear_stale_socket(p)?;
+                let listener = UnixListener::bind(p)?;
+                let file = SocketFile {
+                    path: p.clone(),
+                    id: SocketFile::identity(p),
+                };
+                Ok(Listener::Unix(listener, file))
             }
         }
     }
@@ -101,7 +155,7 @@ impl Listener {
                 .local_addr()
                 .map(ListenAddr::Tcp)
                 .unwrap_or(ListenAddr::Tcp(([0, 0, 0, 0], 0).into())),
-            Listener::Unix(_, p) => ListenAddr::Unix(p.clone()),
+            Listener::Unix(_, file) => ListenAddr::Unix(file.path.clone()),
         }
     }
 }
@@ -272,7 +326,7 @@ pub async fn serve(
         tokio::time::sleep(SHUTDOWN_GRACE).await;
         warn!("clients still connected after {SHUTDOWN_GRACE:?}: closing their connections");
     };
-    let (served, unix_path) = match listener {
+    let (served, socket_file) = match listener {
         Listener::Tcp(l) => {
             info!(addr = %l.local_addr().map(|a| a.to_string()).unwrap_or_default(), "serving");
             // TCP_NODELAY: a stream's frames go out as soon as they are
@@ -282,15 +336,13 @@ pub async fn serve(
             let serving = router.serve_with_incoming_shutdown(incoming, on_shutdown);
             (with_grace(serving, grace_expired).await, None)
         }
-        Listener::Unix(l, path) => {
-            info!(path = %path.display(), "serving");
+        Listener::Unix(l, file) => {
+            info!(path = %file.path.display(), "serving");
             let serving = router.serve_with_incoming_shutdown(UnixListenerStream::new(l), on_shutdown);
-            (with_grace(serving, grace_expired).await, Some(path))
+            (with_grace(serving, grace_expired).await, Some(file))
         }
     };
-    if let Some(p) = unix_path {
-        let _ = std::fs::remove_file(p);
-    }
+    drop(socket_file); // the socket file goes once nothing is served on it
     Ok(served?)
 }
 

@@ -214,6 +214,40 @@ async fn a_unix_socket_gets_mode_0660_and_its_group() {
 }
 
 #[tokio::test]
+async fn a_live_unix_socket_is_never_taken_over() {
+    let dir = std::env::temp_dir().join(format!("socktap-unix-live-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = dir.join("socktapd.sock");
+    let addr = ListenAddr::Unix(path.clone());
+    let reachable = || std::os::unix::net::UnixStream::connect(&path).is_ok();
+
+    // A socket file that nothing answers on (its process died) is replaced.
+    drop(std::os::unix::net::UnixListener::bind(&path).unwrap());
+    assert!(!reachable());
+    let first = Listener::bind(&addr).await.expect("a stale socket file is replaced");
+    assert!(reachable());
+
+    // One that accepts connections is left alone: a second daemon on the
+    // same path is refused, and the first stays reachable.
+    let refused = Listener::bind(&addr).await.err().expect("a live socket is refused");
+    assert_eq!(refused.kind(), std::io::ErrorKind::AddrInUse, "{refused}");
+    assert!(reachable(), "the first listener is still reachable");
+
+    // A listener removes its file when it goes, but only while the file
+    // is still its own.
+    std::fs::remove_file(&path).unwrap();
+    let other = std::os::unix::net::UnixListener::bind(&path).unwrap();
+    drop(first);
+    assert!(reachable(), "another server's socket file stays");
+    drop(other);
+    std::fs::remove_file(&path).unwrap();
+    let l = Listener::bind(&addr).await.unwrap();
+    drop(l);
+    assert!(!path.exists(), "a dropped listener's file is removed");
+    let _ = std::fs::remove_dir_all(dir);
+}
+
+#[tokio::test]
 async fn an_oversized_request_is_refused_naming_the_limit() {
     let (h, _tx) = (hub(), ());
     let d = TestDaemon::start_with(
