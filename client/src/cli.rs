@@ -473,6 +473,10 @@ enum Failure {
     Rejected { addr: DaemonAddr, message: String },
     #[error("socktapd at {addr}: {status}")]
     Rpc { addr: DaemonAddr, status: String },
+    /// The stream ended before the command was done: socktapd ends every
+    /// stream when it shuts down.
+    #[error("socktapd at {addr} ended the stream (it is shutting down or restarting)")]
+    Ended { addr: DaemonAddr },
     /// A file named on the command line could not be used.
     #[error("{0}")]
     Input(String),
@@ -572,7 +576,8 @@ pub fn one_line(e: &clap::Error) -> String {
 }
 
 /// Runs a command; returns the process exit code: 0 done (or stdout
-/// closed), 1 socktapd unreachable or failing, 2 bad input.
+/// closed), 1 socktapd unreachable or failing (or it ended a stream before
+/// the command was done), 2 bad input.
 pub async fn run(cli: Cli, out: &mut (dyn Write + Send), err: &mut (dyn Write + Send)) -> i32 {
     // Ctrl-C ends a stream cleanly; the handler is installed before
     // anything else, so an early Ctrl-C is not fatal either.
@@ -622,16 +627,22 @@ async fn watch(
         write_line(out, format::TABLE_HEADER)?;
         flush(out)?;
     }
+    let mut received = 0u64;
     loop {
         let msg = tokio::select! {
             m = stream.message() => m.map_err(|s| Failure::rpc(addr, s))?,
             _ = interrupt.recv() => return Ok(()),
         };
         let Some(msg) = msg.and_then(|m| m.message) else {
-            return Ok(());
+            // socktapd ends a stream at --limit, and when it shuts down.
+            return match a.limit {
+                Some(n) if received >= n => Ok(()),
+                _ => Err(Failure::Ended { addr: addr.clone() }),
+            };
         };
         match msg {
             api::watch_events_response::Message::Events(batch) => {
+                received += batch.events.len() as u64;
                 for e in &batch.events {
                     let line = if json {
                         format::json_line(e)
@@ -709,8 +720,12 @@ async fn top(
             m = stream.message() => match m.map_err(|s| Failure::rpc(addr, s))?.and_then(|m| m.message) {
                 Some(api::watch_events_response::Message::Events(b)) => b.events.iter().for_each(|e| frame.add(e)),
                 Some(api::watch_events_response::Message::Lost(l)) => frame.lost(l.count),
-                // socktapd ended the stream (shutting down): show what there is.
-                None => return show(&frame, &mut last, out),
+                // socktapd ended the stream (shutting down): show what
+                // there is, then say so.
+                None => {
+                    show(&frame, &mut last, out)?;
+                    return Err(Failure::Ended { addr: addr.clone() });
+                }
             },
             _ = ticker.tick() => {
                 show(&frame, &mut last, out)?;

@@ -184,8 +184,17 @@ fn socktap(args: &[&str]) -> Run {
 #[test]
 fn table_output_field_by_field() {
     let addr = serve(Fake::default());
-    let r = socktap(&["--addr", &addr, "watch"]);
+    // The fake sends two events, then ends the stream.
+    let r = socktap(&["--addr", &addr, "watch", "--limit", "2"]);
     assert_eq!(r.code, 0, "{}", r.stderr);
+    assert_eq!(r.stderr, "");
+    // Without a limit, a stream that socktapd ends (it does so when it shuts
+    // down) is not done: said on stderr, exit code 1, output unchanged.
+    let ended = socktap(&["--addr", &addr, "watch"]);
+    assert_eq!(ended.code, 1, "{}", ended.stderr);
+    assert_eq!(ended.stderr.lines().count(), 1, "{}", ended.stderr);
+    assert!(ended.stderr.contains("ended the stream"), "{}", ended.stderr);
+    assert_eq!(ended.stdout, r.stdout);
     let lines: Vec<&str> = r.stdout.lines().collect();
     assert_eq!(lines.len(), 4, "{}", r.stdout);
     assert!(lines[0].starts_with("TIME") && lines[0].contains("COOKIE") && lines[0].ends_with("ERR"));
@@ -234,7 +243,7 @@ fn table_output_field_by_field() {
 #[test]
 fn json_lines_are_proto3_json_and_losses_go_to_stderr() {
     let addr = serve(Fake::default());
-    let r = socktap(&["--addr", &addr, "watch", "-o", "json"]);
+    let r = socktap(&["--addr", &addr, "watch", "-o", "json", "--limit", "2"]);
     assert_eq!(r.code, 0, "{}", r.stderr);
     let parsed: Vec<api::Event> = r.stdout.lines().map(|l| serde_json::from_str(l).unwrap()).collect();
     assert_eq!(parsed, events(), "every field survives the JSON round trip");
@@ -256,7 +265,7 @@ fn json_lines_are_proto3_json_and_losses_go_to_stderr() {
     let l: api::LostEvents = serde_json::from_str(r.stderr.trim()).unwrap();
     assert_eq!(l, lost());
     assert_eq!(
-        socktap(&["--addr", &addr, "watch", "--json"]).stdout,
+        socktap(&["--addr", &addr, "watch", "--json", "--limit", "2"]).stdout,
         r.stdout,
         "--json is -o json"
     );
@@ -303,7 +312,7 @@ fn filter_flags_become_the_request() {
             "--exclude-cidr",
             "192.168.0.0/16",
         ])
-        .args(["--replay", "50", "--limit", "5"])
+        .args(["--replay", "50", "--limit", "2"])
         .stdout(Stdio::null())
         .spawn()
         .unwrap();
@@ -344,7 +353,7 @@ fn filter_flags_become_the_request() {
             },
         ],
         replay_last: 50,
-        limit: 5,
+        limit: 2,
         ..Default::default()
     };
     assert_eq!(got, want);
@@ -492,8 +501,11 @@ fn status_table_and_json() {
 #[test]
 fn top_sums_per_socket_and_process_and_marks_losses() {
     let addr = serve(Fake::default());
+    // The fake ends the stream before the first refresh: top shows what it
+    // got, then says the stream ended (exit code 1).
     let r = socktap(&["--addr", &addr, "top", "--interval", "300ms", "--iterations", "1"]);
-    assert_eq!(r.code, 0, "{}", r.stderr);
+    assert_eq!(r.code, 1, "{}", r.stderr);
+    assert!(r.stderr.contains("ended the stream"), "{}", r.stderr);
     assert!(
         r.stdout.contains("2 events") && r.stdout.contains("lost 12"),
         "{}",
