@@ -507,6 +507,17 @@ impl Failure {
             status: format!("{:?}: {detail}", s.code()),
         }
     }
+    /// An error in the middle of a stream: the connection broke (socktapd
+    /// killed, the network gone), which tonic reports as a bare status.
+    fn mid_stream(addr: &DaemonAddr, s: tonic::Status) -> Failure {
+        match Failure::rpc(addr, s) {
+            Failure::Rpc { addr, status } => Failure::Rpc {
+                addr,
+                status: format!("the stream broke: {status}"),
+            },
+            other => other,
+        }
+    }
     fn exit_code(&self) -> i32 {
         match self {
             Failure::Closed => 0,
@@ -630,7 +641,7 @@ async fn watch(
     let mut received = 0u64;
     loop {
         let msg = tokio::select! {
-            m = stream.message() => m.map_err(|s| Failure::rpc(addr, s))?,
+            m = stream.message() => m.map_err(|s| Failure::mid_stream(addr, s))?,
             _ = interrupt.recv() => return Ok(()),
         };
         let Some(msg) = msg.and_then(|m| m.message) else {
@@ -717,7 +728,7 @@ async fn top(
     };
     loop {
         tokio::select! {
-            m = stream.message() => match m.map_err(|s| Failure::rpc(addr, s))?.and_then(|m| m.message) {
+            m = stream.message() => match m.map_err(|s| Failure::mid_stream(addr, s))?.and_then(|m| m.message) {
                 Some(api::watch_events_response::Message::Events(b)) => b.events.iter().for_each(|e| frame.add(e)),
                 Some(api::watch_events_response::Message::Lost(l)) => frame.lost(l.count),
                 // socktapd ended the stream (shutting down): show what

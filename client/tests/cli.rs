@@ -79,6 +79,8 @@ struct Fake {
     requests: Arc<Mutex<Vec<api::WatchEventsRequest>>>,
     /// Keep sending events until the client goes away.
     endless: bool,
+    /// Fail the stream after the first events, as a broken connection does.
+    broken: bool,
 }
 
 #[tonic::async_trait]
@@ -101,7 +103,7 @@ impl Socktap for Fake {
         }
         self.requests.lock().unwrap().push(req);
         let (tx, rx) = mpsc::channel(4);
-        let endless = self.endless;
+        let (endless, broken) = (self.endless, self.broken);
         tokio::spawn(async move {
             use api::watch_events_response::Message;
             let batch = |events| {
@@ -116,6 +118,11 @@ impl Socktap for Fake {
                 }))
                 .await;
             let _ = tx.send(batch(vec![events()[1].clone()])).await;
+            if broken {
+                let _ = tx
+                    .send(Err(Status::unknown("error reading a body from connection")))
+                    .await;
+            }
             if endless {
                 while tx.send(batch(events())).await.is_ok() {}
             }
@@ -195,6 +202,20 @@ fn table_output_field_by_field() {
     assert_eq!(ended.stderr.lines().count(), 1, "{}", ended.stderr);
     assert!(ended.stderr.contains("ended the stream"), "{}", ended.stderr);
     assert_eq!(ended.stdout, r.stdout);
+    // A stream that breaks is said so, with the cause.
+    let addr = serve(Fake {
+        broken: true,
+        ..Default::default()
+    });
+    let broke = socktap(&["--addr", &addr, "watch"]);
+    assert_eq!(broke.code, 1, "{}", broke.stderr);
+    assert_eq!(broke.stderr.lines().count(), 1, "{}", broke.stderr);
+    assert!(
+        broke.stderr.contains("the stream broke: Unknown: error reading a body"),
+        "{}",
+        broke.stderr
+    );
+    assert_eq!(broke.stdout, r.stdout);
     let lines: Vec<&str> = r.stdout.lines().collect();
     assert_eq!(lines.len(), 4, "{}", r.stdout);
     assert!(lines[0].starts_with("TIME") && lines[0].contains("COOKIE") && lines[0].ends_with("ERR"));
