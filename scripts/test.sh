@@ -5,7 +5,8 @@
 #      through sudo; the build stays unprivileged);
 #   2. the kernel matrix (tests/vm/matrix.sh): fentry and kprobe on Debian
 #      kernels under QEMU;
-#   3. the benchmark's smoke test (zero loss at a modest rate, every
+#   3. contrib/socktapd.service through systemd-analyze verify;
+#   4. the benchmark's smoke test (zero loss at a modest rate, every
 #      configuration produces numbers; no timing is asserted).
 # SOCKTAP_SKIP_VM=1 skips step 2 outside CI (with a printed reason).
 # Usage: scripts/test.sh [cargo test args...]
@@ -13,8 +14,9 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 # iperf3: the byte-exactness test against a program we did not write;
-# bpftrace: the benchmark's peer configuration.
-scripts/deps.sh iperf3 bpftrace
+# bpftrace: the benchmark's peer configuration; systemd: systemd-analyze,
+# which checks contrib/socktapd.service.
+scripts/deps.sh iperf3 bpftrace systemd
 
 if [ "$(id -u)" -ne 0 ] && command -v sudo >/dev/null; then
   export CARGO_TARGET_X86_64_UNKNOWN_LINUX_GNU_RUNNER="sudo -E"
@@ -29,6 +31,26 @@ fi
 
 # The debug binaries the tests just built: no second build of the world.
 cargo build --workspace --bins --locked
+
+# The systemd unit: systemd-analyze checks every directive, with this
+# build's socktapd in ExecStart. It only warns about unknown keys and bad
+# values, so any output is a failure.
+if command -v systemd-analyze >/dev/null; then
+  unit_dir=$(mktemp -d)
+  sed "s|/usr/local/bin/socktapd|$PWD/target/debug/socktapd|" contrib/socktapd.service >"$unit_dir/socktapd.service"
+  verdict=$(systemd-analyze verify "$unit_dir/socktapd.service" 2>&1) || true
+  rm -rf "$unit_dir"
+  if [ -n "$verdict" ]; then
+    echo "contrib/socktapd.service: $verdict" >&2
+    exit 1
+  fi
+  echo "contrib/socktapd.service: systemd-analyze verify clean"
+elif [ "${CI:-}" = true ]; then
+  echo "systemd-analyze is missing: cannot check contrib/socktapd.service" >&2
+  exit 1
+else
+  echo "SKIPPED systemd unit check: no systemd-analyze"
+fi
 sudo=()
 [ "$(id -u)" -eq 0 ] || sudo=(sudo)
 "${sudo[@]}" target/debug/socktap-bench --quick --seconds 0.5
