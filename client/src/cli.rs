@@ -254,7 +254,7 @@ pub struct WatchArgs {
     #[arg(long, value_name = "SEQ")]
     pub resume_after: Option<u64>,
     /// Exit after N events.
-    #[arg(long, value_name = "N")]
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u64).range(1..))]
     pub limit: Option<u64>,
     /// Output format.
     #[arg(short, long, value_enum, default_value = "table")]

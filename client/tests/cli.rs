@@ -428,6 +428,7 @@ fn exit_codes_and_one_line_messages() {
         (vec!["--addr", "ftp://x:1", "status"], "--addr"),
         (vec!["top", "--interval", "1ms"], "--interval"),
         (vec!["watch", "--replay", "3", "--resume-after", "4"], "--replay"),
+        (vec!["watch", "--limit", "0"], "--limit"),
         (vec!["--client-cert", "c.pem", "status"], "--client-key"),
         (
             vec!["watch", "--comm-prefx", "x"],
