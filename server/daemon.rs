@@ -326,7 +326,7 @@ pub async fn serve(
         tokio::time::sleep(SHUTDOWN_GRACE).await;
         warn!("clients still connected after {SHUTDOWN_GRACE:?}: closing their connections");
     };
-    let (served, socket_file) = match listener {
+    let served = match listener {
         Listener::Tcp(l) => {
             info!(addr = %l.local_addr().map(|a| a.to_string()).unwrap_or_default(), "serving");
             // TCP_NODELAY: a stream's frames go out as soon as they are
@@ -334,15 +334,16 @@ pub async fn serve(
             // one waited for the peer's delayed ACK (tens of ms).
             let incoming = tonic::transport::server::TcpIncoming::from(l).with_nodelay(Some(true));
             let serving = router.serve_with_incoming_shutdown(incoming, on_shutdown);
-            (with_grace(serving, grace_expired).await, None)
+            with_grace(serving, grace_expired).await
         }
         Listener::Unix(l, file) => {
             info!(path = %file.path.display(), "serving");
             let serving = router.serve_with_incoming_shutdown(UnixListenerStream::new(l), on_shutdown);
-            (with_grace(serving, grace_expired).await, Some(file))
+            let served = with_grace(serving, grace_expired).await;
+            drop(file); // the socket file goes once nothing is served on it
+            served
         }
     };
-    drop(socket_file); // the socket file goes once nothing is served on it
     Ok(served?)
 }
 
