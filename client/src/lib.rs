@@ -13,6 +13,37 @@
 //! println!("attach mode {:?}", status.attach_mode());
 //! # Ok(()) }
 //! ```
+//!
+//! A pipeline subscribes with `WatchEvents`: the filters run in socktapd,
+//! and every loss (kernel ring buffer full, this subscriber too slow) comes
+//! in the stream, in its place, as a `LostEvents` notice.
+//!
+//! ```no_run
+//! # async fn demo() -> Result<(), Box<dyn std::error::Error>> {
+//! use socktap_client::{api, connect, DaemonAddr};
+//! use api::watch_events_response::Message;
+//! let mut client = connect(&"127.0.0.1:50051".parse::<DaemonAddr>()?).await?;
+//! let request = api::WatchEventsRequest {
+//!     // Calls to port 443, except sshd's; deny wins over allow.
+//!     allow: vec![api::EventFilter { remote_ports: vec![443], ..Default::default() }],
+//!     deny: vec![api::EventFilter { comms: vec!["sshd".into()], ..Default::default() }],
+//!     ..Default::default()
+//! };
+//! let mut stream = client.watch_events(request).await?.into_inner();
+//! // None: socktapd ended the stream (it does so when it shuts down).
+//! while let Some(response) = stream.message().await? {
+//!     match response.message {
+//!         Some(Message::Events(batch)) => {
+//!             for e in batch.events {
+//!                 println!("{} {} {:?} {} bytes", e.cookie, e.comm, e.kind(), e.bytes);
+//!             }
+//!         }
+//!         Some(Message::Lost(l)) => eprintln!("lost {} events: {:?}", l.count, l.source()),
+//!         None => {}
+//!     }
+//! }
+//! # Ok(()) }
+//! ```
 
 pub mod addr;
 pub mod cli;
