@@ -292,6 +292,24 @@ async fn replay_resume_since_and_limit() {
     let (ev, _) = read_events(&mut s, 100).await;
     assert_eq!(ev.first().map(|e| e.seq), Some(50));
 
+    // Resume after an event this socktapd never read (another socktapd's,
+    // or one from before a restart, which starts the numbers again):
+    // refused, naming the field, rather than silently resuming elsewhere.
+    let err = c
+        .watch_events(pb::WatchEventsRequest {
+            resume_after_seq: Some(150),
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), tonic::Code::InvalidArgument);
+    assert!(
+        err.message()
+            .starts_with("resume_after_seq: 150 is after the newest event this socktapd has read (149)"),
+        "{}",
+        err.message()
+    );
+
     // Since the epoch: all of history; then follow live events.
     let req = pb::WatchEventsRequest {
         since: Some(socktap_proto::Timestamp { seconds: 0, nanos: 0 }),

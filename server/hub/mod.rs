@@ -110,6 +110,16 @@ pub enum SubscribeError {
     /// The hub is shutting down.
     #[error("socktapd is shutting down")]
     ShuttingDown,
+    /// `resume_after_seq` names an event this socktapd has not read: the
+    /// stream being resumed came from another socktapd, or from one before
+    /// a restart (sequence numbers start again with every start).
+    #[error("resume_after_seq: {asked} is after the newest event this socktapd has read ({}): the stream it resumes came from another socktapd, or from before a restart; start without it", newest.map_or("none yet".to_owned(), |n| n.to_string()))]
+    ResumeAhead {
+        /// The sequence number asked for.
+        asked: u64,
+        /// The newest one read, if any.
+        newest: Option<u64>,
+    },
 }
 
 /// A snapshot of the hub's state.
@@ -135,6 +145,8 @@ pub struct HubStatus {
 
 struct State {
     history: VecDeque<Event>,
+    /// The newest event's sequence number read so far (history or not).
+    newest_seq: Option<u64>,
     subscribers: Vec<Arc<Subscriber>>,
     next_id: u64,
     gate_open: bool,
@@ -172,6 +184,7 @@ impl Hub {
                 started: Instant::now(),
                 state: Mutex::new(State {
                     history: VecDeque::with_capacity(config.history_events.min(1 << 20)),
+                    newest_seq: None,
                     subscribers: Vec::new(),
                     next_id: 1,
                     gate_open: true,
@@ -239,6 +252,10 @@ impl Hub {
         let Batch { events, kernel_drops } = batch;
         self.inner.events_read.fetch_add(events.len() as u64, Ordering::Relaxed);
         let mut st = self.lock();
+        // A batch is in sequence order.
+        if let Some(last) = events.last() {
+            st.newest_seq = Some(st.newest_seq.map_or(last.seq, |n| n.max(last.seq)));
+        }
         let secs = st.rate_mark.0.elapsed().as_secs_f64();
         if secs >= 1.0 {
             let read = self.inner.events_read.load(Ordering::Relaxed);
@@ -296,6 +313,14 @@ impl Hub {
         }
         if st.subscribers.len() >= self.inner.config.max_subscribers {
             return Err(SubscribeError::TooMany(self.inner.config.max_subscribers));
+        }
+        if let Start::ResumeAfter(asked) = start {
+            if st.newest_seq.is_none_or(|n| asked > n) {
+                return Err(SubscribeError::ResumeAhead {
+                    asked,
+                    newest: st.newest_seq,
+                });
+            }
         }
         let per_conn = self.inner.config.max_subscribers_per_connection;
         if peer.parse::<std::net::SocketAddr>().is_ok()
@@ -578,6 +603,36 @@ mod tests {
                 Item::Lost(l) => vec![Err((l.count, l.first_seq, l.last_seq))],
             })
             .collect()
+    }
+
+    #[test]
+    fn resuming_after_an_event_never_read_is_refused() {
+        let hub = Hub::new(HubConfig::default(), Source::default());
+        let resume = |seq| {
+            hub.subscribe(
+                "r".into(),
+                Default::default(),
+                Selector::default(),
+                Start::ResumeAfter(seq),
+            )
+        };
+        let Err(err) = resume(0) else {
+            panic!("nothing read yet")
+        };
+        assert!(err.to_string().contains("(none yet)"), "{err}");
+        hub.dispatch(Batch {
+            events: vec![event(4, 1), event(5, 1)],
+            kernel_drops: 0,
+        });
+        assert!(resume(5).is_ok(), "after the newest: nothing to replay, then live");
+        match resume(6) {
+            Err(SubscribeError::ResumeAhead {
+                asked: 6,
+                newest: Some(5),
+            }) => {}
+            other => panic!("{:?}", other.map(|s| s.id)),
+        }
+        assert_eq!(hub.subscriber_count(), 1, "a refused subscriber is not counted");
     }
 
     #[test]

@@ -79,6 +79,7 @@ impl Socktap for SocktapService {
                     Status::resource_exhausted(e.to_string())
                 }
                 SubscribeError::ShuttingDown => Status::unavailable(e.to_string()),
+                SubscribeError::ResumeAhead { .. } => Status::invalid_argument(e.to_string()),
             })?;
         Ok(Response::new(EventStream::new(self.hub.clone(), sub, watch.controls)))
     }
