@@ -158,9 +158,13 @@ fn write_event_fields(w: &mut FieldWriter, e: &Event, clock: &WallClock) {
     w.varint(7, e.errno.into());
     w.varint(8, e.pid.into());
     w.varint(9, e.tid.into());
-    match std::str::from_utf8(e.comm.as_bytes()) {
-        Ok(c) => w.bytes(10, c.as_bytes()),
-        Err(_) => w.bytes(10, e.comm.to_string_lossy().as_bytes()),
+    // Thread names are nearly always ASCII, which is UTF-8 and checked
+    // inline; anything else goes through the full check.
+    let comm = e.comm.as_bytes();
+    if comm.is_ascii() {
+        w.bytes(10, comm);
+    } else {
+        w.bytes(10, e.comm.to_string_lossy().as_bytes());
     }
     w.varint(11, e.uid.into());
     w.varint(12, e.cgroup_id);
@@ -391,20 +395,21 @@ mod tests {
         }
 
         /// A response built from runs of framed entries, cut anywhere by
-        /// `split_to`, is byte for byte the response prost writes for the
-        /// same events: what clients decode.
+        /// `split_fitting` (by count, and by bytes), is byte for byte the
+        /// response prost writes for the same events: what clients decode.
         #[test]
         fn batches_of_framed_runs_are_byte_identical_to_prost(
             events in prop::collection::vec(any_event(), 1..40),
-            cuts in prop::collection::vec(0..45usize, 0..6),
+            cuts in prop::collection::vec((0..45usize, 0..2000usize), 0..6),
         ) {
             let clock = WallClock::with_offset(0);
             let mut buf = BytesMut::new();
             let mut all = encoded_events(&events, &clock, &mut buf);
             prop_assert_eq!(all.count(), events.len());
             let mut runs = Vec::new();
-            for n in cuts {
-                let run = all.split_to(n);
+            for (n, max_bytes) in cuts {
+                let run = all.split_fitting(n, max_bytes);
+                prop_assert!(run.bytes().len() <= max_bytes);
                 if run.count() > 0 {
                     runs.push(run);
                 }
