@@ -35,7 +35,6 @@ pub enum DropError {
 /// start, so that a bad `--user` is refused before anything is loaded.
 #[derive(Debug, Clone)]
 pub struct Account {
-    name: String,
     user: User,
 }
 
@@ -54,15 +53,12 @@ impl Account {
                 errno,
             })?
             .ok_or_else(|| DropError::NoSuchUser(name.to_owned()))?;
-        Ok(Account {
-            name: name.to_owned(),
-            user,
-        })
+        Ok(Account { user })
     }
 
-    /// The user's name, as given.
+    /// The user's name.
     pub fn name(&self) -> &str {
-        &self.name
+        &self.user.name
     }
 
     /// Switches every thread of the process to this user's uid and gid
@@ -71,7 +67,7 @@ impl Account {
     /// capabilities.
     pub fn switch_to(&self) -> Result<(), DropError> {
         let call = |what, errno| DropError::Call {
-            user: self.name.clone(),
+            user: self.user.name.clone(),
             what,
             errno,
         };
