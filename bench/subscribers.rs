@@ -375,6 +375,7 @@ mod tests {
     fn scan_reads_every_timestamp_of_a_batch() {
         let stamps: Vec<u64> = vec![1, 127, 128, 1 << 35, u64::MAX];
         let msg = WatchEventsResponse {
+            instance_id: 0x0123_4567_89ab_cdef,
             message: Some(Msg::Events(EventBatch {
                 events: stamps
                     .iter()
@@ -396,6 +397,7 @@ mod tests {
             ..Default::default()
         };
         let msg = WatchEventsResponse {
+            instance_id: 0x0123_4567_89ab_cdef,
             message: Some(Msg::Lost(lost)),
         };
         assert_eq!(scan(&msg.encode_to_vec()).unwrap(), Some(Err(lost)));
@@ -404,7 +406,9 @@ mod tests {
 
     #[test]
     fn scan_refuses_a_cut_message() {
+        // No instance id: a message cut right before it would be whole.
         let msg = WatchEventsResponse {
+            instance_id: 0,
             message: Some(Msg::Events(EventBatch {
                 events: vec![event(1, 99), event(2, 100)],
             })),

@@ -304,6 +304,7 @@ pub fn loss(l: &Loss, clock: &WallClock) -> pb::LostEvents {
             LossSource::KernelRingBuffer => pb::LossSource::KernelRingBuffer,
             LossSource::SubscriberQueue => pb::LossSource::SubscriberQueue,
             LossSource::History => pb::LossSource::History,
+            LossSource::Restart => pb::LossSource::Restart,
         } as i32,
         count: l.count,
         first_seq: l.first_seq,
@@ -424,6 +425,7 @@ mod tests {
                     message: Some(wire::watch_events_response::Message::Events(wire::EncodedEventBatch {
                         runs: vec![run.clone()],
                     })),
+                    instance_id: 0,
                 };
                 let decoded = pb::WatchEventsResponse::decode(&alone.encode_to_vec()[..])
                     .map_err(|e| TestCaseError::fail(format!("a run does not decode alone: {e}")))?;
@@ -436,11 +438,13 @@ mod tests {
             }
             let ours = wire::WatchEventsResponse {
                 message: Some(wire::watch_events_response::Message::Events(wire::EncodedEventBatch { runs })),
+                instance_id: 0x5eed_0000_0000_0001,
             };
             let reference = pb::WatchEventsResponse {
                 message: Some(pb::watch_events_response::Message::Events(pb::EventBatch {
                     events: events.iter().map(|e| event(e, &clock)).collect(),
                 })),
+                instance_id: 0x5eed_0000_0000_0001,
             };
             prop_assert_eq!(ours.encode_to_vec(), reference.encode_to_vec());
         }

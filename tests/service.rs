@@ -347,6 +347,108 @@ async fn replay_resume_since_and_limit() {
 }
 
 #[tokio::test]
+async fn a_resume_names_its_instance_and_a_restart_is_announced() {
+    // The socktapd a client was watching, then the one started after it.
+    let (before, tx_before) = synthetic(HubConfig::default());
+    let (after, tx_after) = synthetic(HubConfig::default());
+    let d = TestDaemon::start(before.clone()).await;
+    let mut c = d.client().await;
+    let status = c.get_status(pb::GetStatusRequest {}).await.unwrap().into_inner();
+    assert_eq!(status.instance_id, before.instance_id());
+    assert_ne!(before.instance_id(), after.instance_id());
+    let mut s = c
+        .watch_events(pb::WatchEventsRequest {
+            limit: 5,
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    wait_subscribers(&before, 1).await;
+    tx_before
+        .send(Batch {
+            events: (0..5).map(|seq| event(seq, 1, 1)).collect(),
+            kernel_drops: 3,
+        })
+        .await
+        .unwrap();
+    // Every message, events or loss notice, names the instance.
+    let mut last_seq = None;
+    while let Some(m) = s.message().await.unwrap() {
+        assert_eq!(m.instance_id, before.instance_id(), "{m:?}");
+        if let Some(Message::Events(b)) = m.message {
+            last_seq = b.events.last().map(|e| e.seq);
+        }
+    }
+    assert_eq!(last_seq, Some(4));
+    d.stop().await;
+
+    // socktapd restarts; its new instance reads events 0..=2 (numbers
+    // start again) before the client comes back.
+    let d = TestDaemon::start(after.clone()).await;
+    let mut c = d.client().await;
+    tx_after
+        .send(Batch {
+            events: (0..3).map(|seq| event(seq, 1, 1)).collect(),
+            kernel_drops: 0,
+        })
+        .await
+        .unwrap();
+    for _ in 0..1000 {
+        if after.status().events_read == 3 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+    // Resumed with the old instance: told of the restart first, then all
+    // of the new instance's history, although seq 4 is behind it and 2
+    // ahead of it.
+    let resume = |seq, instance| pb::WatchEventsRequest {
+        resume_after_seq: Some(seq),
+        resume_instance_id: Some(instance),
+        limit: 3,
+        ..Default::default()
+    };
+    let mut s = c
+        .watch_events(resume(4, before.instance_id()))
+        .await
+        .unwrap()
+        .into_inner();
+    let first = s.message().await.unwrap().unwrap();
+    assert_eq!(first.instance_id, after.instance_id());
+    let Some(Message::Lost(l)) = first.message else {
+        panic!("a restart notice first: {first:?}")
+    };
+    assert_eq!((l.source(), l.count), (pb::LossSource::Restart, 0));
+    let (ev, lost) = read_events(&mut s, 3).await;
+    assert!(lost.is_empty(), "{lost:?}");
+    assert_eq!(ev.iter().map(|e| e.seq).collect::<Vec<_>>(), vec![0, 1, 2]);
+    // Resumed with its own instance: exactly after the seq, no notice.
+    let mut s = c
+        .watch_events(pb::WatchEventsRequest {
+            limit: 2,
+            ..resume(0, after.instance_id())
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let (ev, lost) = read_events(&mut s, 2).await;
+    assert!(lost.is_empty(), "{lost:?}");
+    assert_eq!(ev.iter().map(|e| e.seq).collect::<Vec<_>>(), vec![1, 2]);
+    // An instance without a seq to resume after is refused, by name.
+    let err = c
+        .watch_events(pb::WatchEventsRequest {
+            resume_instance_id: Some(before.instance_id()),
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::InvalidArgument);
+    assert!(err.message().starts_with("resume_instance_id:"), "{}", err.message());
+    d.stop().await;
+}
+
+#[tokio::test]
 async fn kernel_drops_are_announced_to_every_subscriber() {
     let (hub, tx) = synthetic(HubConfig::default());
     let d = TestDaemon::start(hub.clone()).await;

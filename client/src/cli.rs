@@ -253,6 +253,9 @@ pub struct WatchArgs {
     /// Start from history after this sequence number (resume a stream).
     #[arg(long, value_name = "SEQ")]
     pub resume_after: Option<u64>,
+    /// With --resume-after: the socktapd instance that seq came from (`socktap status` shows it). If socktapd has restarted since, the stream says so, then starts with all of its history.
+    #[arg(long, value_name = "ID", requires = "resume_after")]
+    pub resume_instance: Option<u64>,
     /// Exit after N events.
     #[arg(long, value_name = "N", value_parser = clap::value_parser!(u64).range(1..))]
     pub limit: Option<u64>,
@@ -457,6 +460,7 @@ impl WatchArgs {
             replay_last: self.replay.unwrap_or(0),
             since,
             resume_after_seq: self.resume_after,
+            resume_instance_id: self.resume_instance,
             limit: self.limit.unwrap_or(0),
             max_batch_events: None,
             max_flush_delay: None,

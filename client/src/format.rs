@@ -57,6 +57,9 @@ pub fn lost_line(l: &api::LostEvents) -> String {
         api::LossSource::KernelRingBuffer => "in the kernel ring buffer (full)",
         api::LossSource::SubscriberQueue => "in socktapd: this client read too slowly",
         api::LossSource::History => "from history: too old to replay",
+        api::LossSource::Restart => {
+            return "-- socktapd restarted: what it had not sent, and calls made while it was down, are lost (how many is unknown) --".into();
+        }
         api::LossSource::Unspecified => "(unknown source)",
     };
     let mut s = format!("-- lost {} events {source}", l.count);
@@ -111,8 +114,8 @@ pub fn status_text(s: &api::GetStatusResponse) -> String {
     let mut out = String::new();
     let _ = writeln!(
         out,
-        "socktapd {}  kernel {}  attach mode {mode}  up {}s",
-        s.version, s.kernel_release, uptime
+        "socktapd {}  kernel {}  attach mode {mode}  up {}s  instance {}",
+        s.version, s.kernel_release, uptime, s.instance_id
     );
     for r in &s.refused_modes {
         let _ = writeln!(out, "  passed over: {r}");

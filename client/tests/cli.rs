@@ -81,6 +81,10 @@ struct Fake {
     endless: bool,
     /// Fail the stream after the first events, as a broken connection does.
     broken: bool,
+    /// Act as a socktapd that restarts after each stream: the n-th stream
+    /// (from 0) comes from instance n + 1, and a resume from another
+    /// instance starts with a RESTART notice.
+    restarting: bool,
 }
 
 #[tonic::async_trait]
@@ -101,6 +105,12 @@ impl Socktap for Fake {
                 "allow[0].comms[0]: rejected by the test server",
             ));
         }
+        let instance_id = if self.restarting {
+            self.requests.lock().unwrap().len() as u64 + 1
+        } else {
+            1
+        };
+        let restarted = req.resume_instance_id.is_some_and(|i| i != instance_id);
         self.requests.lock().unwrap().push(req);
         let (tx, rx) = mpsc::channel(4);
         let (endless, broken) = (self.endless, self.broken);
@@ -109,14 +119,24 @@ impl Socktap for Fake {
             let batch = |events| {
                 Ok(api::WatchEventsResponse {
                     message: Some(Message::Events(api::EventBatch { events })),
+                    instance_id,
                 })
             };
+            let notice = |l| {
+                Ok(api::WatchEventsResponse {
+                    message: Some(Message::Lost(l)),
+                    instance_id,
+                })
+            };
+            if restarted {
+                let restart = api::LostEvents {
+                    source: api::LossSource::Restart as i32,
+                    ..Default::default()
+                };
+                let _ = tx.send(notice(restart)).await;
+            }
             let _ = tx.send(batch(vec![events()[0].clone()])).await;
-            let _ = tx
-                .send(Ok(api::WatchEventsResponse {
-                    message: Some(Message::Lost(lost())),
-                }))
-                .await;
+            let _ = tx.send(notice(lost())).await;
             let _ = tx.send(batch(vec![events()[1].clone()])).await;
             if broken {
                 let _ = tx
@@ -140,6 +160,7 @@ impl Socktap for Fake {
             kernel_gate_open: true,
             kernel_prefilter: true,
             kernel_prefilter_keys: 7,
+            instance_id: 0xfeed_beef_0000_0001,
             subscribers: vec![api::SubscriberStatus {
                 id: 3,
                 peer: "127.0.0.1:9".into(),
@@ -259,6 +280,38 @@ fn table_output_field_by_field() {
             "EAGAIN"
         ]
     );
+}
+
+#[test]
+fn resume_instance_is_passed_on_and_a_restart_shown() {
+    let fake = Fake {
+        restarting: true,
+        ..Default::default()
+    };
+    let addr = serve(fake.clone());
+    // --resume-instance is passed on, and needs --resume-after.
+    let r = socktap(&[
+        "--addr",
+        &addr,
+        "watch",
+        "--resume-after",
+        "40",
+        "--resume-instance",
+        "77",
+        "--limit",
+        "1",
+    ]);
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    let last = fake.requests.lock().unwrap().last().cloned().unwrap();
+    assert_eq!((last.resume_after_seq, last.resume_instance_id), (Some(40), Some(77)));
+    assert!(
+        r.stdout.lines().nth(1).unwrap().starts_with("-- socktapd restarted"),
+        "{}",
+        r.stdout
+    );
+    let r = socktap(&["--addr", &addr, "watch", "--resume-instance", "77"]);
+    assert_eq!(r.code, 2, "{}", r.stderr);
+    assert!(r.stderr.contains("--resume-after"), "{}", r.stderr);
 }
 
 #[test]
@@ -515,9 +568,14 @@ fn status_table_and_json() {
         r.stdout
     );
     assert!(r.stdout.contains("kernel prefilter: on, 7 values"), "{}", r.stdout);
+    // The instance, as --resume-instance takes it.
+    let instance = 0xfeed_beef_0000_0001u64.to_string();
+    assert!(r.stdout.contains(&format!("instance {instance}\n")), "{}", r.stdout);
     let r = socktap(&["--addr", &addr, "status", "-o", "json"]);
     let s: api::GetStatusResponse = serde_json::from_str(r.stdout.trim()).unwrap();
     assert_eq!((s.events_read, s.kernel_drops), (1234, 5));
+    let v: serde_json::Value = serde_json::from_str(r.stdout.trim()).unwrap();
+    assert_eq!(v["instanceId"], instance.as_str(), "a fixed64 as a decimal string");
 }
 
 #[test]

@@ -95,7 +95,15 @@ pub enum Start {
     /// Matching history events at or after this monotonic time, then live.
     Since(u64),
     /// Matching history events with a greater seq, then live.
-    ResumeAfter(u64),
+    ResumeAfter {
+        /// The last seq the client saw.
+        seq: u64,
+        /// The instance (see [`Hub::instance_id`]) that seq came from,
+        /// when the client said. Another instance's seq means socktapd
+        /// restarted since: the subscriber is told so, then gets all of
+        /// history.
+        instance: Option<u64>,
+    },
 }
 
 /// Why a subscription was refused.
@@ -160,6 +168,7 @@ struct State {
 struct Inner {
     config: HubConfig,
     source: Source,
+    instance_id: u64,
     clock: WallClock,
     started: Instant,
     state: Mutex<State>,
@@ -180,6 +189,7 @@ impl Hub {
             inner: Arc::new(Inner {
                 config,
                 source,
+                instance_id: new_instance_id(),
                 clock: WallClock::now(),
                 started: Instant::now(),
                 state: Mutex::new(State {
@@ -212,6 +222,13 @@ impl Hub {
     /// The event source's description.
     pub fn source(&self) -> &Source {
         &self.inner.source
+    }
+
+    /// This hub's instance id: random, never 0, different for every hub
+    /// (and so for every start of socktapd). Sequence numbers compare only
+    /// within one instance.
+    pub fn instance_id(&self) -> u64 {
+        self.inner.instance_id
     }
 
     /// The clock used to turn event timestamps into wall time.
@@ -314,7 +331,13 @@ impl Hub {
         if st.subscribers.len() >= self.inner.config.max_subscribers {
             return Err(SubscribeError::TooMany(self.inner.config.max_subscribers));
         }
-        if let Start::ResumeAfter(asked) = start {
+        let start = match start {
+            Start::ResumeAfter {
+                instance: Some(other), ..
+            } if other != self.inner.instance_id => None,
+            start => Some(start),
+        };
+        if let Some(Start::ResumeAfter { seq: asked, .. }) = start {
             if st.newest_seq.is_none_or(|n| asked > n) {
                 return Err(SubscribeError::ResumeAhead {
                     asked,
@@ -347,18 +370,35 @@ impl Hub {
         let history = &st.history;
         let matching = |e: &&Event| sub.selector.matches(e);
         match start {
-            Start::Live => {}
-            Start::ReplayLast(n) => {
+            // The seq came from another instance: this one's history all
+            // came after the restart, so it is all new to the client.
+            None => {
+                let restart = Loss {
+                    source: LossSource::Restart,
+                    count: 0,
+                    first_seq: 0,
+                    last_seq: 0,
+                    first_ns: 0,
+                    last_ns: 0,
+                };
+                sub.preload(
+                    Some(restart),
+                    history.iter().filter(matching).copied(),
+                    &self.inner.clock,
+                );
+            }
+            Some(Start::Live) => {}
+            Some(Start::ReplayLast(n)) => {
                 let mut last: Vec<Event> = history.iter().rev().filter(matching).take(n).copied().collect();
                 last.reverse();
                 sub.preload(None, last.into_iter(), &self.inner.clock);
             }
-            Start::Since(t) => sub.preload(
+            Some(Start::Since(t)) => sub.preload(
                 None,
                 history.iter().filter(|e| e.timestamp_ns >= t).filter(matching).copied(),
                 &self.inner.clock,
             ),
-            Start::ResumeAfter(seq) => {
+            Some(Start::ResumeAfter { seq, .. }) => {
                 let oldest = history.front().map(|e| e.seq);
                 let loss = match oldest {
                     Some(o) if o > seq.saturating_add(1) => Some(Loss {
@@ -506,6 +546,24 @@ impl Hub {
     }
 }
 
+/// A random instance id, never 0 (0 reads as "not set" in the API). The
+/// OS's random source; should it fail, the clock and the process id, which
+/// still differ from one start to the next.
+fn new_instance_id() -> u64 {
+    let mut bytes = [0u8; 8];
+    let id = match getrandom::getrandom(&mut bytes) {
+        Ok(()) => u64::from_ne_bytes(bytes),
+        Err(e) => {
+            warn!(error = %e, "no OS randomness for the instance id; using the clock");
+            let now = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .unwrap_or_default();
+            (now.as_nanos() as u64).rotate_left(17) ^ u64::from(std::process::id())
+        }
+    };
+    id.max(1)
+}
+
 /// Hands a batch to the subscribers: finds which events each one takes,
 /// encodes every event that anyone takes once, in order, into one buffer
 /// (as framed batch entries), and queues each subscriber's events as runs
@@ -580,6 +638,7 @@ mod tests {
             message: Some(wire::watch_events_response::Message::Events(wire::EncodedEventBatch {
                 runs,
             })),
+            instance_id: 0,
         };
         let bytes = prost::Message::encode_to_vec(&batch);
         match <pb::WatchEventsResponse as prost::Message>::decode(&bytes[..])
@@ -613,7 +672,7 @@ mod tests {
                 "r".into(),
                 Default::default(),
                 Selector::default(),
-                Start::ResumeAfter(seq),
+                Start::ResumeAfter { seq, instance: None },
             )
         };
         let Err(err) = resume(0) else {
@@ -633,6 +692,54 @@ mod tests {
             other => panic!("{:?}", other.map(|s| s.id)),
         }
         assert_eq!(hub.subscriber_count(), 1, "a refused subscriber is not counted");
+    }
+
+    #[test]
+    fn resuming_from_another_instance_says_so_then_replays_all_history() {
+        let before_restart = Hub::new(HubConfig::default(), Source::default());
+        let hub = Hub::new(HubConfig::default(), Source::default());
+        assert_ne!(before_restart.instance_id(), hub.instance_id());
+        assert_ne!(hub.instance_id(), 0);
+        hub.dispatch(Batch {
+            events: vec![event(1, 7), event(2, 8), event(3, 7)],
+            kernel_drops: 0,
+        });
+        let resume = |seq, instance, selector| {
+            hub.subscribe(
+                "r".into(),
+                Default::default(),
+                selector,
+                Start::ResumeAfter {
+                    seq,
+                    instance: Some(instance),
+                },
+            )
+        };
+        // Another instance's seq, even one this hub has not reached: a
+        // restart notice, then every matching event in history.
+        let s = resume(900, before_restart.instance_id(), only_cookie(7)).unwrap();
+        let mut items = Vec::new();
+        s.take(100, usize::MAX, &mut items);
+        match items.first() {
+            Some(Item::Lost(l)) => assert_eq!((l.source, l.count), (LossSource::Restart, 0)),
+            other => panic!("expected the restart notice first, got {other:?}"),
+        }
+        let runs = items[1..]
+            .iter()
+            .map(|i| match i {
+                Item::Events(run) => run.clone(),
+                other => panic!("{other:?}"),
+            })
+            .collect();
+        assert_eq!(decoded(runs), vec![(1, 7), (3, 7)]);
+        // Its own instance: resumes after the seq, with no notice, and a
+        // seq it has not reached is refused as before.
+        let s = resume(1, hub.instance_id(), Selector::default()).unwrap();
+        assert_eq!(read(&s, 10), vec![Ok(2), Ok(3)]);
+        assert!(matches!(
+            resume(900, hub.instance_id(), Selector::default()),
+            Err(SubscribeError::ResumeAhead { asked: 900, .. })
+        ));
     }
 
     #[test]

@@ -27,6 +27,8 @@ pub enum LossSource {
     SubscriberQueue,
     /// History no longer held what a resume asked for.
     History,
+    /// A resume named another instance: socktapd restarted since.
+    Restart,
 }
 
 /// A run of lost events.

@@ -142,7 +142,10 @@ impl EventStream {
                 Item::Lost(l) => {
                     self.push_events(&mut events);
                     let msg = wire::watch_events_response::Message::Lost(convert::loss(&l, &clock));
-                    self.ready.push_back(wire::WatchEventsResponse { message: Some(msg) });
+                    self.ready.push_back(wire::WatchEventsResponse {
+                        message: Some(msg),
+                        instance_id: self.hub.instance_id(),
+                    });
                 }
             }
         }
@@ -169,6 +172,7 @@ impl EventStream {
         };
         self.ready.push_back(wire::WatchEventsResponse {
             message: Some(wire::watch_events_response::Message::Events(batch)),
+            instance_id: self.hub.instance_id(),
         });
     }
 }
@@ -246,6 +250,7 @@ pub fn status(hub: &Hub) -> pb::GetStatusResponse {
         .collect();
     pb::GetStatusResponse {
         version: env!("CARGO_PKG_VERSION").into(),
+        instance_id: hub.instance_id(),
         kernel_release: kernel_release(),
         attach_mode: convert::mode(source.mode) as i32,
         refused_modes: source.refused_modes.clone(),

@@ -58,6 +58,12 @@ pub fn watch(
             "at most one of replay_last, since and resume_after_seq may be set",
         ));
     }
+    if req.resume_instance_id.is_some() && req.resume_after_seq.is_none() {
+        return Err(FieldError::new(
+            "resume_instance_id",
+            "only with resume_after_seq (the seq it names comes from that instance)",
+        ));
+    }
     let start = if req.replay_last != 0 {
         if req.replay_last as usize > history_capacity {
             return Err(FieldError::new(
@@ -83,7 +89,10 @@ pub fn watch(
         }
         Start::Since(clock.monotonic_ns(unix_ns))
     } else if let Some(seq) = req.resume_after_seq {
-        Start::ResumeAfter(seq)
+        Start::ResumeAfter {
+            seq,
+            instance: req.resume_instance_id,
+        }
     } else {
         Start::Live
     };
@@ -196,6 +205,13 @@ mod tests {
             }),
             "since"
         );
+        assert_eq!(
+            field(pb::WatchEventsRequest {
+                resume_instance_id: Some(77),
+                ..Default::default()
+            }),
+            "resume_instance_id"
+        );
         let delay = socktap_proto::Duration { seconds: 5, nanos: 0 };
         assert_eq!(
             field(pb::WatchEventsRequest {
@@ -218,6 +234,7 @@ mod tests {
                 replay in any::<u32>(),
                 since in proptest::option::of((any::<i64>(), any::<i32>())),
                 resume in proptest::option::of(any::<u64>()),
+                instance in proptest::option::of(any::<u64>()),
                 limit in any::<u64>(),
                 batch in proptest::option::of(any::<u32>()),
                 delay in proptest::option::of((any::<i64>(), any::<i32>())),
@@ -226,6 +243,7 @@ mod tests {
                     replay_last: replay,
                     since: since.map(|(seconds, nanos)| socktap_proto::Timestamp { seconds, nanos }),
                     resume_after_seq: resume,
+                    resume_instance_id: instance,
                     limit,
                     max_batch_events: batch,
                     max_flush_delay: delay.map(|(seconds, nanos)| socktap_proto::Duration { seconds, nanos }),
@@ -237,7 +255,7 @@ mod tests {
                         prop_assert!(w.controls.flush_delay <= MAX_FLUSH_DELAY);
                     }
                     Err(e) => prop_assert!(
-                        ["replay_last", "since", "since.nanos", "max_batch_events", "max_flush_delay"].contains(&e.field.as_str()),
+                        ["replay_last", "since", "since.nanos", "resume_instance_id", "max_batch_events", "max_flush_delay"].contains(&e.field.as_str()),
                         "unexpected field {}", e.field
                     ),
                 }
