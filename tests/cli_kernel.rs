@@ -1,9 +1,12 @@
 //! `socktap watch -o json` against socktapd and the real kernel: the CLI's
-//! JSON lines carry the socket's cookie and its exact bytes. Needs root.
+//! JSON lines carry the socket's cookie and its exact bytes, and with
+//! `--reconnect` a watch goes on across a restart of socktapd. Needs root.
 
 mod common;
 
-use std::io::{Read, Write};
+use std::io::{BufRead, BufReader, Read, Write};
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use common::*;
@@ -83,4 +86,165 @@ async fn watch_json_reports_a_sockets_exact_bytes() {
     assert_eq!(events[0].local_addr, "::1");
     assert_eq!(events[0].pid, std::process::id());
     d.stop().await;
+}
+
+/// What the in-process CLI writes, readable while it runs.
+#[derive(Clone, Default)]
+struct Shared(Arc<Mutex<Vec<u8>>>);
+
+impl Write for Shared {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0.lock().unwrap().extend_from_slice(buf);
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+impl Shared {
+    fn text(&self) -> String {
+        String::from_utf8_lossy(&self.0.lock().unwrap()).into_owned()
+    }
+}
+
+/// The socktapd binary serving on `socket`, once it says so.
+fn start_socktapd(socket: &str) -> Child {
+    let mut child = Command::new(env!("CARGO_BIN_EXE_socktapd"))
+        .args([
+            "--listen",
+            &format!("unix:{socket}"),
+            "--mode",
+            &test_mode().to_string(),
+        ])
+        .env("RUST_LOG", "error")
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut line = String::new();
+    BufReader::new(child.stdout.take().unwrap())
+        .read_line(&mut line)
+        .unwrap();
+    assert!(line.contains("serving"), "{line}");
+    child
+}
+
+/// Stops socktapd as systemd does (SIGTERM) and waits for it.
+fn stop_socktapd(mut child: Child) {
+    // SAFETY: kill(2) on our own child's pid; no memory is involved.
+    let rc = unsafe { libc::kill(child.id() as libc::pid_t, libc::SIGTERM) };
+    assert_eq!(rc, 0);
+    let status = child.wait().unwrap();
+    assert_eq!(status.code(), Some(0), "socktapd exits cleanly on SIGTERM");
+}
+
+async fn wait_for(what: &str, mut done: impl FnMut() -> bool) {
+    for _ in 0..2000 {
+        if done() {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    panic!("timed out waiting for {what}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn watch_reconnect_goes_on_across_a_socktapd_restart() {
+    let Some(_bpf) = bpf_available("cli_kernel reconnect") else {
+        return;
+    };
+    let dir = std::env::temp_dir().join(format!("socktap-reconnect-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let socket = dir.join("socktap.sock").to_str().unwrap().to_owned();
+    let daemon = start_socktapd(&socket);
+
+    // The socket outlives the restart: its cookie stays the same.
+    let (mut c, mut s) = tcp_pair(false);
+    let cookie = so_cookie(&c);
+    let addr = format!("unix:{socket}");
+    let cookie_arg = cookie.to_string();
+    let args = [
+        "socktap",
+        "--addr",
+        &addr,
+        "watch",
+        "-o",
+        "json",
+        "--reconnect",
+        "--cookie",
+        &cookie_arg,
+        "--limit",
+        "4",
+        "--include-self",
+    ];
+    let cli = socktap_client::cli::parse(args.map(Into::into), &mut std::io::stderr()).expect("valid arguments");
+    let (out, err) = (Shared::default(), Shared::default());
+    let watcher = {
+        let (mut out, mut err) = (out.clone(), err.clone());
+        tokio::spawn(async move { socktap_client::cli::run(cli, &mut out, &mut err).await })
+    };
+    let subscribers = |addr: &str| {
+        let addr: socktap_client::DaemonAddr = addr.parse().unwrap();
+        async move {
+            let Ok(mut client) = socktap_client::connect(&addr).await else {
+                return 0;
+            };
+            client
+                .get_status(api::GetStatusRequest {})
+                .await
+                .map(|s| s.into_inner().subscribers.len())
+                .unwrap_or(0)
+        }
+    };
+    for _ in 0..2000 {
+        if subscribers(&addr).await == 1 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    let mut write = |n: usize| {
+        c.write_all(&vec![7u8; n]).unwrap();
+        s.read_exact(&mut vec![0u8; n]).unwrap();
+    };
+    write(11);
+    write(22);
+    wait_for("the first two events", || out.text().lines().count() == 2).await;
+
+    stop_socktapd(daemon);
+    let daemon = start_socktapd(&socket);
+    wait_for("the watch to reconnect", || err.text().contains("reconnected")).await;
+    write(33);
+    write(44);
+    let code = tokio::time::timeout(Duration::from_secs(10), watcher)
+        .await
+        .expect("4 events")
+        .unwrap();
+    stop_socktapd(daemon);
+    let _ = std::fs::remove_dir_all(&dir);
+
+    let (out, err) = (out.text(), err.text());
+    assert_eq!(code, 0, "{err}");
+    let events: Vec<api::Event> = out
+        .lines()
+        .map(|l| serde_json::from_str(l).expect("proto3 JSON"))
+        .collect();
+    assert_eq!(
+        events.iter().map(|e| (e.cookie, e.bytes)).collect::<Vec<_>>(),
+        [(cookie, 11), (cookie, 22), (cookie, 33), (cookie, 44)],
+        "{out}"
+    );
+    // The restart is told: the CLI's own lines, and socktapd's notice (a
+    // JSON loss line, as every loss is with -o json).
+    let lines: Vec<&str> = err.lines().collect();
+    assert!(
+        lines[0].contains("ended the stream") && lines[0].ends_with("reconnecting"),
+        "{err}"
+    );
+    assert!(
+        lines[1].starts_with("socktap: reconnected to socktapd at unix:"),
+        "{err}"
+    );
+    let notice: api::LostEvents = serde_json::from_str(lines[2]).expect("a JSON loss line");
+    assert_eq!(notice.source(), api::LossSource::Restart, "{err}");
+    assert_eq!(lines.len(), 3, "{err}");
 }

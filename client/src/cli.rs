@@ -17,6 +17,7 @@ use tonic::transport::Channel;
 
 use crate::addr::{connect_with, root_cause, ConnectError, ConnectOptions, DaemonAddr};
 use crate::format;
+use crate::resume::Position;
 use crate::top::Top;
 
 const EXAMPLES: &str = "Examples:
@@ -127,7 +128,8 @@ pub enum Command {
   socktap watch --cookie 4097 -o json
   socktap watch --port 5432 --exclude-uid 0
   socktap watch --since 30s --limit 1000      from history, 30 s back
-  socktap watch --resume-after 123456         continue after a seen seq")]
+  socktap watch --resume-after 123456         continue after a seen seq
+  socktap watch -o json --reconnect           survive socktapd restarts")]
     Watch(WatchArgs),
     /// Show socktapd's status: attach mode, kernel, rates, drops, subscribers.
     #[command(after_help = "Examples:\n  socktap status\n  socktap status -o json")]
@@ -256,6 +258,9 @@ pub struct WatchArgs {
     /// With --resume-after: the socktapd instance that seq came from (`socktap status` shows it). If socktapd has restarted since, the stream says so, then starts with all of its history.
     #[arg(long, value_name = "ID", requires = "resume_after")]
     pub resume_instance: Option<u64>,
+    /// When socktapd ends the stream or the connection breaks (a restart), connect again and resume after the last event seen; socktapd announces what was lost.
+    #[arg(long)]
+    pub reconnect: bool,
     /// Exit after N events.
     #[arg(long, value_name = "N", value_parser = clap::value_parser!(u64).range(1..))]
     pub limit: Option<u64>,
@@ -476,7 +481,11 @@ enum Failure {
     #[error("socktapd at {addr} refused the request: {message}")]
     Rejected { addr: DaemonAddr, message: String },
     #[error("socktapd at {addr}: {status}")]
-    Rpc { addr: DaemonAddr, status: String },
+    Rpc {
+        addr: DaemonAddr,
+        code: tonic::Code,
+        status: String,
+    },
     /// The stream ended before the command was done: socktapd ends every
     /// stream when it shuts down.
     #[error("socktapd at {addr} ended the stream (it is shutting down or restarting)")]
@@ -508,6 +517,7 @@ impl Failure {
         };
         Failure::Rpc {
             addr: addr.clone(),
+            code: s.code(),
             status: format!("{:?}: {detail}", s.code()),
         }
     }
@@ -515,13 +525,30 @@ impl Failure {
     /// killed, the network gone), which tonic reports as a bare status.
     fn mid_stream(addr: &DaemonAddr, s: tonic::Status) -> Failure {
         match Failure::rpc(addr, s) {
-            Failure::Rpc { addr, status } => Failure::Rpc {
+            Failure::Rpc { addr, code, status } => Failure::Rpc {
                 addr,
+                code,
                 status: format!("the stream broke: {status}"),
             },
             other => other,
         }
     }
+    /// Whether `--reconnect` tries again after this: socktapd gone or
+    /// restarting, not a request or credentials it refuses.
+    fn passes(&self) -> bool {
+        match self {
+            Failure::Connect(_) | Failure::Ended { .. } => true,
+            Failure::Rpc { code, .. } => !matches!(
+                code,
+                tonic::Code::Unauthenticated
+                    | tonic::Code::PermissionDenied
+                    | tonic::Code::Unimplemented
+                    | tonic::Code::FailedPrecondition
+            ),
+            _ => false,
+        }
+    }
+
     fn exit_code(&self) -> i32 {
         match self {
             Failure::Closed => 0,
@@ -631,52 +658,102 @@ async fn watch(
     err: &mut (dyn Write + Send),
 ) -> Result<(), Failure> {
     let json = a.json || a.output == Output::Json;
-    let mut client = session.client().await?;
     let addr = &session.addr;
-    let mut stream = client
-        .watch_events(session.request(a.to_request())?)
-        .await
-        .map_err(|s| Failure::rpc(addr, s))?
-        .into_inner();
-    if !json {
-        write_line(out, format::TABLE_HEADER)?;
-        flush(out)?;
-    }
+    let original = a.to_request();
+    let opened_at = SystemTime::now();
+    let mut position = Position::from_request(&original);
+    let mut request = original.clone();
     let mut received = 0u64;
+    // Set while reconnecting: how long to wait before the next attempt.
+    let mut retry: Option<Duration> = None;
     loop {
-        let msg = tokio::select! {
-            m = stream.message() => m.map_err(|s| Failure::mid_stream(addr, s))?,
-            _ = interrupt.recv() => return Ok(()),
-        };
-        let Some(msg) = msg.and_then(|m| m.message) else {
-            // socktapd ends a stream at --limit, and when it shuts down.
-            return match a.limit {
-                Some(n) if received >= n => Ok(()),
-                _ => Err(Failure::Ended { addr: addr.clone() }),
-            };
-        };
-        match msg {
-            api::watch_events_response::Message::Events(batch) => {
-                received += batch.events.len() as u64;
-                for e in &batch.events {
-                    let line = if json {
-                        format::json_line(e)
-                    } else {
-                        format::table_row(e)
-                    };
-                    write_line(out, &line)?;
-                }
-            }
-            api::watch_events_response::Message::Lost(l) => {
-                if json {
-                    let _ = writeln!(err, "{}", format::json_line(&l));
-                } else {
-                    write_line(out, &format::lost_line(&l))?;
-                }
+        if let Some(wait) = retry {
+            tokio::select! {
+                _ = tokio::time::sleep(wait) => {}
+                _ = interrupt.recv() => return Ok(()),
             }
         }
-        flush(out)?;
+        let opened = tokio::select! {
+            o = open_stream(session, &request) => o,
+            _ = interrupt.recv() => return Ok(()),
+        };
+        let mut stream = match opened {
+            Ok(s) => s,
+            Err(f) if retry.is_some() && f.passes() => {
+                retry = retry.map(|w| (w * 2).min(MAX_RECONNECT_WAIT));
+                continue;
+            }
+            Err(f) => return Err(f),
+        };
+        if retry.take().is_some() {
+            let _ = writeln!(err, "socktap: reconnected to socktapd at {addr}");
+        } else if !json {
+            write_line(out, format::TABLE_HEADER)?;
+            flush(out)?;
+        }
+        let ended = loop {
+            let msg = tokio::select! {
+                m = stream.message() => m,
+                _ = interrupt.recv() => return Ok(()),
+            };
+            let msg = match msg {
+                Ok(Some(m)) => m,
+                Err(s) => break Failure::mid_stream(addr, s),
+                // socktapd ends a stream at --limit, and when it shuts down.
+                Ok(None) => match a.limit {
+                    Some(n) if received >= n => return Ok(()),
+                    _ => break Failure::Ended { addr: addr.clone() },
+                },
+            };
+            position.observe(&msg);
+            match msg.message {
+                Some(api::watch_events_response::Message::Events(batch)) => {
+                    received += batch.events.len() as u64;
+                    for e in &batch.events {
+                        let line = if json {
+                            format::json_line(e)
+                        } else {
+                            format::table_row(e)
+                        };
+                        write_line(out, &line)?;
+                    }
+                }
+                Some(api::watch_events_response::Message::Lost(l)) => {
+                    if json {
+                        let _ = writeln!(err, "{}", format::json_line(&l));
+                    } else {
+                        write_line(out, &format::lost_line(&l))?;
+                    }
+                }
+                None => {}
+            }
+            flush(out)?;
+        };
+        if !a.reconnect || !ended.passes() {
+            return Err(ended);
+        }
+        let _ = writeln!(err, "socktap: {ended}; reconnecting");
+        request = position.resume_request(&original, opened_at, received);
+        retry = Some(FIRST_RECONNECT_WAIT);
     }
+}
+
+/// The first wait before reconnecting, doubled after each failed attempt
+/// up to [`MAX_RECONNECT_WAIT`].
+const FIRST_RECONNECT_WAIT: Duration = Duration::from_millis(100);
+/// See [`FIRST_RECONNECT_WAIT`].
+const MAX_RECONNECT_WAIT: Duration = Duration::from_secs(5);
+
+async fn open_stream(
+    session: &Session,
+    request: &api::WatchEventsRequest,
+) -> Result<tonic::Streaming<api::WatchEventsResponse>, Failure> {
+    let mut client = session.client().await?;
+    Ok(client
+        .watch_events(session.request(request.clone())?)
+        .await
+        .map_err(|s| Failure::rpc(&session.addr, s))?
+        .into_inner())
 }
 
 async fn status(session: &Session, a: &StatusArgs, out: &mut (dyn Write + Send)) -> Result<(), Failure> {

@@ -48,6 +48,7 @@
 pub mod addr;
 pub mod cli;
 pub mod format;
+pub mod resume;
 pub mod top;
 
 pub use addr::{channel_with, connect, connect_with, ConnectError, ConnectOptions, DaemonAddr};

@@ -283,12 +283,50 @@ fn table_output_field_by_field() {
 }
 
 #[test]
-fn resume_instance_is_passed_on_and_a_restart_shown() {
+fn reconnect_resumes_after_the_last_event_and_shows_the_restart() {
     let fake = Fake {
         restarting: true,
         ..Default::default()
     };
     let addr = serve(fake.clone());
+    // Each stream sends 2 events, then ends as a shutting-down socktapd
+    // does; the next comes from a new instance.
+    let r = socktap(&["--addr", &addr, "watch", "--reconnect", "--limit", "5", "--port", "443"]);
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    let requests = fake.requests.lock().unwrap().clone();
+    assert_eq!(requests.len(), 3, "{requests:?}");
+    let resumed: Vec<_> = requests
+        .iter()
+        .map(|q| (q.resume_after_seq, q.resume_instance_id, q.limit))
+        .collect();
+    assert_eq!(
+        resumed,
+        [(None, None, 5), (Some(9), Some(1), 3), (Some(9), Some(2), 1)],
+        "each resumes after the last event seen, in its instance, for what is left of the limit"
+    );
+    assert!(
+        requests.iter().all(|q| q.allow == requests[0].allow),
+        "the same filters"
+    );
+    let lines: Vec<&str> = r.stdout.lines().collect();
+    // 3 streams of 2 events and a loss notice each (the fake does not
+    // apply the limit, socktapd does), 2 of them after a restart notice.
+    assert_eq!(lines.len(), 1 + 3 * 3 + 2, "{}", r.stdout);
+    let restarts = lines.iter().filter(|l| l.starts_with("-- socktapd restarted")).count();
+    assert_eq!(restarts, 2, "{}", r.stdout);
+    assert_eq!(
+        lines.iter().filter(|l| l.starts_with("TIME")).count(),
+        1,
+        "one header: {}",
+        r.stdout
+    );
+    let reconnects = r.stderr.lines().filter(|l| l.contains("reconnecting")).count();
+    assert_eq!(reconnects, 2, "{}", r.stderr);
+    assert_eq!(r.stderr.matches("reconnected to socktapd").count(), 2, "{}", r.stderr);
+
+    // Without --reconnect, the end is final.
+    let r = socktap(&["--addr", &addr, "watch"]);
+    assert_eq!(r.code, 1, "{}", r.stderr);
     // --resume-instance is passed on, and needs --resume-after.
     let r = socktap(&[
         "--addr",
@@ -304,11 +342,7 @@ fn resume_instance_is_passed_on_and_a_restart_shown() {
     assert_eq!(r.code, 0, "{}", r.stderr);
     let last = fake.requests.lock().unwrap().last().cloned().unwrap();
     assert_eq!((last.resume_after_seq, last.resume_instance_id), (Some(40), Some(77)));
-    assert!(
-        r.stdout.lines().nth(1).unwrap().starts_with("-- socktapd restarted"),
-        "{}",
-        r.stdout
-    );
+    assert!(r.stdout.contains("-- socktapd restarted"), "{}", r.stdout);
     let r = socktap(&["--addr", &addr, "watch", "--resume-instance", "77"]);
     assert_eq!(r.code, 2, "{}", r.stderr);
     assert!(r.stderr.contains("--resume-after"), "{}", r.stderr);
