@@ -664,6 +664,7 @@ async fn watch(
     let mut position = Position::from_request(&original);
     let mut request = original.clone();
     let mut received = 0u64;
+    let mut table = format::Table::default();
     // Set while reconnecting: how long to wait before the next attempt.
     let mut retry: Option<Duration> = None;
     loop {
@@ -688,7 +689,7 @@ async fn watch(
         if retry.take().is_some() {
             let _ = writeln!(err, "socktap: reconnected to socktapd at {addr}");
         } else if !json {
-            write_line(out, format::TABLE_HEADER)?;
+            write_line(out, &table.header())?;
             flush(out)?;
         }
         let ended = loop {
@@ -710,12 +711,13 @@ async fn watch(
                 Some(api::watch_events_response::Message::Events(batch)) => {
                     received += batch.events.len() as u64;
                     for e in &batch.events {
-                        let line = if json {
-                            format::json_line(e)
+                        if json {
+                            write_line(out, &format::json_line(e))?;
                         } else {
-                            format::table_row(e)
-                        };
-                        write_line(out, &line)?;
+                            for line in table.rows(e) {
+                                write_line(out, &line)?;
+                            }
+                        }
                     }
                 }
                 Some(api::watch_events_response::Message::Lost(l)) => {

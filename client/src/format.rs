@@ -6,40 +6,80 @@ use std::fmt::Write as _;
 use chrono::{Local, TimeZone};
 use socktap_proto::v1 as api;
 
-/// The table's header line.
-pub const TABLE_HEADER: &str =
-    "TIME            COMM             PID       COOKIE DIR     BYTES LOCAL                   REMOTE                 ERR";
+/// The `watch` table. Its address columns fit an IPv4 endpoint; a wider
+/// one (IPv6) widens its column from that row on, and the header is
+/// written again above that row, so the rows below line up with it.
+#[derive(Clone, Debug)]
+pub struct Table {
+    local: usize,
+    remote: usize,
+}
 
-/// One event as a table row.
+impl Default for Table {
+    fn default() -> Self {
+        // "255.255.255.255:65535"
+        Table { local: 21, remote: 21 }
+    }
+}
+
+impl Table {
+    /// The header line for the current widths.
+    pub fn header(&self) -> String {
+        self.line([
+            "TIME", "COMM", "PID", "COOKIE", "DIR", "BYTES", "LOCAL", " ", "REMOTE", "ERR",
+        ])
+    }
+
+    /// The lines for one event: its row, after a header when a column
+    /// widened for it.
+    pub fn rows(&mut self, e: &api::Event) -> Vec<String> {
+        let local = endpoint(&e.local_addr, e.local_port);
+        let remote = endpoint(&e.remote_addr, e.remote_port);
+        let mut lines = Vec::with_capacity(1);
+        let (l, r) = (local.chars().count(), remote.chars().count());
+        if l > self.local || (r > self.remote && e.errno != 0) {
+            self.local = self.local.max(l);
+            // The remote column matters only for what follows it (ERR).
+            self.remote = self.remote.max(r);
+            lines.push(self.header());
+        }
+        let time = e
+            .time
+            .as_ref()
+            .and_then(|t| Local.timestamp_opt(t.seconds, t.nanos.max(0) as u32).single())
+            .map(|t| t.format("%H:%M:%S%.6f").to_string())
+            .unwrap_or_else(|| "-".into());
+        // The arrow points the way the bytes went.
+        let (dir, arrow) = match e.kind() {
+            api::EventKind::Send => ("send", "→"),
+            api::EventKind::Recv => ("recv", "←"),
+            api::EventKind::Unspecified => ("?", "-"),
+        };
+        let err = if e.errno == 0 {
+            String::new()
+        } else {
+            errno_name(e.errno)
+        };
+        let (pid, cookie, bytes) = (e.pid.to_string(), e.cookie.to_string(), e.bytes.to_string());
+        lines.push(self.line([&time, &e.comm, &pid, &cookie, dir, &bytes, &local, arrow, &remote, &err]));
+        lines
+    }
+
+    /// One line: every column padded to its width (numbers to the right),
+    /// trailing spaces trimmed.
+    fn line(&self, [time, comm, pid, cookie, dir, bytes, local, arrow, remote, err]: [&str; 10]) -> String {
+        let (lw, rw) = (self.local, self.remote);
+        format!(
+            "{time:<15} {comm:<15} {pid:>7} {cookie:>12} {dir:<4} {bytes:>9} {local:<lw$} {arrow} {remote:<rw$} {err}"
+        )
+        .trim_end()
+        .to_owned()
+    }
+}
+
+/// One event as a row of a [`Table`] whose columns fit it.
 pub fn table_row(e: &api::Event) -> String {
-    let time = e
-        .time
-        .as_ref()
-        .and_then(|t| Local.timestamp_opt(t.seconds, t.nanos.max(0) as u32).single())
-        .map(|t| t.format("%H:%M:%S%.6f").to_string())
-        .unwrap_or_else(|| "-".into());
-    // The arrow points the way the bytes went.
-    let (dir, arrow) = match e.kind() {
-        api::EventKind::Send => ("send", '→'),
-        api::EventKind::Recv => ("recv", '←'),
-        api::EventKind::Unspecified => ("?", '-'),
-    };
-    let err = if e.errno == 0 {
-        String::new()
-    } else {
-        errno_name(e.errno)
-    };
-    format!(
-        "{time:<15} {comm:<15} {pid:>5} {cookie:>12} {dir:<4} {bytes:>9} {local:<21} {arrow} {remote:<21} {err}",
-        comm = e.comm,
-        pid = e.pid,
-        cookie = e.cookie,
-        bytes = e.bytes,
-        local = endpoint(&e.local_addr, e.local_port),
-        remote = endpoint(&e.remote_addr, e.remote_port),
-    )
-    .trim_end()
-    .to_owned()
+    Table::default().rows(e).pop().unwrap_or_default()
 }
 
 /// `addr:port`, with brackets around IPv6 addresses.
@@ -231,6 +271,82 @@ mod tests {
         assert!(sent.contains("[::1]:5555            → 10.0.0.1:443"), "{sent}");
         let err = table_row(&api::Event { errno: 11, ..e });
         assert!(err.ends_with("EAGAIN"), "{err}");
+    }
+
+    /// Where each header label sits: left-aligned columns start with
+    /// their label, numbers end under it.
+    fn assert_lined_up(header: &str, row: &str) {
+        let h: Vec<char> = header.chars().collect();
+        let r: Vec<char> = row.chars().collect();
+        let starts = |s: &[char], i: usize| s[i] != ' ' && (i == 0 || s[i - 1] == ' ');
+        let ends = |s: &[char], i: usize| s[i] != ' ' && s.get(i + 1).is_none_or(|&c| c == ' ');
+        for (label, right) in [
+            ("COMM", false),
+            ("PID", true),
+            ("COOKIE", true),
+            ("DIR", false),
+            ("BYTES", true),
+            ("LOCAL", false),
+            ("REMOTE", false),
+            ("ERR", false),
+        ] {
+            let at = header.find(label).unwrap();
+            let at = header[..at].chars().count();
+            let i = if right { at + label.len() - 1 } else { at };
+            let ok = if right { ends(&r, i) } else { starts(&r, i) };
+            assert!(ok && h[i] != ' ', "{label} does not line up:\n{header}\n{row}");
+        }
+    }
+
+    fn ipv6_error() -> api::Event {
+        api::Event {
+            comm: "envoy".into(),
+            pid: 4_194_303,
+            cookie: 987_654_321_012,
+            kind: api::EventKind::Send as i32,
+            errno: 104,
+            local_addr: "2001:db8:85a3::8a2e:370:7334".into(),
+            local_port: 51000,
+            remote_addr: "2001:db8:ffff:ffff:ffff:ffff:ffff:1".into(),
+            remote_port: 443,
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn a_wide_address_widens_its_column_and_the_header_comes_again() {
+        let mut table = Table::default();
+        let v4 = api::Event {
+            comm: "curl".into(),
+            pid: 42,
+            cookie: 9001,
+            kind: api::EventKind::Recv as i32,
+            errno: 11,
+            local_addr: "10.0.0.2".into(),
+            local_port: 40000,
+            remote_addr: "10.0.0.1".into(),
+            remote_port: 443,
+            ..Default::default()
+        };
+        let header = table.header();
+        let rows = table.rows(&v4);
+        assert_eq!(rows.len(), 1);
+        assert_lined_up(&header, &rows[0]);
+        // IPv6 does not fit: a new header, wider, and the row under it.
+        let rows = table.rows(&ipv6_error());
+        assert_eq!(rows.len(), 2, "{rows:?}");
+        assert!(rows[0].starts_with("TIME") && rows[0].len() > header.len(), "{rows:?}");
+        assert_lined_up(&rows[0], &rows[1]);
+        assert!(rows[1]
+            .contains("[2001:db8:85a3::8a2e:370:7334]:51000 → [2001:db8:ffff:ffff:ffff:ffff:ffff:1]:443 ECONNRESET"));
+        // From then on every row lines up with it, IPv4 too, and no new
+        // header comes until something wider does.
+        let wide = rows[0].clone();
+        for e in [&v4, &ipv6_error()] {
+            let rows = table.rows(e);
+            assert_eq!(rows.len(), 1, "{rows:?}");
+            assert_lined_up(&wide, &rows[0]);
+        }
     }
 
     #[test]
