@@ -9,6 +9,7 @@
 //! that a modest fixed rate loses nothing.
 
 mod daemon;
+mod hub;
 mod subscribers;
 mod workload;
 
@@ -47,7 +48,7 @@ enum Config {
 #[derive(Parser, Debug)]
 #[command(
     name = "socktap-bench",
-    after_help = "Examples:\n  scripts/bench.sh\n  scripts/bench.sh --quick\n  scripts/bench.sh --workloads w2 --configs untraced,sub1 --seconds 60 --rounds 1"
+    after_help = "Examples:\n  scripts/bench.sh\n  scripts/bench.sh --quick\n  scripts/bench.sh --workloads w2 --configs untraced,sub1 --seconds 60 --rounds 1\n  scripts/bench.sh --hub-only --rounds 5"
 )]
 struct Args {
     /// A smoke test: short runs, one round, then the zero-loss check.
@@ -87,6 +88,11 @@ struct Args {
     /// paced run (not with --quick, whose zero-loss check it is).
     #[arg(long, default_value_t = 2000.0, value_parser = parse_rate)]
     paced_round_trips: f64,
+    /// Measure only socktapd's own work per event (the hub's fan-out and
+    /// the streams' messages), in this process, on W2-like synthetic
+    /// batches: no kernel, no workload. Uses --rounds; writes hub.json.
+    #[arg(long, conflicts_with_all = ["quick", "workloads", "configs"])]
+    hub_only: bool,
     /// Where to write the JSON.
     #[arg(long, default_value = "target/bench")]
     out: PathBuf,
@@ -329,6 +335,10 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
+    if args.hub_only {
+        hub::run(&args.out, args.rounds.max(1));
+        return ExitCode::SUCCESS;
+    }
     if args.quick {
         args.seconds = args.seconds.min(1.0);
         args.rounds = 1;

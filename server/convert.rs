@@ -97,7 +97,7 @@ pub fn event(e: &Event, clock: &WallClock) -> pb::Event {
 /// one copy (addresses formatted on the stack, IPv4 digit by digit).
 pub fn encode_event(e: &Event, clock: &WallClock, buf: &mut impl BufMut) {
     let mut w = FieldWriter::default();
-    write_event_fields(&mut w, e, clock);
+    write_event_fields(&mut w, e, clock, None);
     buf.put_slice(w.written());
 }
 
@@ -106,17 +106,107 @@ pub fn encode_event(e: &Event, clock: &WallClock, buf: &mut impl BufMut) {
 /// event once this way; a run of consecutive entries is a ready part of a
 /// batch. One scratch buffer serves every event (a fresh one per event
 /// would be zeroed per event).
+///
+/// It also keeps, per thread and per socket, the encoded bytes of the
+/// fields that come from them and sit next to each other in field order:
+/// the caller's (`pid` to `cgroup_id`, 8–12) and the socket's (`netns` to
+/// `remote_port`, 13–18). An event whose values are the same as the ones
+/// kept copies those bytes instead of encoding the fields again (the
+/// addresses as text, above all); any difference encodes them afresh.
+/// Keep one encoder for many batches: that is what its memory is for.
 #[derive(Default)]
 pub struct EntryEncoder {
     w: FieldWriter,
+    kept: Kept,
 }
 
 impl EntryEncoder {
     /// Appends `e` as an entry of `socktap.v1.EventBatch.events`.
     pub fn encode(&mut self, e: &Event, clock: &WallClock, buf: &mut impl BufMut) {
         self.w.len = ENTRY_HEAD;
-        write_event_fields(&mut self.w, e, clock);
+        write_event_fields(&mut self.w, e, clock, Some(&mut self.kept));
         buf.put_slice(self.w.framed());
+    }
+}
+
+/// The values that fields 8–12 are encoded from.
+#[derive(Clone, Copy, PartialEq, Eq)]
+struct CallerKey {
+    pid: u32,
+    tid: u32,
+    comm: crate::event::Comm,
+    uid: u32,
+    cgroup_id: u64,
+}
+
+/// The values that fields 13–18 are encoded from.
+#[derive(Clone, Copy, PartialEq, Eq)]
+struct SocketKey {
+    netns: u32,
+    local: std::net::SocketAddr,
+    remote: std::net::SocketAddr,
+}
+
+/// Fields 8–12 take at most 76 bytes: four varints with their keys (6, 6,
+/// 6 and 11 bytes) and a 15-byte name that may grow to 45 as lossy UTF-8.
+const CALLER_BYTES: usize = 80;
+/// Fields 13–18 take at most 110 bytes: two 45-byte IPv6 texts with key
+/// and length, two ports, the namespace and the family.
+const SOCKET_BYTES: usize = 112;
+/// Threads and sockets kept, each in the slot its tid or cookie picks.
+const KEPT_SLOTS: usize = 64;
+
+/// Encoded fields, and the values they were encoded from.
+#[derive(Clone, Copy)]
+struct Encoded<K, const N: usize> {
+    key: Option<K>,
+    len: usize,
+    bytes: [u8; N],
+}
+
+impl<K, const N: usize> Default for Encoded<K, N> {
+    fn default() -> Self {
+        Encoded {
+            key: None,
+            len: 0,
+            bytes: [0; N],
+        }
+    }
+}
+
+struct Kept {
+    callers: Box<[Encoded<CallerKey, CALLER_BYTES>]>,
+    sockets: Box<[Encoded<SocketKey, SOCKET_BYTES>]>,
+}
+
+impl Default for Kept {
+    fn default() -> Self {
+        Kept {
+            callers: vec![Encoded::default(); KEPT_SLOTS].into_boxed_slice(),
+            sockets: vec![Encoded::default(); KEPT_SLOTS].into_boxed_slice(),
+        }
+    }
+}
+
+impl<K: PartialEq + Copy, const N: usize> Encoded<K, N> {
+    /// Writes the fields `write` writes for `key`: from the bytes kept when
+    /// they were written for an equal key, or by `write`, keeping them.
+    fn write(&mut self, key: K, w: &mut FieldWriter, write: impl FnOnce(&mut FieldWriter)) {
+        if self.key == Some(key) {
+            w.buf[w.len..w.len + self.len].copy_from_slice(&self.bytes[..self.len]);
+            w.len += self.len;
+            return;
+        }
+        let start = w.len;
+        write(w);
+        let n = w.len - start;
+        if n <= N {
+            self.bytes[..n].copy_from_slice(&w.buf[start..w.len]);
+            self.len = n;
+            self.key = Some(key);
+        } else {
+            self.key = None;
+        }
     }
 }
 
@@ -136,8 +226,9 @@ pub fn encoded_events(
     EncodedEvents::from_framed(buf.split().freeze(), count)
 }
 
-/// Writes `e`'s fields into `w` (empty: at [`ENTRY_HEAD`]).
-fn write_event_fields(w: &mut FieldWriter, e: &Event, clock: &WallClock) {
+/// Writes `e`'s fields into `w` (empty: at [`ENTRY_HEAD`]), with the
+/// caller's and the socket's fields from `kept` when it has them.
+fn write_event_fields(w: &mut FieldWriter, e: &Event, clock: &WallClock, kept: Option<&mut Kept>) {
     w.varint(1, e.seq);
     let t = timestamp(clock.unix_ns(e.timestamp_ns));
     let (secs, nanos) = (t.seconds as u64, t.nanos as i64 as u64);
@@ -156,29 +247,55 @@ fn write_event_fields(w: &mut FieldWriter, e: &Event, clock: &WallClock) {
     w.varint(5, kind as i32 as u64);
     w.varint(6, e.bytes.into());
     w.varint(7, e.errno.into());
-    w.varint(8, e.pid.into());
-    w.varint(9, e.tid.into());
-    // Thread names are nearly always ASCII, which is UTF-8 and checked
-    // inline; anything else goes through the full check.
-    let comm = e.comm.as_bytes();
-    if comm.is_ascii() {
-        w.bytes(10, comm);
-    } else {
-        w.bytes(10, e.comm.to_string_lossy().as_bytes());
-    }
-    w.varint(11, e.uid.into());
-    w.varint(12, e.cgroup_id);
-    w.varint(13, e.netns.into());
-    let family = if e.remote.is_ipv4() {
-        pb::AddressFamily::Ipv4
-    } else {
-        pb::AddressFamily::Ipv6
+    let caller = |w: &mut FieldWriter| {
+        w.varint(8, e.pid.into());
+        w.varint(9, e.tid.into());
+        // Thread names are nearly always ASCII, which is UTF-8 and checked
+        // inline; anything else goes through the full check.
+        let comm = e.comm.as_bytes();
+        if comm.is_ascii() {
+            w.bytes(10, comm);
+        } else {
+            w.bytes(10, e.comm.to_string_lossy().as_bytes());
+        }
+        w.varint(11, e.uid.into());
+        w.varint(12, e.cgroup_id);
     };
-    w.varint(14, family as i32 as u64);
-    w.ip(15, e.local.ip());
-    w.varint(16, e.local.port().into());
-    w.ip(17, e.remote.ip());
-    w.varint(18, e.remote.port().into());
+    let socket = |w: &mut FieldWriter| {
+        w.varint(13, e.netns.into());
+        let family = if e.remote.is_ipv4() {
+            pb::AddressFamily::Ipv4
+        } else {
+            pb::AddressFamily::Ipv6
+        };
+        w.varint(14, family as i32 as u64);
+        w.ip(15, e.local.ip());
+        w.varint(16, e.local.port().into());
+        w.ip(17, e.remote.ip());
+        w.varint(18, e.remote.port().into());
+    };
+    match kept {
+        Some(kept) => {
+            let key = CallerKey {
+                pid: e.pid,
+                tid: e.tid,
+                comm: e.comm,
+                uid: e.uid,
+                cgroup_id: e.cgroup_id,
+            };
+            kept.callers[e.tid as usize % KEPT_SLOTS].write(key, w, caller);
+            let key = SocketKey {
+                netns: e.netns,
+                local: e.local,
+                remote: e.remote,
+            };
+            kept.sockets[e.cookie as usize % KEPT_SLOTS].write(key, w, socket);
+        }
+        None => {
+            caller(w);
+            socket(w);
+        }
+    }
     w.varint(19, e.cpu.into());
     w.varint(20, mode(Some(e.mode)) as i32 as u64);
 }
@@ -393,6 +510,54 @@ mod tests {
             let mut direct = BytesMut::new();
             encode_event(&e, &clock, &mut direct);
             prop_assert_eq!(&direct[..], &event(&e, &clock).encode_to_vec()[..]);
+        }
+
+        /// One encoder over many events whose every caller and socket
+        /// field takes one of two values, drawn independently (so two
+        /// events often differ in one field only), with tids and cookies
+        /// 64 apart that share a slot: every entry is prost's bytes for its
+        /// own event, never fields kept for another.
+        #[test]
+        fn kept_fields_are_used_only_for_equal_values(
+            picks in prop::collection::vec(prop::collection::vec(any::<bool>(), 10), 1..300),
+            base in any_event(),
+            other in any_event(),
+        ) {
+            let clock = WallClock::with_offset(0);
+            let mut encoder = EntryEncoder::default();
+            for (i, p) in picks.iter().enumerate() {
+                macro_rules! pick {
+                    ($k:expr, $a:expr, $b:expr) => {
+                        if p[$k] { $a } else { $b }
+                    };
+                }
+                let e = Event {
+                    seq: i as u64,
+                    tid: pick!(0, 7, 7 + 64),
+                    cookie: pick!(1, 9, 9 + 64),
+                    pid: pick!(2, base.pid, other.pid),
+                    comm: pick!(3, base.comm, other.comm),
+                    uid: pick!(4, base.uid, other.uid),
+                    cgroup_id: pick!(5, base.cgroup_id, other.cgroup_id),
+                    netns: pick!(6, base.netns, other.netns),
+                    local: pick!(7, base.local, other.local),
+                    remote: pick!(8, base.remote, other.remote),
+                    ..base
+                };
+                // Ports alone, addresses kept.
+                let e = if p[9] {
+                    Event {
+                        local: std::net::SocketAddr::new(e.local.ip(), e.local.port() ^ 1),
+                        ..e
+                    }
+                } else {
+                    e
+                };
+                let mut buf = BytesMut::new();
+                encoder.encode(&e, &clock, &mut buf);
+                let want = pb::EventBatch { events: vec![event(&e, &clock)] }.encode_to_vec();
+                prop_assert_eq!(&buf[..], &want[..], "event {}", i);
+            }
         }
 
         /// A response built from runs of framed entries, cut anywhere by

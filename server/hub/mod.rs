@@ -163,6 +163,9 @@ struct State {
     rate_mark: (Instant, u64),
     /// Events per second over the second before `rate_mark`.
     rate: f64,
+    /// Kept across batches: it remembers the encoded fields of recent
+    /// threads and sockets.
+    encoder: convert::EntryEncoder,
 }
 
 struct Inner {
@@ -201,6 +204,7 @@ impl Hub {
                     shutting_down: false,
                     rate_mark: (Instant::now(), 0),
                     rate: 0.0,
+                    encoder: convert::EntryEncoder::default(),
                 }),
                 events_read: AtomicU64::new(0),
                 kernel_drops: AtomicU64::new(0),
@@ -298,10 +302,13 @@ impl Hub {
             // What the reserve has left; queues only shrink meanwhile.
             let borrowed: usize = st.subscribers.iter().map(|s| s.borrowed_bytes()).sum();
             let mut reserve = self.queue_reserve().saturating_sub(borrowed);
+            let State {
+                subscribers, encoder, ..
+            } = &mut *st;
             // In chunks: a queued run keeps its whole buffer alive, so
             // small buffers bound what a lagging subscriber holds on to.
             for chunk in events.chunks(FAN_OUT_CHUNK) {
-                fan_out(&st.subscribers, chunk, &self.inner.clock, &mut reserve);
+                fan_out(subscribers, chunk, &self.inner.clock, encoder, &mut reserve);
             }
         }
         let cap = self.inner.config.history_events;
@@ -568,7 +575,13 @@ fn new_instance_id() -> u64 {
 /// encodes every event that anyone takes once, in order, into one buffer
 /// (as framed batch entries), and queues each subscriber's events as runs
 /// of that buffer: a subscriber taking every event gets one slice.
-fn fan_out(subscribers: &[Arc<Subscriber>], events: &[Event], clock: &WallClock, reserve: &mut usize) {
+fn fan_out(
+    subscribers: &[Arc<Subscriber>],
+    events: &[Event],
+    clock: &WallClock,
+    encoder: &mut convert::EntryEncoder,
+    reserve: &mut usize,
+) {
     let mut wanted = vec![false; events.len()];
     // What each distinct selector takes, and which of them each subscriber has.
     let mut taken: Vec<Vec<u32>> = Vec::new();
@@ -592,7 +605,6 @@ fn fan_out(subscribers: &[Arc<Subscriber>], events: &[Event], clock: &WallClock,
         .collect();
     let mut buf = BytesMut::with_capacity(events.len() * ENCODED_EVENT_BYTES);
     let mut entries = vec![(0u32, 0u32); events.len()];
-    let mut encoder = convert::EntryEncoder::default();
     for ((e, want), entry) in events.iter().zip(&wanted).zip(&mut entries) {
         if *want {
             let start = buf.len() as u32;
