@@ -8,9 +8,10 @@
 //! kernel gate closed while nobody wants events.
 
 pub mod filter;
+pub mod history;
 pub mod subscriber;
 
-use std::collections::{BTreeSet, VecDeque};
+use std::collections::BTreeSet;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -24,6 +25,7 @@ use crate::convert;
 use crate::event::{monotonic_now_ns, AttachMode, Event, WallClock};
 use crate::probe::{Batch, Prefilter, PrefilterStatus, ProbeControl, PREFILTER_CAPACITY};
 pub use filter::{FieldError, FilterLimits, Selector};
+pub use history::History;
 pub use subscriber::{Item, Loss, LossSource, Subscriber, SubscriberCounters};
 
 /// About the size of an encoded IPv4 event with its entry key and length;
@@ -152,7 +154,7 @@ pub struct HubStatus {
 }
 
 struct State {
-    history: VecDeque<Event>,
+    history: History,
     /// The newest event's sequence number read so far (history or not).
     newest_seq: Option<u64>,
     subscribers: Vec<Arc<Subscriber>>,
@@ -196,7 +198,7 @@ impl Hub {
                 clock: WallClock::now(),
                 started: Instant::now(),
                 state: Mutex::new(State {
-                    history: VecDeque::with_capacity(config.history_events.min(1 << 20)),
+                    history: History::new(config.history_events),
                     newest_seq: None,
                     subscribers: Vec::new(),
                     next_id: 1,
@@ -311,14 +313,8 @@ impl Hub {
                 fan_out(subscribers, chunk, &self.inner.clock, encoder, &mut reserve);
             }
         }
-        let cap = self.inner.config.history_events;
-        if cap > 0 {
-            let h = &mut st.history;
-            let skip = events.len().saturating_sub(cap);
-            let overflow = (h.len() + events.len() - skip).saturating_sub(cap);
-            h.drain(..overflow);
-            h.extend(&events[skip..]);
-        }
+        // Moved, not copied: the batch was only borrowed until here.
+        st.history.push(events);
     }
 
     /// Registers a subscriber and queues the history it asked for, all under
