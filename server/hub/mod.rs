@@ -751,6 +751,37 @@ mod tests {
     }
 
     #[test]
+    fn queued_runs_are_small_enough_for_messages_to_take_whole() {
+        let hub = Hub::new(HubConfig::default(), Source::default());
+        let all = hub
+            .subscribe("a".into(), Default::default(), Selector::default(), Start::Live)
+            .unwrap();
+        let odd = hub
+            .subscribe("b".into(), cookie_request(1), only_cookie(1), Start::Live)
+            .unwrap();
+        hub.dispatch(Batch {
+            events: (0..FAN_OUT_CHUNK as u64).map(|seq| event(seq, seq % 2)).collect(),
+            kernel_drops: 0,
+        });
+        for (sub, want) in [(&all, FAN_OUT_CHUNK), (&odd, FAN_OUT_CHUNK / 2)] {
+            let mut items = Vec::new();
+            sub.take(usize::MAX, usize::MAX, &mut items);
+            let runs: Vec<_> = items
+                .into_iter()
+                .map(|i| match i {
+                    Item::Events(run) => run,
+                    other => panic!("{other:?}"),
+                })
+                .collect();
+            assert!(runs.len() > 1, "{} runs", runs.len());
+            assert!(runs.iter().all(|r| r.bytes().len() <= subscriber::RUN_BYTES));
+            let seqs: Vec<u64> = decoded(runs).into_iter().map(|(seq, _)| seq).collect();
+            assert_eq!(seqs.len(), want);
+            assert!(seqs.windows(2).all(|w| w[0] < w[1]), "in order, once each");
+        }
+    }
+
+    #[test]
     fn subscribers_taking_the_same_event_share_one_conversion() {
         let hub = Hub::new(HubConfig::default(), Source::default());
         let everything = Selector::default();

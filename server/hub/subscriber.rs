@@ -54,6 +54,11 @@ pub struct Loss {
 /// alive for a few events.
 const SHARE_AT_LEAST: usize = 4;
 
+/// The most bytes of one queued run of shared entries (a run may exceed it
+/// only to carry a single larger entry). A stream's message holds
+/// [`crate::service::MAX_MESSAGE_BYTES`], at least two whole runs.
+pub const RUN_BYTES: usize = 32 << 10;
+
 /// What a subscriber's stream delivers, in order.
 #[derive(Clone, Debug, PartialEq)]
 pub enum Item {
@@ -214,18 +219,21 @@ impl Subscriber {
                 q.items
                     .push_back(Item::Events(EncodedEvents::from_framed(own.freeze(), fits)));
             }
-        } else if fits == events.len() {
-            // Every event of the batch: the whole buffer is one run.
-            q.items
-                .push_back(Item::Events(EncodedEvents::from_framed(encoded.clone(), fits)));
         } else {
-            // Events whose entries touch go in as one run of the shared buffer.
+            // Events whose entries touch go in as runs of the shared
+            // buffer, each at most RUN_BYTES (the entries' offsets are at
+            // hand here), so that a stream fills its messages with whole
+            // runs instead of walking entries to split them.
             let mut i = 0;
             while i < fits {
                 let (start, mut end) = entries[taken[i] as usize];
                 let mut j = i + 1;
-                while j < fits && entries[taken[j] as usize].0 == end {
-                    end = entries[taken[j] as usize].1;
+                while j < fits {
+                    let (next_start, next_end) = entries[taken[j] as usize];
+                    if next_start != end || (next_end - start) as usize > RUN_BYTES {
+                        break;
+                    }
+                    end = next_end;
                     j += 1;
                 }
                 let run = EncodedEvents::from_framed(encoded.slice(start as usize..end as usize), j - i);

@@ -96,6 +96,9 @@ impl Socktap for SocktapService {
 /// little in the transport while its client reads slowly.
 pub const MAX_MESSAGE_BYTES: usize = 64 << 10;
 
+// A message takes whole queued runs; splitting one walks its entries.
+const _: () = assert!(MAX_MESSAGE_BYTES >= 2 * crate::hub::subscriber::RUN_BYTES);
+
 /// One WatchEvents stream: the transport polls it, and it takes events
 /// straight from its subscriber's queue (no task or channel in between).
 /// Dropping it (the client went away, or the stream ended) unsubscribes.
