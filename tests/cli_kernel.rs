@@ -4,8 +4,8 @@
 
 mod common;
 
-use std::io::{BufRead, BufReader, Read, Write};
-use std::process::{Child, Command, Stdio};
+use std::io::{Read, Write};
+use std::process::Child;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -108,27 +108,6 @@ impl Shared {
     }
 }
 
-/// The socktapd binary serving on `socket`, once it says so.
-fn start_socktapd(socket: &str) -> Child {
-    let mut child = Command::new(env!("CARGO_BIN_EXE_socktapd"))
-        .args([
-            "--listen",
-            &format!("unix:{socket}"),
-            "--mode",
-            &test_mode().to_string(),
-        ])
-        .env("RUST_LOG", "error")
-        .stdout(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut line = String::new();
-    BufReader::new(child.stdout.take().unwrap())
-        .read_line(&mut line)
-        .unwrap();
-    assert!(line.contains("serving"), "{line}");
-    child
-}
-
 /// Stops socktapd as systemd does (SIGTERM) and waits for it.
 fn stop_socktapd(mut child: Child) {
     // SAFETY: kill(2) on our own child's pid; no memory is involved.
@@ -136,16 +115,6 @@ fn stop_socktapd(mut child: Child) {
     assert_eq!(rc, 0);
     let status = child.wait().unwrap();
     assert_eq!(status.code(), Some(0), "socktapd exits cleanly on SIGTERM");
-}
-
-async fn wait_for(what: &str, mut done: impl FnMut() -> bool) {
-    for _ in 0..2000 {
-        if done() {
-            return;
-        }
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    }
-    panic!("timed out waiting for {what}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -156,7 +125,7 @@ async fn watch_reconnect_goes_on_across_a_socktapd_restart() {
     let dir = std::env::temp_dir().join(format!("socktap-reconnect-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
     let socket = dir.join("socktap.sock").to_str().unwrap().to_owned();
-    let daemon = start_socktapd(&socket);
+    let daemon = spawn_socktapd(&["--listen", &format!("unix:{socket}")]);
 
     // The socket outlives the restart: its cookie stays the same.
     let (mut c, mut s) = tcp_pair(false);
@@ -211,7 +180,7 @@ async fn watch_reconnect_goes_on_across_a_socktapd_restart() {
     wait_for("the first two events", || out.text().lines().count() == 2).await;
 
     stop_socktapd(daemon);
-    let daemon = start_socktapd(&socket);
+    let daemon = spawn_socktapd(&["--listen", &format!("unix:{socket}")]);
     wait_for("the watch to reconnect", || err.text().contains("reconnected")).await;
     write(33);
     write(44);

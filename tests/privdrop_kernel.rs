@@ -5,8 +5,7 @@
 
 mod common;
 
-use std::io::{BufRead, BufReader, Read, Write};
-use std::process::{Command, Stdio};
+use std::io::{Read, Write};
 use std::time::Duration;
 
 use common::*;
@@ -35,24 +34,7 @@ async fn socktapd_serves_as_nobody_with_no_capability() {
         .local_addr()
         .unwrap()
         .port();
-    let mut child = Command::new(env!("CARGO_BIN_EXE_socktapd"))
-        .args([
-            "--listen",
-            &format!("127.0.0.1:{port}"),
-            "--user",
-            "nobody",
-            "--mode",
-            &test_mode().to_string(),
-        ])
-        .env("RUST_LOG", "error")
-        .stdout(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut line = String::new();
-    BufReader::new(child.stdout.take().unwrap())
-        .read_line(&mut line)
-        .unwrap();
-    assert!(line.contains("serving"), "{line}");
+    let mut child = spawn_socktapd(&["--listen", &format!("127.0.0.1:{port}"), "--user", "nobody"]);
 
     // Every thread: uid nobody, no capability at all.
     let pid = child.id();

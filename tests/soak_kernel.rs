@@ -30,16 +30,6 @@ fn socktap_programs() -> HashSet<u32> {
         .collect()
 }
 
-async fn wait_for(what: &str, mut cond: impl FnMut() -> bool) {
-    for _ in 0..1000 {
-        if cond() {
-            return;
-        }
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
-    panic!("timed out waiting for {what}");
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn subscribe_cancel_cycles_and_200_subscribers_leave_nothing_behind() {
     let Some(_bpf) = bpf_available("soak") else {

@@ -334,14 +334,13 @@ impl Hub {
         if st.subscribers.len() >= self.inner.config.max_subscribers {
             return Err(SubscribeError::TooMany(self.inner.config.max_subscribers));
         }
-        let start = match start {
-            Start::ResumeAfter {
-                instance: Some(other), ..
-            } if other != self.inner.instance_id => None,
-            start => Some(start),
-        };
-        if let Some(Start::ResumeAfter { seq: asked, .. }) = start {
-            if st.newest_seq.is_none_or(|n| asked > n) {
+        // A seq from another instance: socktapd has restarted since.
+        let restarted = matches!(
+            start,
+            Start::ResumeAfter { instance: Some(other), .. } if other != self.inner.instance_id
+        );
+        if let Start::ResumeAfter { seq: asked, .. } = start {
+            if !restarted && st.newest_seq.is_none_or(|n| asked > n) {
                 return Err(SubscribeError::ResumeAhead {
                     asked,
                     newest: st.newest_seq,
@@ -373,9 +372,9 @@ impl Hub {
         let history = &st.history;
         let matching = |e: &&Event| sub.selector.matches(e);
         match start {
-            // The seq came from another instance: this one's history all
-            // came after the restart, so it is all new to the client.
-            None => {
+            // This instance's history all came after the restart, so it is
+            // all new to the client.
+            _ if restarted => {
                 let restart = Loss {
                     source: LossSource::Restart,
                     count: 0,
@@ -390,18 +389,18 @@ impl Hub {
                     &self.inner.clock,
                 );
             }
-            Some(Start::Live) => {}
-            Some(Start::ReplayLast(n)) => {
+            Start::Live => {}
+            Start::ReplayLast(n) => {
                 let mut last: Vec<Event> = history.iter().rev().filter(matching).take(n).copied().collect();
                 last.reverse();
                 sub.preload(None, last.into_iter(), &self.inner.clock);
             }
-            Some(Start::Since(t)) => sub.preload(
+            Start::Since(t) => sub.preload(
                 None,
                 history.iter().filter(|e| e.timestamp_ns >= t).filter(matching).copied(),
                 &self.inner.clock,
             ),
-            Some(Start::ResumeAfter { seq, .. }) => {
+            Start::ResumeAfter { seq, .. } => {
                 let oldest = history.front().map(|e| e.seq);
                 let loss = match oldest {
                     Some(o) if o > seq.saturating_add(1) => Some(Loss {

@@ -301,3 +301,36 @@ pub async fn kernel_daemon(opts: ProbeOptions, config: socktap::hub::HubConfig) 
     let daemon = TestDaemon::start(hub.clone()).await;
     KernelDaemon { probe, hub, daemon }
 }
+
+/// The socktapd binary with `args` and the attach mode under test
+/// ([`test_mode`]), once its first line says it serves (logging only
+/// errors, on stderr). `SOCKTAP_TEST_SOCKTAPD` names the binary where it
+/// is not where cargo built it (the kernel matrix's VMs).
+pub fn spawn_socktapd(args: &[&str]) -> std::process::Child {
+    use std::io::BufRead;
+    let bin = std::env::var_os("SOCKTAP_TEST_SOCKTAPD").unwrap_or_else(|| env!("CARGO_BIN_EXE_socktapd").into());
+    let mut child = std::process::Command::new(bin)
+        .args(args)
+        .args(["--mode", &test_mode().to_string()])
+        .env("RUST_LOG", "error")
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut line = String::new();
+    std::io::BufReader::new(child.stdout.take().unwrap())
+        .read_line(&mut line)
+        .unwrap();
+    assert!(line.contains("serving"), "{line}");
+    child
+}
+
+/// Waits until `done`, checking every 10 ms for up to 10 s.
+pub async fn wait_for(what: &str, mut done: impl FnMut() -> bool) {
+    for _ in 0..1000 {
+        if done() {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    panic!("timed out waiting for {what}");
+}
