@@ -577,27 +577,24 @@ fn fan_out(
     encoder: &mut convert::EntryEncoder,
     reserve: &mut usize,
 ) {
-    let mut wanted = vec![false; events.len()];
-    // What each distinct selector takes, and which of them each subscriber has.
-    let mut taken: Vec<Vec<u32>> = Vec::new();
-    let mut selectors: Vec<&Arc<Selector>> = Vec::new();
+    // The distinct selectors, which of them each subscriber has, and what
+    // each takes.
+    let mut selectors: Vec<&Selector> = Vec::new();
     let which: Vec<usize> = subscribers
         .iter()
         .map(|s| {
-            if let Some(k) = selectors.iter().position(|&x| Arc::ptr_eq(x, &s.selector)) {
+            if let Some(k) = selectors.iter().position(|&x| std::ptr::eq(x, &*s.selector)) {
                 return k;
             }
-            let mine: Vec<u32> = (0..events.len() as u32)
-                .filter(|&i| s.selector.matches(&events[i as usize]))
-                .collect();
-            for &i in &mine {
-                wanted[i as usize] = true;
-            }
             selectors.push(&s.selector);
-            taken.push(mine);
-            taken.len() - 1
+            selectors.len() - 1
         })
         .collect();
+    let taken = filter::match_all(&selectors, events);
+    let mut wanted = vec![false; events.len()];
+    for &i in taken.iter().flatten() {
+        wanted[i as usize] = true;
+    }
     let mut buf = BytesMut::with_capacity(events.len() * ENCODED_EVENT_BYTES);
     let mut entries = vec![(0u32, 0u32); events.len()];
     for ((e, want), entry) in events.iter().zip(&wanted).zip(&mut entries) {
