@@ -6,7 +6,7 @@ mod common;
 
 use std::time::Duration;
 
-use common::{next_msg, wait_subscribers, TestDaemon};
+use common::{next_msg, wait_for, wait_subscribers, TestDaemon};
 use socktap::event::{AttachMode, Comm, Event, EventKind};
 use socktap::hub::{Hub, HubConfig, Source};
 use socktap::probe::Batch;
@@ -239,12 +239,7 @@ async fn replay_resume_since_and_limit() {
     })
     .await
     .unwrap();
-    for _ in 0..1000 {
-        if hub.status().events_read == 150 {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(2)).await;
-    }
+    wait_for("150 events read", || hub.status().events_read == 150).await;
     let mut c = d.client().await;
 
     // The last 5 events with cookie 1 from history, then a limit ends it.
@@ -394,12 +389,7 @@ async fn a_resume_names_its_instance_and_a_restart_is_announced() {
         })
         .await
         .unwrap();
-    for _ in 0..1000 {
-        if after.status().events_read == 3 {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(2)).await;
-    }
+    wait_for("3 events read", || after.status().events_read == 3).await;
     // Resumed with the old instance: told of the restart first, then all
     // of the new instance's history, although seq 4 is behind it and 2
     // ahead of it.
