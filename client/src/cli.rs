@@ -258,7 +258,7 @@ pub struct WatchArgs {
     /// With --resume-after: the socktapd instance that seq came from (`socktap status` shows it). If socktapd has restarted since, the stream says so, then starts with all of its history.
     #[arg(long, value_name = "ID", requires = "resume_after")]
     pub resume_instance: Option<u64>,
-    /// When socktapd ends the stream or the connection breaks (a restart), connect again and resume after the last event seen; socktapd announces what was lost.
+    /// When socktapd ends the stream or the connection breaks (a restart), connect again and resume after the last event seen; socktapd announces what was lost. Also waits for a socktapd that is not up yet.
     #[arg(long)]
     pub reconnect: bool,
     /// Exit after N events.
@@ -294,6 +294,9 @@ pub struct TopArgs {
     /// Exit after this many refreshes (default: until Ctrl-C).
     #[arg(long)]
     pub iterations: Option<u64>,
+    /// When socktapd ends the stream or the connection breaks (a restart), or is not up yet, keep refreshing and connect again (each frame says so while it is down).
+    #[arg(long)]
+    pub reconnect: bool,
     #[command(flatten)]
     pub filters: FilterArgs,
 }
@@ -665,8 +668,9 @@ async fn watch(
     let mut request = original.clone();
     let mut received = 0u64;
     let mut table = format::Table::default();
-    // Set while reconnecting: how long to wait before the next attempt.
+    // Set while (re)connecting: how long to wait before the next attempt.
     let mut retry: Option<Duration> = None;
+    let mut connected = false;
     loop {
         if let Some(wait) = retry {
             tokio::select! {
@@ -680,17 +684,31 @@ async fn watch(
         };
         let mut stream = match opened {
             Ok(s) => s,
-            Err(f) if retry.is_some() && f.passes() => {
-                retry = retry.map(|w| (w * 2).min(MAX_RECONNECT_WAIT));
+            Err(f) if a.reconnect && f.passes() => {
+                retry = Some(match retry {
+                    Some(w) => (w * 2).min(MAX_RECONNECT_WAIT),
+                    // socktapd is not up yet: wait for it, and say so once.
+                    None => {
+                        let _ = writeln!(err, "socktap: {f}; waiting for it (Ctrl-C to stop)");
+                        FIRST_RECONNECT_WAIT
+                    }
+                });
                 continue;
             }
             Err(f) => return Err(f),
         };
-        if retry.take().is_some() {
+        let waited = retry.take().is_some();
+        if connected {
             let _ = writeln!(err, "socktap: reconnected to socktapd at {addr}");
-        } else if !json {
-            write_line(out, &table.header())?;
-            flush(out)?;
+        } else {
+            connected = true;
+            if waited {
+                let _ = writeln!(err, "socktap: connected to socktapd at {addr}");
+            }
+            if !json {
+                write_line(out, &table.header())?;
+                flush(out)?;
+            }
         }
         let ended = loop {
             let msg = tokio::select! {
@@ -781,7 +799,6 @@ async fn top(
 ) -> Result<(), Failure> {
     use std::io::IsTerminal;
     let clear = io::stdout().is_terminal();
-    let mut client = session.client().await?;
     let addr = &session.addr;
     let (allow, deny) = a.filters.to_filters();
     let req = api::WatchEventsRequest {
@@ -789,11 +806,13 @@ async fn top(
         deny,
         ..Default::default()
     };
-    let mut stream = client
-        .watch_events(session.request(req)?)
-        .await
-        .map_err(|s| Failure::rpc(addr, s))?
-        .into_inner();
+    // None while (re)connecting under --reconnect.
+    let mut stream = None;
+    // While disconnected: the next attempt, and the wait after it.
+    let mut retry_at = Instant::now();
+    let mut wait = FIRST_RECONNECT_WAIT;
+    // Why the stream is down, shown in every frame until it is back.
+    let mut down: Option<String> = None;
     let mut ticker = tokio::time::interval_at(Instant::now() + a.interval, a.interval);
     let mut frame = Top::default();
     let mut frames = 0u64;
@@ -810,20 +829,60 @@ async fn top(
         flush(out)
     };
     loop {
-        tokio::select! {
-            m = stream.message() => match m.map_err(|s| Failure::mid_stream(addr, s))?.and_then(|m| m.message) {
-                Some(api::watch_events_response::Message::Events(b)) => b.events.iter().for_each(|e| frame.add(e)),
-                Some(api::watch_events_response::Message::Lost(l)) => frame.lost(l.count),
-                // socktapd ended the stream (shutting down): show what
-                // there is, then say so.
-                None => {
-                    show(&frame, &mut last, out)?;
-                    return Err(Failure::Ended { addr: addr.clone() });
+        if stream.is_none() && Instant::now() >= retry_at {
+            let opened = tokio::select! {
+                o = open_stream(session, &req) => o,
+                _ = interrupt.recv() => return Ok(()),
+            };
+            match opened {
+                Ok(s) => {
+                    stream = Some(s);
+                    wait = FIRST_RECONNECT_WAIT;
+                    down = None;
                 }
-            },
+                Err(f) if a.reconnect && f.passes() => {
+                    let why = format!("{f}; reconnecting");
+                    frame.disconnected(&why);
+                    down = Some(why);
+                    retry_at = Instant::now() + wait;
+                    wait = (wait * 2).min(MAX_RECONNECT_WAIT);
+                }
+                Err(f) => return Err(f),
+            }
+        }
+        tokio::select! {
+            m = next_message(&mut stream) => {
+                let ended = match m {
+                    Ok(Some(api::WatchEventsResponse { message: Some(m), .. })) => {
+                        match m {
+                            api::watch_events_response::Message::Events(b) => b.events.iter().for_each(|e| frame.add(e)),
+                            api::watch_events_response::Message::Lost(l) => frame.lost(l.count),
+                        }
+                        continue;
+                    }
+                    Ok(Some(_)) => continue,
+                    Err(s) => Failure::mid_stream(addr, s),
+                    // socktapd ended the stream (shutting down).
+                    Ok(None) => Failure::Ended { addr: addr.clone() },
+                };
+                if !a.reconnect || !ended.passes() {
+                    // Show what there is, then say why it stopped.
+                    show(&frame, &mut last, out)?;
+                    return Err(ended);
+                }
+                let why = format!("{ended}; reconnecting");
+                frame.disconnected(&why);
+                down = Some(why);
+                stream = None;
+                retry_at = Instant::now() + wait;
+            }
+            _ = tokio::time::sleep_until(retry_at), if stream.is_none() => {}
             _ = ticker.tick() => {
                 show(&frame, &mut last, out)?;
                 frame = Top::default();
+                if let Some(why) = &down {
+                    frame.disconnected(why);
+                }
                 frames += 1;
                 if a.iterations.is_some_and(|n| frames >= n) {
                     return Ok(());
@@ -831,5 +890,15 @@ async fn top(
             }
             _ = interrupt.recv() => return Ok(()),
         }
+    }
+}
+
+/// The next message of `stream`, or never while there is none.
+async fn next_message(
+    stream: &mut Option<tonic::Streaming<api::WatchEventsResponse>>,
+) -> Result<Option<api::WatchEventsResponse>, tonic::Status> {
+    match stream {
+        Some(s) => s.message().await,
+        None => std::future::pending().await,
     }
 }

@@ -76,6 +76,8 @@ pub struct Top {
     processes: HashMap<u32, (ProcessRow, std::collections::HashSet<u64>)>,
     events: u64,
     lost: u64,
+    /// Why the stream was down during the interval, if it was.
+    disconnected: Option<String>,
 }
 
 impl Top {
@@ -107,6 +109,12 @@ impl Top {
         self.lost += n;
     }
 
+    /// Notes that the stream was down during the interval (events in that
+    /// time are missing from the totals), and why.
+    pub fn disconnected(&mut self, why: &str) {
+        self.disconnected = Some(why.to_owned());
+    }
+
     /// Sockets, busiest first.
     pub fn sockets(&self) -> Vec<&SocketRow> {
         let mut v: Vec<_> = self.sockets.values().collect();
@@ -130,6 +138,9 @@ impl Top {
             String::new()
         };
         let _ = writeln!(out, "socktap top: {} events in {interval_secs:.1}s{lost}", self.events);
+        if let Some(why) = &self.disconnected {
+            let _ = writeln!(out, "disconnected (totals are short): {why}");
+        }
         let _ = writeln!(out);
         let _ = writeln!(
             out,
@@ -199,5 +210,13 @@ mod tests {
         let p = t.processes();
         assert_eq!((p[0].pid, p[0].sockets, p[0].traffic.total()), (10, 2, 5150));
         assert!(t.render(10, 1.0).contains("lost 4"));
+        assert!(!t.render(10, 1.0).contains("disconnected"));
+        t.disconnected("socktapd at x ended the stream; reconnecting");
+        let text = t.render(10, 1.0);
+        assert_eq!(
+            text.lines().nth(1),
+            Some("disconnected (totals are short): socktapd at x ended the stream; reconnecting"),
+            "{text}"
+        );
     }
 }

@@ -643,28 +643,143 @@ fn top_sums_per_socket_and_process_and_marks_losses() {
     );
 }
 
-#[test]
-fn unix_socket_addresses_work() {
-    let dir = std::env::temp_dir().join(format!("socktap-cli-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
-    let path = dir.join("socktapd.sock");
-    let p = path.clone();
+/// Serves `fake` on a unix socket at `path` on a background thread, and
+/// returns once the socket is there.
+fn serve_unix(fake: Fake, path: &std::path::Path) {
+    let p = path.to_owned();
     std::thread::spawn(move || {
         tokio::runtime::Runtime::new().unwrap().block_on(async move {
             let l = tokio::net::UnixListener::bind(&p).unwrap();
             tonic::transport::Server::builder()
-                .add_service(SocktapServer::new(Fake::default()))
+                .add_service(SocktapServer::new(fake))
                 .serve_with_incoming(UnixListenerStream::new(l))
                 .await
                 .unwrap();
         });
     });
-    for _ in 0..100 {
+    for _ in 0..500 {
         if path.exists() {
-            break;
+            return;
         }
         std::thread::sleep(Duration::from_millis(10));
     }
+    panic!("{} did not appear", path.display());
+}
+
+/// A fresh directory for a test's unix sockets.
+fn socket_dir(test: &str) -> std::path::PathBuf {
+    let dir = std::env::temp_dir().join(format!("socktap-cli-{test}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
+}
+
+#[test]
+fn reconnect_waits_for_a_socktapd_that_is_not_up_yet() {
+    let dir = socket_dir("wait");
+    let path = dir.join("socktapd.sock");
+    let addr = format!("unix:{}", path.display());
+    // Without --reconnect, nobody there is an error at once.
+    let r = socktap(&["--addr", &addr, "watch"]);
+    assert_eq!(r.code, 1, "{}", r.stderr);
+    assert_eq!(r.stderr.lines().count(), 1, "{}", r.stderr);
+
+    for cmd in [
+        &["watch", "--limit", "2"][..],
+        &["top", "--interval", "200ms", "--iterations", "6"],
+    ] {
+        let _ = std::fs::remove_file(&path);
+        let child = Command::new(BIN)
+            .args(["--addr", &addr])
+            .args(cmd)
+            .arg("--reconnect")
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        // Let it try and wait at least once before socktapd is there.
+        std::thread::sleep(Duration::from_millis(400));
+        let fake = Fake::default();
+        serve_unix(fake.clone(), &path);
+        let out = child.wait_with_output().unwrap();
+        let (stdout, stderr) = (
+            String::from_utf8(out.stdout).unwrap(),
+            String::from_utf8(out.stderr).unwrap(),
+        );
+        assert_eq!(out.status.code(), Some(0), "{cmd:?}: {stderr}");
+        assert!(!fake.requests.lock().unwrap().is_empty(), "{cmd:?}");
+        if cmd[0] == "watch" {
+            assert_eq!(stderr.matches("waiting for it").count(), 1, "said once: {stderr}");
+            assert!(stderr.contains(&format!("connected to socktapd at {addr}")), "{stderr}");
+            let lines: Vec<&str> = stdout.lines().collect();
+            // The header once, then the fake's two events and its loss notice.
+            assert_eq!(lines.len(), 4, "{stdout}");
+            assert!(lines[0].starts_with("TIME"), "{stdout}");
+        } else {
+            // The frames before socktapd was there say why they are empty;
+            // the fake's events arrive once it is.
+            assert!(stdout.contains("disconnected (totals are short):"), "{stdout}");
+            assert!(stdout.contains("reconnecting"), "{stdout}");
+            assert!(
+                stdout
+                    .split("socktap top: ")
+                    .skip(1)
+                    .any(|f| !f.starts_with("0 events")),
+                "{stdout}"
+            );
+        }
+    }
+    let _ = std::fs::remove_dir_all(dir);
+}
+
+#[test]
+fn top_reconnect_goes_on_across_restarts() {
+    let fake = Fake {
+        restarting: true,
+        ..Default::default()
+    };
+    let addr = serve(fake.clone());
+    // Every stream sends two events and ends, as a socktapd shutting down does.
+    let r = socktap(&[
+        "--addr",
+        &addr,
+        "top",
+        "--reconnect",
+        "--interval",
+        "300ms",
+        "--iterations",
+        "4",
+    ]);
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    let streams = fake.requests.lock().unwrap().len();
+    assert!(streams >= 2, "connected again: {streams} streams");
+    let frames: Vec<&str> = r.stdout.split("socktap top: ").skip(1).collect();
+    assert_eq!(frames.len(), 4, "{}", r.stdout);
+    assert!(
+        frames
+            .iter()
+            .any(|f| f.contains("disconnected (totals are short): socktapd at") && f.contains("ended the stream")),
+        "{}",
+        r.stdout
+    );
+    let events: u64 = frames
+        .iter()
+        .map(|f| f.split(' ').next().unwrap().parse::<u64>().unwrap())
+        .sum();
+    // The last stream's events may come after the last frame.
+    let streams = streams as u64;
+    assert!(
+        (2 * (streams - 1)..=2 * streams).contains(&events),
+        "every stream's events counted once: {events} events from {streams} streams: {}",
+        r.stdout
+    );
+}
+
+#[test]
+fn unix_socket_addresses_work() {
+    let dir = socket_dir("unix");
+    let path = dir.join("socktapd.sock");
+    serve_unix(Fake::default(), &path);
     let addr = format!("unix:{}", path.display());
     let r = Command::new(BIN)
         .args(["status"])
