@@ -15,8 +15,9 @@ cd "$(dirname "$0")/.."
 
 # iperf3: the byte-exactness test against a program we did not write;
 # bpftrace: the benchmark's peer configuration; systemd: systemd-analyze,
-# which checks contrib/socktapd.service.
-scripts/deps.sh iperf3 bpftrace systemd
+# which checks contrib/socktapd.service; busybox-static: nc, run inside a
+# cgroup by the cgroup path test (and the kernel matrix's VMs).
+scripts/deps.sh iperf3 bpftrace systemd busybox-static
 
 if [ "$(id -u)" -ne 0 ] && command -v sudo >/dev/null; then
   export CARGO_TARGET_X86_64_UNKNOWN_LINUX_GNU_RUNNER="sudo -E"

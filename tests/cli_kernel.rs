@@ -217,3 +217,126 @@ async fn watch_reconnect_goes_on_across_a_socktapd_restart() {
     assert_eq!(notice.source(), api::LossSource::Restart, "{err}");
     assert_eq!(lines.len(), 3, "{err}");
 }
+
+/// A cgroup of the test's own under the host's cgroup2 mount, with one
+/// below it; removed when dropped (once no process is left in it).
+struct TestCgroup {
+    /// Its path in the hierarchy, as `/proc/PID/cgroup` shows it.
+    path: String,
+    top: std::path::PathBuf,
+    inner: std::path::PathBuf,
+}
+
+impl TestCgroup {
+    fn create() -> TestCgroup {
+        let tree = socktap::service::cgroups::CgroupTree::discover();
+        let mount = tree.mount().expect("a cgroup2 mount: --cgroup paths need cgroup v2");
+        let name = format!("socktap-test-{}", std::process::id());
+        let top = mount.join(&name);
+        let inner = top.join("inner");
+        std::fs::create_dir_all(&inner).unwrap();
+        TestCgroup {
+            path: format!("/{name}"),
+            top,
+            inner,
+        }
+    }
+}
+
+impl Drop for TestCgroup {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir(&self.inner);
+        let _ = std::fs::remove_dir(&self.top);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn watch_by_cgroup_path_takes_the_processes_in_that_tree_only() {
+    use std::os::unix::fs::MetadataExt;
+    let Some(_bpf) = bpf_available("cli_kernel") else {
+        return;
+    };
+    let cgroup = TestCgroup::create();
+    let inner_id = std::fs::metadata(&cgroup.inner).unwrap().ino();
+    let KernelDaemon {
+        probe: _probe,
+        hub,
+        daemon: d,
+        ..
+    } = kernel_daemon(ProbeOptions::default(), HubConfig::default()).await;
+
+    // The watch names the top cgroup; the sender runs in the one below it.
+    let addr = d.url.trim_start_matches("http://").to_owned();
+    let args = [
+        "socktap",
+        "--addr",
+        &addr,
+        "watch",
+        "-o",
+        "json",
+        "--cgroup",
+        &cgroup.path,
+        "--include-self",
+    ];
+    let cli = socktap_client::cli::parse(args.map(Into::into), &mut std::io::stderr()).expect("valid arguments");
+    let out = Shared::default();
+    let watcher = tokio::spawn({
+        let mut out = out.clone();
+        async move {
+            let mut err = Vec::new();
+            let code = socktap_client::cli::run(cli, &mut out, &mut err).await;
+            (code, String::from_utf8(err).unwrap())
+        }
+    });
+    wait_for("the watch to subscribe", || hub.subscriber_count() == 1).await;
+
+    // busybox nc, moved into the inner cgroup before it starts, sends 1234
+    // bytes; this test process (outside it) receives them and answers.
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let script = format!(
+        "echo 0 > {}/cgroup.procs && exec busybox nc 127.0.0.1 {port}",
+        cgroup.inner.display()
+    );
+    let mut nc = std::process::Command::new("busybox")
+        .args(["sh", "-c", &script])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::null())
+        .spawn()
+        .expect("busybox (Debian's busybox-static) runs a process in a cgroup");
+    let nc_pid = nc.id();
+    nc.stdin.take().unwrap().write_all(&[7u8; 1234]).unwrap();
+    let (mut conn, nc_addr) = listener.accept().unwrap();
+    let mut got = vec![0u8; 1234];
+    conn.read_exact(&mut got).unwrap();
+    let _ = conn.write_all(b"ok");
+    drop(conn);
+    assert!(nc.wait().unwrap().success());
+
+    let sent = |text: &str| -> u64 {
+        text.lines()
+            .filter_map(|l| serde_json::from_str::<api::Event>(l).ok())
+            .filter(|e| e.kind() == api::EventKind::Send)
+            .map(|e| u64::from(e.bytes))
+            .sum()
+    };
+    wait_for("nc's 1234 bytes in the watch", || sent(&out.text()) >= 1234).await;
+    // This process's receive and send, made at the same time, had time to
+    // arrive too, were they let through.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    watcher.abort();
+    let text = out.text();
+    let events: Vec<api::Event> = text
+        .lines()
+        .map(|l| serde_json::from_str(l).expect("proto3 JSON"))
+        .collect();
+    assert_eq!(sent(&text), 1234, "{text}");
+    for e in &events {
+        assert_eq!(
+            (e.cgroup_id, e.pid, e.local_port, e.remote_port),
+            (inner_id, nc_pid, u32::from(nc_addr.port()), u32::from(port)),
+            "only nc's socket, in the cgroup below the one named: {text}"
+        );
+    }
+    d.stop().await;
+}

@@ -543,6 +543,21 @@ async fn bad_requests_are_invalid_argument_naming_the_field() {
             "allow[0].cookies",
         ),
         (
+            // Resolved on the host (in a blocking task): no such cgroup.
+            filter(pb::EventFilter {
+                cgroup_paths: vec!["/socktap-no-such-cgroup/x".into()],
+                ..Default::default()
+            }),
+            "allow[0].cgroup_paths[0]",
+        ),
+        (
+            filter(pb::EventFilter {
+                cgroup_paths: vec!["/../etc".into()],
+                ..Default::default()
+            }),
+            "allow[0].cgroup_paths[0]",
+        ),
+        (
             pb::WatchEventsRequest {
                 deny: vec![
                     pb::EventFilter {

@@ -198,9 +198,9 @@ pub struct FilterArgs {
     /// Only this uid.
     #[arg(long, value_delimiter = ',')]
     pub uid: Vec<u32>,
-    /// Only this cgroup v2 id.
-    #[arg(long, value_delimiter = ',')]
-    pub cgroup: Vec<u64>,
+    /// Only this cgroup and those below it: a path as /proc/PID/cgroup shows it (/system.slice/nginx.service), resolved by socktapd on its host when the stream opens; or a cgroup v2 id (that cgroup only).
+    #[arg(long, value_delimiter = ',', value_parser = cgroup)]
+    pub cgroup: Vec<CgroupArg>,
     /// Only sends or only receives.
     #[arg(long, value_enum, value_delimiter = ',')]
     pub kind: Vec<KindArg>,
@@ -234,9 +234,9 @@ pub struct FilterArgs {
     /// Drop this uid.
     #[arg(long, help_heading = "Exclusions", value_delimiter = ',')]
     pub exclude_uid: Vec<u32>,
-    /// Drop this cgroup v2 id.
-    #[arg(long, help_heading = "Exclusions", value_delimiter = ',')]
-    pub exclude_cgroup: Vec<u64>,
+    /// Drop this cgroup and those below it (a path), or this cgroup v2 id.
+    #[arg(long, help_heading = "Exclusions", value_delimiter = ',', value_parser = cgroup)]
+    pub exclude_cgroup: Vec<CgroupArg>,
     /// Also show this socktap process's own calls (receiving the stream
     /// produces events; by default they are dropped to avoid a feedback loop).
     #[arg(long)]
@@ -301,6 +301,44 @@ pub struct TopArgs {
     pub filters: FilterArgs,
 }
 
+/// A `--cgroup` value.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum CgroupArg {
+    /// A cgroup v2 id.
+    Id(u64),
+    /// A cgroup's path, resolved by socktapd.
+    Path(String),
+}
+
+impl CgroupArg {
+    fn ids(v: &[CgroupArg]) -> Vec<u64> {
+        v.iter()
+            .filter_map(|c| match c {
+                CgroupArg::Id(id) => Some(*id),
+                CgroupArg::Path(_) => None,
+            })
+            .collect()
+    }
+    fn paths(v: &[CgroupArg]) -> Vec<String> {
+        v.iter()
+            .filter_map(|c| match c {
+                CgroupArg::Path(p) => Some(p.clone()),
+                CgroupArg::Id(_) => None,
+            })
+            .collect()
+    }
+}
+
+fn cgroup(s: &str) -> Result<CgroupArg, String> {
+    if let Ok(id) = s.parse() {
+        return Ok(CgroupArg::Id(id));
+    }
+    if s.is_empty() || s.chars().all(|c| c.is_ascii_digit() || c == '-' || c == '+') {
+        return Err("a cgroup is a path (/system.slice/nginx.service) or a cgroup v2 id".into());
+    }
+    Ok(CgroupArg::Path(s.to_owned()))
+}
+
 fn comm(s: &str) -> Result<String, String> {
     if s.is_empty() || s.len() > 15 {
         return Err("a thread name has 1 to 15 bytes".into());
@@ -359,7 +397,8 @@ impl FilterArgs {
             comms: self.comm.clone(),
             comm_prefixes: self.comm_prefix.clone(),
             uids: self.uid.clone(),
-            cgroup_ids: self.cgroup.clone(),
+            cgroup_ids: CgroupArg::ids(&self.cgroup),
+            cgroup_paths: CgroupArg::paths(&self.cgroup),
             local_ports: self.port.clone(),
             remote_ports: self.remote_port.clone(),
             remote_cidrs: self.cidr.clone(),
@@ -438,7 +477,8 @@ impl FilterArgs {
         }
         if !self.exclude_cgroup.is_empty() {
             add(api::EventFilter {
-                cgroup_ids: self.exclude_cgroup.clone(),
+                cgroup_ids: CgroupArg::ids(&self.exclude_cgroup),
+                cgroup_paths: CgroupArg::paths(&self.exclude_cgroup),
                 ..Default::default()
             });
         }

@@ -412,6 +412,13 @@ fn filter_flags_become_the_request() {
         .args([
             "--uid", "1000", "--cgroup", "9", "--kind", "send", "--family", "ipv6", "--errors",
         ])
+        // A cgroup by path or by id, in one condition.
+        .args([
+            "--cgroup",
+            "/system.slice/app.service",
+            "--exclude-cgroup",
+            "user.slice,12",
+        ])
         .args([
             "--exclude-uid",
             "0",
@@ -435,6 +442,7 @@ fn filter_flags_become_the_request() {
             comm_prefixes: vec!["ngi".into()],
             uids: vec![1000],
             cgroup_ids: vec![9],
+            cgroup_paths: vec!["/system.slice/app.service".into()],
             local_ports: vec![80],
             remote_ports: vec![443],
             remote_cidrs: vec!["10.0.0.0/8".into(), "fd00::/8".into()],
@@ -457,6 +465,11 @@ fn filter_flags_become_the_request() {
             },
             api::EventFilter {
                 uids: vec![0],
+                ..Default::default()
+            },
+            api::EventFilter {
+                cgroup_ids: vec![12],
+                cgroup_paths: vec!["user.slice".into()],
                 ..Default::default()
             },
         ],
@@ -510,6 +523,7 @@ fn exit_codes_and_one_line_messages() {
         (vec!["watch", "--pid", "x"], "--pid"),
         (vec!["watch", "--port", "70000"], "--port"),
         (vec!["watch", "--cidr", "10.0.0.0/99"], "--cidr"),
+        (vec!["watch", "--cgroup", "99999999999999999999999"], "--cgroup"),
         (vec!["watch", "--kind", "sideways"], "--kind"),
         (vec!["watch", "--since", "yesterday-ish"], "--since"),
         (vec!["--addr", "ftp://x:1", "status"], "--addr"),

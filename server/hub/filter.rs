@@ -143,18 +143,36 @@ pub struct Selector {
     kernel: Option<BTreeSet<WantKey>>,
 }
 
+/// Resolves a filter's `cgroup_paths` entry to cgroup ids, at most the
+/// given number of them; the error says why, for the client.
+pub type CgroupResolver<'a> = &'a dyn Fn(&str, usize) -> Result<Vec<u64>, String>;
+
 impl Selector {
-    /// Validates and compiles a request's filters.
+    /// Validates and compiles a request's filters, which must not name
+    /// cgroup paths (see [`Selector::compile_with`]).
     pub fn compile(
         allow: &[pb::EventFilter],
         deny: &[pb::EventFilter],
         limits: FilterLimits,
     ) -> Result<Self, FieldError> {
-        let allow = compile_list("allow", allow, limits)?;
+        Self::compile_with(allow, deny, limits, &|_, _| {
+            Err("cgroup paths are not resolved here".to_owned())
+        })
+    }
+
+    /// Validates and compiles a request's filters, with `cgroups` to turn
+    /// their cgroup paths into ids.
+    pub fn compile_with(
+        allow: &[pb::EventFilter],
+        deny: &[pb::EventFilter],
+        limits: FilterLimits,
+        cgroups: CgroupResolver<'_>,
+    ) -> Result<Self, FieldError> {
+        let allow = compile_list("allow", allow, limits, cgroups)?;
         Ok(Selector {
             kernel: kernel_keys_of(&allow),
             allow,
-            deny: compile_list("deny", deny, limits)?,
+            deny: compile_list("deny", deny, limits, cgroups)?,
         })
     }
 
@@ -248,7 +266,12 @@ fn kernel_keys_of(allow: &[Compiled]) -> Option<BTreeSet<WantKey>> {
     Some(keys)
 }
 
-fn compile_list(name: &str, list: &[pb::EventFilter], limits: FilterLimits) -> Result<Vec<Compiled>, FieldError> {
+fn compile_list(
+    name: &str,
+    list: &[pb::EventFilter],
+    limits: FilterLimits,
+    cgroups: CgroupResolver<'_>,
+) -> Result<Vec<Compiled>, FieldError> {
     if list.len() > limits.max_filters {
         return Err(FieldError::new(
             name,
@@ -269,12 +292,17 @@ fn compile_list(name: &str, list: &[pb::EventFilter], limits: FilterLimits) -> R
                     "an empty filter matches every event, so it would deny them all",
                 ));
             }
-            compile_one(&path, f, limits)
+            compile_one(&path, f, limits, cgroups)
         })
         .collect()
 }
 
-fn compile_one(path: &str, f: &pb::EventFilter, limits: FilterLimits) -> Result<Compiled, FieldError> {
+fn compile_one(
+    path: &str,
+    f: &pb::EventFilter,
+    limits: FilterLimits,
+    cgroups: CgroupResolver<'_>,
+) -> Result<Compiled, FieldError> {
     let field = |name: &str| format!("{path}.{name}");
     let check_len = |name: &str, len: usize| {
         if len > limits.max_values {
@@ -292,6 +320,7 @@ fn compile_one(path: &str, f: &pb::EventFilter, limits: FilterLimits) -> Result<
     check_len("comm_prefixes", f.comm_prefixes.len())?;
     check_len("uids", f.uids.len())?;
     check_len("cgroup_ids", f.cgroup_ids.len())?;
+    check_len("cgroup_paths", f.cgroup_paths.len())?;
     check_len("local_ports", f.local_ports.len())?;
     check_len("remote_ports", f.remote_ports.len())?;
     check_len("remote_cidrs", f.remote_cidrs.len())?;
@@ -327,6 +356,18 @@ fn compile_one(path: &str, f: &pb::EventFilter, limits: FilterLimits) -> Result<
             })
             .collect()
     };
+    // cgroup_ids and cgroup_paths are one condition: any of their cgroups.
+    let mut cgroup_ids = f.cgroup_ids.clone();
+    for (i, p) in f.cgroup_paths.iter().enumerate() {
+        let room = limits.max_values.saturating_sub(cgroup_ids.len());
+        let at = || format!("{}[{i}]", field("cgroup_paths"));
+        let ids = cgroups(p, room).map_err(|r| FieldError::new(at(), r))?;
+        if ids.is_empty() {
+            // An empty list would admit every cgroup.
+            return Err(FieldError::new(at(), format!("{p:?} is no cgroup")));
+        }
+        cgroup_ids.extend(ids);
+    }
     let remote_nets = f
         .remote_cidrs
         .iter()
@@ -364,7 +405,7 @@ fn compile_one(path: &str, f: &pb::EventFilter, limits: FilterLimits) -> Result<
         cookies: AnyOf::new(f.cookies.clone()),
         pids: AnyOf::new(f.pids.clone()),
         uids: AnyOf::new(f.uids.clone()),
-        cgroup_ids: AnyOf::new(f.cgroup_ids.clone()),
+        cgroup_ids: AnyOf::new(cgroup_ids),
         local_ports: ports("local_ports", &f.local_ports)?,
         remote_ports: ports("remote_ports", &f.remote_ports)?,
         families: AnyOf::new(families),
@@ -671,6 +712,64 @@ mod tests {
     }
 
     #[test]
+    fn cgroup_paths_resolve_into_the_cgroup_condition_with_the_ids() {
+        // "/app" is cgroup 7 with 70 and 71 below it; "/empty" resolves to
+        // nothing; anything else is unknown.
+        let resolve = |p: &str, room: usize| -> Result<Vec<u64>, String> {
+            match p {
+                "/app" if room >= 3 => Ok(vec![7, 70, 71]),
+                "/app" => Err(format!("more than the {room} cgroups this filter has room for")),
+                "/empty" => Ok(vec![]),
+                _ => Err(format!("no cgroup {p:?}")),
+            }
+        };
+        let compile = |f: pb::EventFilter, limits: FilterLimits| Selector::compile_with(&[f], &[], limits, &resolve);
+        let with = |ids: Vec<u64>, paths: &[&str]| pb::EventFilter {
+            cgroup_ids: ids,
+            cgroup_paths: paths.iter().map(|p| p.to_string()).collect(),
+            ..Default::default()
+        };
+        let cgroup = |id: u64| Event {
+            cgroup_id: id,
+            ..ev(1, 1, "a", "10.0.0.1:80", EventKind::Send, 0)
+        };
+        // Ids and paths are one condition: any of their cgroups.
+        let s = compile(with(vec![5], &["/app"]), FilterLimits::default()).unwrap();
+        for (id, want) in [(5, true), (7, true), (70, true), (71, true), (6, false), (72, false)] {
+            assert_eq!(s.matches(&cgroup(id)), want, "cgroup {id}");
+        }
+        let keys: Vec<u64> = s.kernel_keys().unwrap().iter().map(|k| k.value).collect();
+        assert_eq!(keys, [5, 7, 70, 71], "the kernel prefilter has them all");
+        // In a deny list, the tree is dropped.
+        let deny = Selector::compile_with(&[], &[with(vec![], &["/app"])], FilterLimits::default(), &resolve).unwrap();
+        assert!(!deny.matches(&cgroup(70)) && deny.matches(&cgroup(6)));
+
+        let err = |f, limits| compile(f, limits).unwrap_err();
+        let e = err(with(vec![], &["/app", "/nope"]), FilterLimits::default());
+        assert_eq!(
+            (e.field.as_str(), e.reason.as_str()),
+            ("allow[0].cgroup_paths[1]", "no cgroup \"/nope\"")
+        );
+        let e = err(with(vec![], &["/empty"]), FilterLimits::default());
+        assert_eq!(
+            e.field, "allow[0].cgroup_paths[0]",
+            "an empty tree would admit every cgroup"
+        );
+        // The ids leave the paths what room is left of max_values.
+        let tight = FilterLimits {
+            max_values: 4,
+            ..Default::default()
+        };
+        assert!(compile(with(vec![1], &["/app"]), tight).is_ok());
+        let e = err(with(vec![1, 2], &["/app"]), tight);
+        assert_eq!(e.field, "allow[0].cgroup_paths[0]");
+        assert!(e.reason.contains("room for"), "{}", e.reason);
+        // Without a resolver, a path is refused, never ignored.
+        let e = Selector::compile(&[with(vec![], &["/app"])], &[], FilterLimits::default()).unwrap_err();
+        assert_eq!(e.field, "allow[0].cgroup_paths[0]");
+    }
+
+    #[test]
     fn invalid_filters_name_the_field() {
         let err = |allow: Vec<pb::EventFilter>| Selector::compile(&allow, &[], FilterLimits::default()).unwrap_err();
         let cidr = pb::EventFilter {
@@ -761,6 +860,9 @@ mod tests {
                         families,
                         kinds,
                         errors_only,
+                        // Resolved against the host; see
+                        // cgroup_paths_resolve_into_the_cgroup_condition_with_the_ids.
+                        cgroup_paths: vec![],
                     },
                 )
         }

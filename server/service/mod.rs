@@ -3,6 +3,7 @@
 //! transport asks for them; it ends when the client goes away, the limit is
 //! reached, or the hub shuts down.
 
+pub mod cgroups;
 pub mod validate;
 
 use std::collections::VecDeque;
@@ -23,6 +24,7 @@ use crate::convert;
 use crate::event::monotonic_now_ns;
 use crate::hub::{Hub, Item, SubscribeError, Subscriber};
 use crate::probe::kernel_release;
+use cgroups::CgroupTree;
 use validate::StreamControls;
 
 /// The `socktap.v1.Socktap` service (its server view, [`wire`]: events go
@@ -31,6 +33,7 @@ use validate::StreamControls;
 pub struct SocktapService {
     hub: Hub,
     max_request_bytes: usize,
+    cgroups: Arc<CgroupTree>,
 }
 
 impl SocktapService {
@@ -42,7 +45,20 @@ impl SocktapService {
     /// A service that refuses requests whose encoding is larger than
     /// `max_request_bytes` with RESOURCE_EXHAUSTED.
     pub fn with_max_request_bytes(hub: Hub, max_request_bytes: usize) -> Self {
-        SocktapService { hub, max_request_bytes }
+        SocktapService {
+            hub,
+            max_request_bytes,
+            cgroups: Arc::new(CgroupTree::discover()),
+        }
+    }
+
+    /// The same service, resolving filters' cgroup paths in `tree` instead
+    /// of the host's cgroup2 mount.
+    pub fn with_cgroup_tree(self, tree: CgroupTree) -> Self {
+        SocktapService {
+            cgroups: Arc::new(tree),
+            ..self
+        }
     }
 }
 
@@ -68,9 +84,29 @@ impl Socktap for SocktapService {
         }
         let clock = self.hub.clock();
         let now = clock.unix_ns(monotonic_now_ns());
-        let cfg = self.hub.config();
-        let watch = validate::watch(&req, cfg.filter_limits, cfg.history_events, &clock, now)
-            .map_err(|e| Status::invalid_argument(e.to_string()))?;
+        let cfg = *self.hub.config();
+        let check = {
+            let tree = self.cgroups.clone();
+            move |req: &pb::WatchEventsRequest| {
+                let resolve = |p: &str, max: usize| tree.resolve(p, max);
+                validate::watch(req, cfg.filter_limits, cfg.history_events, &clock, now, &resolve)
+            }
+        };
+        let paths = req.allow.iter().chain(&req.deny).any(|f| !f.cgroup_paths.is_empty());
+        let watch = if paths {
+            // Resolving walks the cgroup file system: off the runtime's
+            // worker, which every stream shares.
+            let (req, checked) = tokio::task::spawn_blocking(move || {
+                let checked = check(&req);
+                (req, checked)
+            })
+            .await
+            .map_err(|e| Status::internal(format!("validating the request: {e}")))?;
+            checked.map(|w| (req, w))
+        } else {
+            check(&req).map(|w| (req, w))
+        };
+        let (req, watch) = watch.map_err(|e| Status::invalid_argument(e.to_string()))?;
         let sub = self
             .hub
             .subscribe(peer, req, watch.selector, watch.start)

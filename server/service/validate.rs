@@ -6,6 +6,7 @@ use std::time::Duration;
 use socktap_proto::v1 as pb;
 
 use crate::event::WallClock;
+use crate::hub::filter::CgroupResolver;
 use crate::hub::{FieldError, FilterLimits, Selector, Start};
 
 /// Default and limits of `max_batch_events`.
@@ -37,15 +38,17 @@ pub struct Watch {
     pub controls: StreamControls,
 }
 
-/// Validates `req` against the limits and the history's capacity.
+/// Validates `req` against the limits and the history's capacity, with
+/// `cgroups` to resolve its filters' cgroup paths.
 pub fn watch(
     req: &pb::WatchEventsRequest,
     limits: FilterLimits,
     history_capacity: usize,
     clock: &WallClock,
     now_unix_ns: i128,
+    cgroups: CgroupResolver<'_>,
 ) -> Result<Watch, FieldError> {
-    let selector = Selector::compile(&req.allow, &req.deny, limits)?;
+    let selector = Selector::compile_with(&req.allow, &req.deny, limits, cgroups)?;
 
     let starts = [
         req.replay_last != 0,
@@ -145,6 +148,7 @@ mod tests {
             1000,
             &clock,
             clock.unix_ns(crate::event::monotonic_now_ns()),
+            &|p, _| Err(format!("no cgroup {p:?} in this test")),
         )
     }
 

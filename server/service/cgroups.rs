@@ -1,0 +1,217 @@
+//! cgroup v2 paths in filters (`EventFilter.cgroup_paths`), resolved on
+//! socktapd's host to the cgroup ids its events carry: a cgroup v2 id is
+//! the inode number of the cgroup's directory.
+
+use std::io;
+use std::os::unix::fs::MetadataExt;
+use std::path::{Component, Path, PathBuf};
+
+/// The host's cgroup v2 hierarchy, as socktapd sees it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct CgroupTree {
+    /// Where cgroup2 is mounted (`/sys/fs/cgroup`, or
+    /// `/sys/fs/cgroup/unified` on a hybrid host); None when it is not.
+    mount: Option<PathBuf>,
+}
+
+impl CgroupTree {
+    /// The hierarchy mounted on this host: the first cgroup2 mount of its
+    /// root in `/proc/self/mountinfo`.
+    pub fn discover() -> CgroupTree {
+        let mount = std::fs::read_to_string("/proc/self/mountinfo")
+            .ok()
+            .and_then(|info| cgroup2_mount(&info));
+        CgroupTree { mount }
+    }
+
+    /// A hierarchy mounted at `mount` (tests).
+    pub fn at(mount: impl Into<PathBuf>) -> CgroupTree {
+        CgroupTree {
+            mount: Some(mount.into()),
+        }
+    }
+
+    /// Where cgroup2 is mounted, if it is.
+    pub fn mount(&self) -> Option<&Path> {
+        self.mount.as_deref()
+    }
+
+    /// The ids of the cgroup at `path` and of every cgroup below it, as
+    /// they are now; at most `max` of them. `path` is the cgroup's
+    /// directory (under the mount point), or its path in the hierarchy as
+    /// `/proc/PID/cgroup` shows it (`/system.slice/nginx.service`; the
+    /// leading `/` is optional). The error says why, in words for a
+    /// client.
+    pub fn resolve(&self, path: &str, max: usize) -> Result<Vec<u64>, String> {
+        let mount = self
+            .mount
+            .as_deref()
+            .ok_or("no cgroup2 file system is mounted on socktapd's host")?;
+        if path.is_empty() {
+            return Err("is empty: name a cgroup, e.g. /system.slice/nginx.service".into());
+        }
+        let given = Path::new(path);
+        let within = given
+            .strip_prefix(mount)
+            .unwrap_or_else(|_| given.strip_prefix("/").unwrap_or(given));
+        if within.components().any(|c| !matches!(c, Component::Normal(_))) {
+            return Err(format!("{path:?} has a . or .. in it; name the cgroup itself"));
+        }
+        let dir = mount.join(within);
+        match std::fs::symlink_metadata(&dir) {
+            Ok(m) if m.is_dir() => {}
+            Ok(_) => {
+                return Err(format!(
+                    "{path:?} is not a cgroup (cgroup2 is mounted at {})",
+                    mount.display()
+                ))
+            }
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {
+                return Err(format!(
+                    "no cgroup {path:?} (cgroup2 is mounted at {})",
+                    mount.display()
+                ))
+            }
+            Err(e) => return Err(format!("{path:?}: {e}")),
+        }
+        let mut ids = Vec::new();
+        let mut todo = vec![dir];
+        while let Some(dir) = todo.pop() {
+            let meta = match std::fs::symlink_metadata(&dir) {
+                Ok(m) => m,
+                // Removed while we looked: it has no events to match.
+                Err(e) if e.kind() == io::ErrorKind::NotFound => continue,
+                Err(e) => return Err(format!("{}: {e}", dir.display())),
+            };
+            if ids.len() == max {
+                return Err(format!(
+                    "{path:?} has more than the {max} cgroups this filter has room for (itself and those below it); name cgroups further down"
+                ));
+            }
+            ids.push(meta.ino());
+            let entries = match std::fs::read_dir(&dir) {
+                Ok(entries) => entries,
+                Err(e) if e.kind() == io::ErrorKind::NotFound => continue,
+                Err(e) => return Err(format!("{}: {e}", dir.display())),
+            };
+            for entry in entries.flatten() {
+                // A cgroup's children are its subdirectories; the rest are
+                // its control files.
+                if entry.file_type().is_ok_and(|t| t.is_dir()) {
+                    todo.push(entry.path());
+                }
+            }
+        }
+        if ids.is_empty() {
+            return Err(format!("no cgroup {path:?} (it was removed)"));
+        }
+        Ok(ids)
+    }
+}
+
+/// The mount point of the first cgroup2 mount of the hierarchy's root in
+/// `mountinfo` (proc(5)). Its lines read `ID PARENT MAJ:MIN ROOT
+/// MOUNTPOINT OPTIONS... - FSTYPE SOURCE SUPER_OPTIONS`, with spaces and
+/// the like in paths written as octal escapes.
+fn cgroup2_mount(mountinfo: &str) -> Option<PathBuf> {
+    mountinfo.lines().find_map(|line| {
+        let (mount, fs) = line.split_once(" - ")?;
+        if fs.split(' ').next() != Some("cgroup2") {
+            return None;
+        }
+        let fields: Vec<&str> = mount.split(' ').collect();
+        // A bind mount of a subtree has another root: its inode numbers
+        // are the same, but its paths start lower.
+        if fields.get(3) != Some(&"/") {
+            return None;
+        }
+        fields.get(4).map(|p| PathBuf::from(unescape(p)))
+    })
+}
+
+/// Undoes mountinfo's octal escapes (`\040` for a space).
+fn unescape(s: &str) -> String {
+    let b = s.as_bytes();
+    let mut out = Vec::with_capacity(b.len());
+    let mut i = 0;
+    while i < b.len() {
+        let octal = b
+            .get(i + 1..i + 4)
+            .filter(|d| d.iter().all(|c| (b'0'..=b'7').contains(c)));
+        match (b[i], octal) {
+            (b'\\', Some(d)) => {
+                out.push((d[0] - b'0') * 64 + (d[1] - b'0') * 8 + (d[2] - b'0'));
+                i += 4;
+            }
+            (c, _) => {
+                out.push(c);
+                i += 1;
+            }
+        }
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn finds_the_cgroup2_mount_of_the_root() {
+        let hybrid = "\
+25 1 0:23 / /sys/fs/cgroup ro,nosuid - tmpfs tmpfs ro,mode=755
+26 25 0:24 / /sys/fs/cgroup/cpu rw,relatime - cgroup cgroup rw,cpu
+36 25 0:31 / /sys/fs/cgroup/unified rw,relatime shared:10 - cgroup2 cgroup2 rw
+";
+        assert_eq!(cgroup2_mount(hybrid), Some(PathBuf::from("/sys/fs/cgroup/unified")));
+        let bind_then_root = "\
+40 1 0:31 /system.slice /mnt/sub rw - cgroup2 cgroup2 rw
+41 1 0:31 / /mnt/cgroup\\040v2 rw - cgroup2 cgroup2 rw
+";
+        assert_eq!(cgroup2_mount(bind_then_root), Some(PathBuf::from("/mnt/cgroup v2")));
+        assert_eq!(
+            cgroup2_mount("26 25 0:24 / /sys/fs/cgroup/cpu rw - cgroup cgroup rw\n"),
+            None
+        );
+    }
+
+    #[test]
+    fn resolves_a_tree_to_its_inodes_in_either_form() {
+        let root = std::env::temp_dir().join(format!("socktap-cgroups-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&root);
+        let app = root.join("system.slice/app.service");
+        std::fs::create_dir_all(app.join("worker")).unwrap();
+        std::fs::write(app.join("cgroup.procs"), "").unwrap();
+        std::fs::create_dir_all(root.join("user.slice")).unwrap();
+        let ino = |p: &Path| std::fs::metadata(p).unwrap().ino();
+        let tree = CgroupTree::at(&root);
+
+        let mut ids = tree.resolve("/system.slice/app.service", 10).unwrap();
+        ids.sort_unstable();
+        let mut want = vec![ino(&app), ino(&app.join("worker"))];
+        want.sort_unstable();
+        assert_eq!(ids, want, "the cgroup and the one below it, not its files");
+        let full = format!("{}", app.display());
+        let mut same = tree.resolve(&full, 10).unwrap();
+        same.sort_unstable();
+        assert_eq!(same, want, "its directory names it too");
+        assert_eq!(
+            tree.resolve("system.slice/app.service/worker", 10).unwrap(),
+            vec![ino(&app.join("worker"))]
+        );
+        assert_eq!(tree.resolve("/", 10).unwrap().len(), 5, "the root and all four below");
+
+        let err = tree.resolve("/system.slice/nope.service", 10).unwrap_err();
+        assert!(err.starts_with("no cgroup \"/system.slice/nope.service\""), "{err}");
+        let err = tree.resolve("/system.slice/app.service/cgroup.procs", 10).unwrap_err();
+        assert!(err.contains("is not a cgroup"), "{err}");
+        let err = tree.resolve("/system.slice/../user.slice", 10).unwrap_err();
+        assert!(err.contains(".."), "{err}");
+        assert!(tree.resolve("", 10).unwrap_err().contains("empty"));
+        let err = tree.resolve("/", 4).unwrap_err();
+        assert!(err.contains("more than the 4 cgroups"), "{err}");
+        let err = CgroupTree { mount: None }.resolve("/x", 4).unwrap_err();
+        assert!(err.contains("no cgroup2"), "{err}");
+        let _ = std::fs::remove_dir_all(&root);
+    }
+}
