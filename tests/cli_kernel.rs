@@ -29,9 +29,7 @@ async fn watch_json_reports_a_sockets_exact_bytes() {
     let (mut c, mut s) = tcp_pair(true);
     let cookie = so_cookie(&c);
     let addr = d.url.trim_start_matches("http://").to_owned();
-    // In process, the CLI is this test process: --include-self keeps our traffic.
-    let args = [
-        "socktap",
+    let watch = InProcessCli::start(&[
         "--addr",
         &addr,
         "watch",
@@ -42,19 +40,8 @@ async fn watch_json_reports_a_sockets_exact_bytes() {
         "--limit",
         "3",
         "--include-self",
-    ];
-    let cli = socktap_client::cli::parse(args.map(Into::into), &mut std::io::stderr()).expect("valid arguments");
-    let watcher = tokio::spawn(async move {
-        let (mut out, mut err) = (Vec::new(), Vec::new());
-        let code = socktap_client::cli::run(cli, &mut out, &mut err).await;
-        (code, String::from_utf8(out).unwrap(), String::from_utf8(err).unwrap())
-    });
-    for _ in 0..1000 {
-        if hub.subscriber_count() == 1 {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    }
+    ]);
+    wait_for("the watch to subscribe", || hub.subscriber_count() == 1).await;
     std::thread::spawn(move || {
         for n in [5usize, 5000, 50_000] {
             c.write_all(&vec![9u8; n]).unwrap();
@@ -64,10 +51,11 @@ async fn watch_json_reports_a_sockets_exact_bytes() {
     .join()
     .unwrap();
 
-    let (code, out, err) = tokio::time::timeout(Duration::from_secs(10), watcher)
+    let code = tokio::time::timeout(Duration::from_secs(10), watch.run)
         .await
         .expect("3 events")
         .unwrap();
+    let (out, err) = (watch.out.text(), watch.err.text());
     assert_eq!(code, 0, "{err}");
     let events: Vec<api::Event> = out
         .lines()
@@ -108,6 +96,29 @@ impl Shared {
     }
 }
 
+/// The socktap CLI run in this process (so `--include-self` keeps this
+/// test's own traffic), its stdout and stderr readable while it runs.
+struct InProcessCli {
+    out: Shared,
+    err: Shared,
+    /// Its exit code, when it ends.
+    run: tokio::task::JoinHandle<i32>,
+}
+
+impl InProcessCli {
+    /// Starts `socktap` with `args` (after the program name).
+    fn start(args: &[&str]) -> InProcessCli {
+        let args = std::iter::once("socktap").chain(args.iter().copied()).map(Into::into);
+        let cli = socktap_client::cli::parse(args, &mut std::io::stderr()).expect("valid arguments");
+        let (out, err) = (Shared::default(), Shared::default());
+        let run = {
+            let (mut out, mut err) = (out.clone(), err.clone());
+            tokio::spawn(async move { socktap_client::cli::run(cli, &mut out, &mut err).await })
+        };
+        InProcessCli { out, err, run }
+    }
+}
+
 /// Stops socktapd as systemd does (SIGTERM) and waits for it.
 fn stop_socktapd(mut child: Child) {
     // SAFETY: kill(2) on our own child's pid; no memory is involved.
@@ -132,8 +143,7 @@ async fn watch_reconnect_goes_on_across_a_socktapd_restart() {
     let cookie = so_cookie(&c);
     let addr = format!("unix:{socket}");
     let cookie_arg = cookie.to_string();
-    let args = [
-        "socktap",
+    let watch = InProcessCli::start(&[
         "--addr",
         &addr,
         "watch",
@@ -145,13 +155,8 @@ async fn watch_reconnect_goes_on_across_a_socktapd_restart() {
         "--limit",
         "4",
         "--include-self",
-    ];
-    let cli = socktap_client::cli::parse(args.map(Into::into), &mut std::io::stderr()).expect("valid arguments");
-    let (out, err) = (Shared::default(), Shared::default());
-    let watcher = {
-        let (mut out, mut err) = (out.clone(), err.clone());
-        tokio::spawn(async move { socktap_client::cli::run(cli, &mut out, &mut err).await })
-    };
+    ]);
+    let (out, err) = (watch.out.clone(), watch.err.clone());
     let subscribers = |addr: &str| {
         let addr: socktap_client::DaemonAddr = addr.parse().unwrap();
         async move {
@@ -184,7 +189,7 @@ async fn watch_reconnect_goes_on_across_a_socktapd_restart() {
     wait_for("the watch to reconnect", || err.text().contains("reconnected")).await;
     write(33);
     write(44);
-    let code = tokio::time::timeout(Duration::from_secs(10), watcher)
+    let code = tokio::time::timeout(Duration::from_secs(10), watch.run)
         .await
         .expect("4 events")
         .unwrap();
@@ -267,8 +272,7 @@ async fn watch_by_cgroup_path_takes_the_processes_in_that_tree_only() {
 
     // The watch names the top cgroup; the sender runs in the one below it.
     let addr = d.url.trim_start_matches("http://").to_owned();
-    let args = [
-        "socktap",
+    let watch = InProcessCli::start(&[
         "--addr",
         &addr,
         "watch",
@@ -277,17 +281,8 @@ async fn watch_by_cgroup_path_takes_the_processes_in_that_tree_only() {
         "--cgroup",
         &cgroup.path,
         "--include-self",
-    ];
-    let cli = socktap_client::cli::parse(args.map(Into::into), &mut std::io::stderr()).expect("valid arguments");
-    let out = Shared::default();
-    let watcher = tokio::spawn({
-        let mut out = out.clone();
-        async move {
-            let mut err = Vec::new();
-            let code = socktap_client::cli::run(cli, &mut out, &mut err).await;
-            (code, String::from_utf8(err).unwrap())
-        }
-    });
+    ]);
+    let out = watch.out.clone();
     wait_for("the watch to subscribe", || hub.subscriber_count() == 1).await;
 
     // busybox nc, moved into the inner cgroup before it starts, sends 1234
@@ -324,7 +319,7 @@ async fn watch_by_cgroup_path_takes_the_processes_in_that_tree_only() {
     // This process's receive and send, made at the same time, had time to
     // arrive too, were they let through.
     tokio::time::sleep(Duration::from_millis(300)).await;
-    watcher.abort();
+    watch.run.abort();
     let text = out.text();
     let events: Vec<api::Event> = text
         .lines()
