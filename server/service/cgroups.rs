@@ -24,8 +24,9 @@ impl CgroupTree {
         CgroupTree { mount }
     }
 
-    /// A hierarchy mounted at `mount` (tests).
-    pub fn at(mount: impl Into<PathBuf>) -> CgroupTree {
+    /// A hierarchy mounted at `mount`.
+    #[cfg(test)]
+    fn at(mount: impl Into<PathBuf>) -> CgroupTree {
         CgroupTree {
             mount: Some(mount.into()),
         }

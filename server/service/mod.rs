@@ -51,15 +51,6 @@ impl SocktapService {
             cgroups: Arc::new(CgroupTree::discover()),
         }
     }
-
-    /// The same service, resolving filters' cgroup paths in `tree` instead
-    /// of the host's cgroup2 mount.
-    pub fn with_cgroup_tree(self, tree: CgroupTree) -> Self {
-        SocktapService {
-            cgroups: Arc::new(tree),
-            ..self
-        }
-    }
 }
 
 #[tonic::async_trait]
