@@ -224,7 +224,8 @@ async fn watch_reconnect_goes_on_across_a_socktapd_restart() {
 }
 
 /// A cgroup of the test's own under the host's cgroup2 mount, with one
-/// below it; removed when dropped (once no process is left in it).
+/// below it; removed when dropped (once no process is left in it), with
+/// any made below it since.
 struct TestCgroup {
     /// Its path in the hierarchy, as `/proc/PID/cgroup` shows it.
     path: String,
@@ -250,19 +251,59 @@ impl TestCgroup {
 
 impl Drop for TestCgroup {
     fn drop(&mut self) {
-        let _ = std::fs::remove_dir(&self.inner);
+        for entry in std::fs::read_dir(&self.top).into_iter().flatten().flatten() {
+            let _ = std::fs::remove_dir(entry.path());
+        }
         let _ = std::fs::remove_dir(&self.top);
+    }
+}
+
+/// What one run of [`nc_in`] was: who sent, from where, to where.
+#[derive(Debug, PartialEq)]
+struct NcRun {
+    cgroup_id: u64,
+    pid: u32,
+    local_port: u32,
+    remote_port: u32,
+}
+
+/// busybox nc, moved into the cgroup at `dir` before it starts, sends
+/// `bytes` bytes to a listener of this test process (outside that
+/// cgroup), which reads them and answers.
+fn nc_in(dir: &std::path::Path, bytes: usize) -> NcRun {
+    use std::os::unix::fs::MetadataExt;
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let script = format!(
+        "echo 0 > {}/cgroup.procs && exec busybox nc 127.0.0.1 {port}",
+        dir.display()
+    );
+    let mut nc = std::process::Command::new("busybox")
+        .args(["sh", "-c", &script])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::null())
+        .spawn()
+        .expect("busybox (Debian's busybox-static) runs a process in a cgroup");
+    nc.stdin.take().unwrap().write_all(&vec![7u8; bytes]).unwrap();
+    let (mut conn, nc_addr) = listener.accept().unwrap();
+    conn.read_exact(&mut vec![0u8; bytes]).unwrap();
+    let _ = conn.write_all(b"ok");
+    drop(conn);
+    assert!(nc.wait().unwrap().success());
+    NcRun {
+        cgroup_id: std::fs::metadata(dir).unwrap().ino(),
+        pid: nc.id(),
+        local_port: nc_addr.port().into(),
+        remote_port: port.into(),
     }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn watch_by_cgroup_path_takes_the_processes_in_that_tree_only() {
-    use std::os::unix::fs::MetadataExt;
     let Some(_bpf) = bpf_available("cli_kernel") else {
         return;
     };
     let cgroup = TestCgroup::create();
-    let inner_id = std::fs::metadata(&cgroup.inner).unwrap().ino();
     let KernelDaemon {
         probe: _probe,
         hub,
@@ -270,7 +311,7 @@ async fn watch_by_cgroup_path_takes_the_processes_in_that_tree_only() {
         ..
     } = kernel_daemon(ProbeOptions::default(), HubConfig::default()).await;
 
-    // The watch names the top cgroup; the sender runs in the one below it.
+    // The watch names the top cgroup; the senders run in cgroups below it.
     let addr = d.url.trim_start_matches("http://").to_owned();
     let watch = InProcessCli::start(&[
         "--addr",
@@ -284,53 +325,52 @@ async fn watch_by_cgroup_path_takes_the_processes_in_that_tree_only() {
     ]);
     let out = watch.out.clone();
     wait_for("the watch to subscribe", || hub.subscriber_count() == 1).await;
+    let keys = || hub.status().prefilter.keys;
+    assert_eq!(keys(), 2, "the kernel prefilter has the two cgroups' ids");
 
-    // busybox nc, moved into the inner cgroup before it starts, sends 1234
-    // bytes; this test process (outside it) receives them and answers.
-    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    let port = listener.local_addr().unwrap().port();
-    let script = format!(
-        "echo 0 > {}/cgroup.procs && exec busybox nc 127.0.0.1 {port}",
-        cgroup.inner.display()
-    );
-    let mut nc = std::process::Command::new("busybox")
-        .args(["sh", "-c", &script])
-        .stdin(std::process::Stdio::piped())
-        .stdout(std::process::Stdio::null())
-        .spawn()
-        .expect("busybox (Debian's busybox-static) runs a process in a cgroup");
-    let nc_pid = nc.id();
-    nc.stdin.take().unwrap().write_all(&[7u8; 1234]).unwrap();
-    let (mut conn, nc_addr) = listener.accept().unwrap();
-    let mut got = vec![0u8; 1234];
-    conn.read_exact(&mut got).unwrap();
-    let _ = conn.write_all(b"ok");
-    drop(conn);
-    assert!(nc.wait().unwrap().success());
-
-    let sent = |text: &str| -> u64 {
-        text.lines()
-            .filter_map(|l| serde_json::from_str::<api::Event>(l).ok())
-            .filter(|e| e.kind() == api::EventKind::Send)
+    let events = || -> Vec<api::Event> {
+        out.text()
+            .lines()
+            .map(|l| serde_json::from_str(l).expect("proto3 JSON"))
+            .collect()
+    };
+    let sent_by = |pid: u32| -> u64 {
+        events()
+            .iter()
+            .filter(|e| e.pid == pid && e.kind() == api::EventKind::Send)
             .map(|e| u64::from(e.bytes))
             .sum()
     };
-    wait_for("nc's 1234 bytes in the watch", || sent(&out.text()) >= 1234).await;
-    // This process's receive and send, made at the same time, had time to
-    // arrive too, were they let through.
+    let first = nc_in(&cgroup.inner, 1234);
+    wait_for("nc's 1234 bytes in the watch", || sent_by(first.pid) >= 1234).await;
+
+    // A cgroup made below the named one after the stream opened is
+    // followed once socktapd has resolved the path again.
+    let later = cgroup.top.join("later");
+    std::fs::create_dir(&later).unwrap();
+    wait_for("the new cgroup in the kernel prefilter", || keys() == 3).await;
+    let second = nc_in(&later, 4321);
+    wait_for("the second nc's 4321 bytes in the watch", || {
+        sent_by(second.pid) >= 4321
+    })
+    .await;
+
+    // This process's receives and sends, made at the same time, had time
+    // to arrive too, were they let through.
     tokio::time::sleep(Duration::from_millis(300)).await;
     watch.run.abort();
     let text = out.text();
-    let events: Vec<api::Event> = text
-        .lines()
-        .map(|l| serde_json::from_str(l).expect("proto3 JSON"))
-        .collect();
-    assert_eq!(sent(&text), 1234, "{text}");
-    for e in &events {
-        assert_eq!(
-            (e.cgroup_id, e.pid, e.local_port, e.remote_port),
-            (inner_id, nc_pid, u32::from(nc_addr.port()), u32::from(port)),
-            "only nc's socket, in the cgroup below the one named: {text}"
+    assert_eq!((sent_by(first.pid), sent_by(second.pid)), (1234, 4321), "{text}");
+    for e in events() {
+        let run = NcRun {
+            cgroup_id: e.cgroup_id,
+            pid: e.pid,
+            local_port: e.local_port,
+            remote_port: e.remote_port,
+        };
+        assert!(
+            run == first || run == second,
+            "only the two nc sockets, each in its cgroup below the one named: {run:?} in {text}"
         );
     }
     d.stop().await;

@@ -355,12 +355,7 @@ impl Hub {
         }
         let id = st.next_id;
         st.next_id += 1;
-        // Subscribers with the same filters share one selector: the hub
-        // then matches each event once for all of them.
-        let selector = match st.subscribers.iter().find(|s| *s.selector == selector) {
-            Some(s) => s.selector.clone(),
-            None => Arc::new(selector),
-        };
+        let selector = shared_selector(&st.subscribers, selector);
         let sub = Arc::new(Subscriber::new(
             id,
             peer,
@@ -370,7 +365,8 @@ impl Hub {
             self.queue_share(st.subscribers.len() + 1),
         ));
         let history = &st.history;
-        let matching = |e: &&Event| sub.selector.matches(e);
+        let selector = sub.selector();
+        let matching = |e: &&Event| selector.matches(e);
         match start {
             // This instance's history all came after the restart, so it is
             // all new to the client.
@@ -426,6 +422,25 @@ impl Hub {
         self.update_prefilter(&st);
         self.update_gate(&mut st);
         Ok(sub)
+    }
+
+    /// Gives subscriber `id` new filters (its cgroup paths resolved anew),
+    /// from the next batch on, and sets the kernel prefilter to match.
+    /// Returns false when they are the same as before, or the subscriber
+    /// is gone.
+    pub fn reselect(&self, id: u64, selector: Selector) -> bool {
+        let st = self.lock();
+        let Some(sub) = st.subscribers.iter().find(|s| s.id == id) else {
+            return false;
+        };
+        if *sub.selector() == selector {
+            return false;
+        }
+        let others: Vec<Arc<Subscriber>> = st.subscribers.iter().filter(|s| s.id != id).cloned().collect();
+        sub.set_selector(shared_selector(&others, selector));
+        debug!(id, "filters resolved anew");
+        self.update_prefilter(&st);
+        true
     }
 
     /// Removes a subscriber (its stream ended or its client went away).
@@ -500,15 +515,13 @@ impl Hub {
             return Prefilter::Everything;
         }
         let mut keys = BTreeSet::new();
-        for (i, s) in st.subscribers.iter().enumerate() {
+        let selectors: Vec<Arc<Selector>> = st.subscribers.iter().map(|s| s.selector()).collect();
+        for (i, s) in selectors.iter().enumerate() {
             // Subscribers with equal filters share one selector: once is enough.
-            if st.subscribers[..i]
-                .iter()
-                .any(|o| Arc::ptr_eq(&o.selector, &s.selector))
-            {
+            if selectors[..i].iter().any(|o| Arc::ptr_eq(o, s)) {
                 continue;
             }
-            match s.selector.kernel_keys() {
+            match s.kernel_keys() {
                 Some(k) => keys.extend(k.iter().copied()),
                 None => return Prefilter::Everything,
             }
@@ -548,6 +561,17 @@ impl Hub {
     }
 }
 
+/// `selector`, or an equal one that one of `subscribers` has: subscribers
+/// with the same filters share one, and the hub then matches each event
+/// once for all of them.
+fn shared_selector(subscribers: &[Arc<Subscriber>], selector: Selector) -> Arc<Selector> {
+    subscribers
+        .iter()
+        .map(|s| s.selector())
+        .find(|s| **s == selector)
+        .unwrap_or_else(|| Arc::new(selector))
+}
+
 /// A random instance id, never 0 (0 reads as "not set" in the API). The
 /// OS's random source; should it fail, the clock and the process id, which
 /// still differ from one start to the next.
@@ -579,14 +603,15 @@ fn fan_out(
 ) {
     // The distinct selectors, which of them each subscriber has, and what
     // each takes.
+    let own: Vec<Arc<Selector>> = subscribers.iter().map(|s| s.selector()).collect();
     let mut selectors: Vec<&Selector> = Vec::new();
-    let which: Vec<usize> = subscribers
+    let which: Vec<usize> = own
         .iter()
-        .map(|s| {
-            if let Some(k) = selectors.iter().position(|&x| std::ptr::eq(x, &*s.selector)) {
+        .map(|sel| {
+            if let Some(k) = selectors.iter().position(|&x| std::ptr::eq(x, &**sel)) {
                 return k;
             }
-            selectors.push(&s.selector);
+            selectors.push(sel);
             selectors.len() - 1
         })
         .collect();
@@ -927,8 +952,8 @@ mod tests {
                 .unwrap()
         };
         let (a, b, c) = (sub("a", 7), sub("b", 7), sub("c", 8));
-        assert!(Arc::ptr_eq(&a.selector, &b.selector), "same filters, one selector");
-        assert!(!Arc::ptr_eq(&a.selector, &c.selector));
+        assert!(Arc::ptr_eq(&a.selector(), &b.selector()), "same filters, one selector");
+        assert!(!Arc::ptr_eq(&a.selector(), &c.selector()));
         let either = |cookies: Vec<u64>| {
             let r = pb::WatchEventsRequest {
                 allow: vec![pb::EventFilter {
@@ -941,7 +966,10 @@ mod tests {
             hub.subscribe("d".into(), r, selector, Start::Live).unwrap()
         };
         let (d, e) = (either(vec![7, 8]), either(vec![8, 7]));
-        assert!(Arc::ptr_eq(&d.selector, &e.selector), "the same set in another order");
+        assert!(
+            Arc::ptr_eq(&d.selector(), &e.selector()),
+            "the same set in another order"
+        );
         hub.unsubscribe(d.id);
         hub.unsubscribe(e.id);
         hub.dispatch(Batch {
@@ -951,6 +979,31 @@ mod tests {
         assert_eq!(read(&a, 100), [Ok(2), Ok(4), Ok(6)]);
         assert_eq!(read(&b, 100), [Ok(2), Ok(4), Ok(6)]);
         assert_eq!(read(&c, 100), [Ok(1), Ok(3), Ok(5)]);
+    }
+
+    #[test]
+    fn reselect_changes_one_subscribers_filters_from_the_next_batch() {
+        let hub = Hub::new(HubConfig::default(), Source::default());
+        let sub = |name: &str, cookie| {
+            hub.subscribe(name.into(), cookie_request(cookie), only_cookie(cookie), Start::Live)
+                .unwrap()
+        };
+        let (a, b, c) = (sub("a", 7), sub("b", 7), sub("c", 8));
+        let batch = |seqs: std::ops::RangeInclusive<u64>| Batch {
+            events: seqs.map(|seq| event(seq, 7 + seq % 2)).collect(),
+            kernel_drops: 0,
+        };
+        hub.dispatch(batch(1..=4));
+        assert!(!hub.reselect(a.id, only_cookie(7)), "the same filters: nothing changes");
+        assert!(hub.reselect(a.id, only_cookie(8)));
+        assert!(Arc::ptr_eq(&a.selector(), &c.selector()), "it shares the equal one");
+        assert!(!Arc::ptr_eq(&a.selector(), &b.selector()), "b keeps its own");
+        hub.dispatch(batch(5..=8));
+        assert_eq!(read(&a, 100), [Ok(2), Ok(4), Ok(5), Ok(7)]);
+        assert_eq!(read(&b, 100), [Ok(2), Ok(4), Ok(6), Ok(8)]);
+        assert_eq!(read(&c, 100), [Ok(1), Ok(3), Ok(5), Ok(7)]);
+        hub.unsubscribe(a.id);
+        assert!(!hub.reselect(a.id, only_cookie(9)), "gone");
     }
 
     #[test]

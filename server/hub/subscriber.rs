@@ -92,8 +92,9 @@ pub struct Subscriber {
     /// When it subscribed.
     pub subscribed_at: SystemTime,
     /// Shared with every subscriber whose request has the same filters, so
-    /// that the hub matches each event once per distinct filter set.
-    pub(super) selector: Arc<Selector>,
+    /// that the hub matches each event once per distinct filter set. The
+    /// hub replaces it when the filters' cgroup paths resolve anew.
+    selector: Mutex<Arc<Selector>>,
     capacity: usize,
     /// This subscriber's guaranteed share of the hub's queue memory (see
     /// [`super::HubConfig::queue_bytes`]); the hub changes it as
@@ -138,7 +139,7 @@ impl Subscriber {
             peer,
             request,
             subscribed_at: SystemTime::now(),
-            selector,
+            selector: Mutex::new(selector),
             capacity,
             byte_share: AtomicUsize::new(byte_share),
             queue: Mutex::new(Queue::default()),
@@ -151,6 +152,16 @@ impl Subscriber {
 
     fn lock(&self) -> std::sync::MutexGuard<'_, Queue> {
         self.queue.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Its filters, compiled.
+    pub(super) fn selector(&self) -> Arc<Selector> {
+        self.selector.lock().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    /// Replaces its filters (the hub does, under its lock).
+    pub(super) fn set_selector(&self, selector: Arc<Selector>) {
+        *self.selector.lock().unwrap_or_else(|e| e.into_inner()) = selector;
     }
 
     /// Queues the events of a batch that this subscriber takes; never

@@ -9,8 +9,9 @@ pub mod validate;
 use std::collections::VecDeque;
 use std::future::Future;
 use std::pin::Pin;
-use std::sync::Arc;
+use std::sync::{Arc, Weak};
 use std::task::{Context, Poll};
+use std::time::Duration;
 
 use socktap_proto::v1 as pb;
 use socktap_proto::wire;
@@ -22,7 +23,7 @@ use tonic::{Request, Response, Status};
 
 use crate::convert;
 use crate::event::monotonic_now_ns;
-use crate::hub::{Hub, Item, SubscribeError, Subscriber};
+use crate::hub::{FilterLimits, Hub, Item, Selector, SubscribeError, Subscriber};
 use crate::probe::kernel_release;
 use cgroups::CgroupTree;
 use validate::StreamControls;
@@ -98,6 +99,7 @@ impl Socktap for SocktapService {
             check(&req).map(|w| (req, w))
         };
         let (req, watch) = watch.map_err(|e| Status::invalid_argument(e.to_string()))?;
+        let filters = paths.then(|| (req.allow.clone(), req.deny.clone()));
         let sub = self
             .hub
             .subscribe(peer, req, watch.selector, watch.start)
@@ -108,11 +110,61 @@ impl Socktap for SocktapService {
                 SubscribeError::ShuttingDown => Status::unavailable(e.to_string()),
                 SubscribeError::ResumeAhead { .. } => Status::invalid_argument(e.to_string()),
             })?;
+        if let Some((allow, deny)) = filters {
+            tokio::spawn(follow_cgroup_paths(
+                self.hub.clone(),
+                Arc::downgrade(&sub),
+                allow,
+                deny,
+                self.cgroups.clone(),
+                cfg.filter_limits,
+            ));
+        }
         Ok(Response::new(EventStream::new(self.hub.clone(), sub, watch.controls)))
     }
 
     async fn get_status(&self, _: Request<pb::GetStatusRequest>) -> Result<Response<pb::GetStatusResponse>, Status> {
         Ok(Response::new(status(&self.hub)))
+    }
+}
+
+/// How often a stream's cgroup paths are resolved anew, so that a cgroup
+/// created below one (a container started, a service restarted) is
+/// followed.
+pub const CGROUP_REFRESH: Duration = Duration::from_secs(1);
+
+/// While subscriber `sub` lives, resolves its filters' cgroup paths every
+/// [`CGROUP_REFRESH`] and gives it the new ids when they changed. A path
+/// that no longer resolves (its cgroup removed, or its tree now larger
+/// than the filter's room) keeps the ids it had, until it resolves again.
+async fn follow_cgroup_paths(
+    hub: Hub,
+    sub: Weak<Subscriber>,
+    allow: Vec<pb::EventFilter>,
+    deny: Vec<pb::EventFilter>,
+    tree: Arc<CgroupTree>,
+    limits: FilterLimits,
+) {
+    let filters = Arc::new((allow, deny));
+    loop {
+        tokio::time::sleep(CGROUP_REFRESH).await;
+        let Some(id) = sub.upgrade().map(|s| s.id) else {
+            return;
+        };
+        let (filters, tree) = (filters.clone(), tree.clone());
+        let compiled = tokio::task::spawn_blocking(move || {
+            let (allow, deny) = &*filters;
+            Selector::compile_with(allow, deny, limits, &|p, max| tree.resolve(p, max))
+        })
+        .await;
+        match compiled {
+            Ok(Ok(selector)) => {
+                hub.reselect(id, selector);
+            }
+            Ok(Err(e)) => tracing::debug!(id, "cgroup paths kept as they were: {e}"),
+            // The runtime is shutting down.
+            Err(_) => return,
+        }
     }
 }
 
