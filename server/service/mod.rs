@@ -1,7 +1,9 @@
 //! The gRPC service: validates each request, then hands it to the hub. Each
 //! WatchEvents stream drains its subscriber's queue into messages as the
 //! transport asks for them; it ends when the client goes away, the limit is
-//! reached, or the hub shuts down.
+//! reached, or the hub shuts down. A stream whose filters name cgroup paths
+//! also has a task that resolves them again every second ([`cgroups`]) and
+//! gives the hub the new ids.
 
 pub mod cgroups;
 pub mod validate;
