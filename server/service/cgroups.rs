@@ -1,10 +1,132 @@
 //! cgroup v2 paths in filters (`EventFilter.cgroup_paths`), resolved on
-//! socktapd's host to the cgroup ids its events carry: a cgroup v2 id is
-//! the inode number of the cgroup's directory.
+//! socktapd's host to the cgroup ids its events carry (a cgroup v2 id is
+//! the inode number of the cgroup's directory), and followed while the
+//! streams that name them live.
 
+use std::collections::{BTreeSet, HashMap};
 use std::io;
 use std::os::unix::fs::MetadataExt;
 use std::path::{Component, Path, PathBuf};
+use std::sync::{Arc, Mutex, Weak};
+use std::time::Duration;
+
+use socktap_proto::v1 as pb;
+use tracing::debug;
+
+use crate::hub::{Hub, Selector, Subscriber};
+
+/// How often the followed streams' cgroup paths are resolved anew, so that
+/// a cgroup created below one (a container started, a service restarted)
+/// is followed.
+pub const CGROUP_REFRESH: Duration = Duration::from_secs(1);
+
+/// Resolves the cgroup paths of every stream that names some, every
+/// [`CGROUP_REFRESH`], and gives the hub a subscriber's new ids when they
+/// changed. Each distinct path is walked once per round, however many
+/// streams name it. A path that no longer resolves (its cgroup removed, or
+/// its tree now larger than the filter's room) keeps the ids it had until
+/// it resolves again. Its task runs only while some stream is followed.
+pub struct CgroupFollower {
+    hub: Hub,
+    tree: Arc<CgroupTree>,
+    /// The followed streams; None while no task runs.
+    streams: Mutex<Option<Vec<Followed>>>,
+}
+
+/// A request's allow and deny filters.
+type Filters = Arc<(Vec<pb::EventFilter>, Vec<pb::EventFilter>)>;
+
+/// One followed stream: its subscriber and its request's filters.
+struct Followed {
+    sub: Weak<Subscriber>,
+    filters: Filters,
+}
+
+impl CgroupFollower {
+    /// A follower for `hub`'s subscribers, resolving in `tree`.
+    pub fn new(hub: Hub, tree: Arc<CgroupTree>) -> CgroupFollower {
+        CgroupFollower {
+            hub,
+            tree,
+            streams: Mutex::new(None),
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Option<Vec<Followed>>> {
+        self.streams.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Follows `sub`, subscribed with these filters, until it is gone.
+    /// Starts the task when none runs; needs a tokio runtime.
+    pub fn follow(self: &Arc<Self>, sub: &Arc<Subscriber>, allow: Vec<pb::EventFilter>, deny: Vec<pb::EventFilter>) {
+        let followed = Followed {
+            sub: Arc::downgrade(sub),
+            filters: Arc::new((allow, deny)),
+        };
+        let mut streams = self.lock();
+        match streams.as_mut() {
+            Some(v) => v.push(followed),
+            None => {
+                *streams = Some(vec![followed]);
+                tokio::spawn(self.clone().run());
+            }
+        }
+    }
+
+    async fn run(self: Arc<Self>) {
+        loop {
+            tokio::time::sleep(CGROUP_REFRESH).await;
+            let streams: Vec<(u64, Filters)> = {
+                let mut guard = self.lock();
+                let Some(v) = guard.as_mut() else { return };
+                v.retain(|f| f.sub.strong_count() > 0);
+                if v.is_empty() {
+                    *guard = None;
+                    return;
+                }
+                v.iter()
+                    .filter_map(|f| Some((f.sub.upgrade()?.id, f.filters.clone())))
+                    .collect()
+            };
+            let tree = self.tree.clone();
+            let limits = self.hub.config().filter_limits;
+            let resolved = tokio::task::spawn_blocking(move || {
+                // Each distinct path once, however many streams name it.
+                let paths: BTreeSet<&str> = streams
+                    .iter()
+                    .flat_map(|(_, f)| f.0.iter().chain(&f.1))
+                    .flat_map(|f| f.cgroup_paths.iter().map(String::as_str))
+                    .collect();
+                let ids: HashMap<&str, Result<Vec<u64>, String>> =
+                    paths.into_iter().map(|p| (p, tree.resolve(p, limits.max_values))).collect();
+                let resolve = |p: &str, room: usize| match ids.get(p) {
+                    Some(Ok(ids)) if ids.len() <= room => Ok(ids.clone()),
+                    Some(Ok(ids)) => Err(format!(
+                        "{p:?} has {} cgroups (itself and those below it), more than the {room} this filter has room for",
+                        ids.len()
+                    )),
+                    Some(Err(e)) => Err(e.clone()),
+                    None => Err(format!("{p:?} was not resolved")),
+                };
+                streams
+                    .iter()
+                    .map(|(id, f)| (*id, Selector::compile_with(&f.0, &f.1, limits, &resolve)))
+                    .collect::<Vec<_>>()
+            })
+            .await;
+            // Err: the runtime is shutting down.
+            let Ok(resolved) = resolved else { return };
+            for (id, selector) in resolved {
+                match selector {
+                    Ok(selector) => {
+                        self.hub.reselect(id, selector);
+                    }
+                    Err(e) => debug!(id, "cgroup paths kept as they were: {e}"),
+                }
+            }
+        }
+    }
+}
 
 /// The host's cgroup v2 hierarchy, as socktapd sees it.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -156,6 +278,88 @@ fn unescape(s: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[tokio::test]
+    async fn the_follower_gives_new_cgroups_to_every_stream_then_stops() {
+        use crate::event::Event;
+        use crate::hub::{FilterLimits, HubConfig, Item, Source, Start};
+        use crate::probe::Batch;
+
+        let root = std::env::temp_dir().join(format!("socktap-follow-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&root);
+        std::fs::create_dir_all(root.join("app")).unwrap();
+        let tree = Arc::new(CgroupTree::at(&root));
+        let hub = Hub::new(HubConfig::default(), Source::default());
+        let follower = Arc::new(CgroupFollower::new(hub.clone(), tree.clone()));
+        let filter = pb::EventFilter {
+            cgroup_paths: vec!["/app".into()],
+            ..Default::default()
+        };
+        let subscribe = |peer: &str| {
+            let r = pb::WatchEventsRequest {
+                allow: vec![filter.clone()],
+                ..Default::default()
+            };
+            let resolve = |p: &str, max: usize| tree.resolve(p, max);
+            let selector = Selector::compile_with(&r.allow, &r.deny, FilterLimits::default(), &resolve).unwrap();
+            let sub = hub.subscribe(peer.into(), r, selector, Start::Live).unwrap();
+            follower.follow(&sub, vec![filter.clone()], vec![]);
+            sub
+        };
+        let (a, b) = (subscribe("a"), subscribe("b"));
+
+        // A cgroup made below /app after both subscribed.
+        let new = root.join("app/new");
+        std::fs::create_dir(&new).unwrap();
+        let event = |seq| Event {
+            cgroup_id: std::fs::metadata(&new).unwrap().ino(),
+            ..Event::sample(seq, 1)
+        };
+        let taken = |s: &Subscriber| {
+            let mut items = Vec::new();
+            s.take(100, usize::MAX, &mut items);
+            items
+                .iter()
+                .map(|i| match i {
+                    Item::Events(run) => run.count(),
+                    Item::Lost(_) => 0,
+                })
+                .sum::<usize>()
+        };
+        hub.dispatch(Batch {
+            events: vec![event(1)],
+            kernel_drops: 0,
+        });
+        assert_eq!((taken(&a), taken(&b)), (0, 0), "not resolved yet");
+        let mut seq = 1;
+        let (mut got_a, mut got_b) = (0, 0);
+        for _ in 0..50 {
+            tokio::time::sleep(CGROUP_REFRESH / 10).await;
+            seq += 1;
+            hub.dispatch(Batch {
+                events: vec![event(seq)],
+                kernel_drops: 0,
+            });
+            got_a += taken(&a);
+            got_b += taken(&b);
+            if got_a > 0 && got_b > 0 {
+                break;
+            }
+        }
+        assert!(got_a > 0 && got_b > 0, "both streams follow the new cgroup");
+
+        hub.unsubscribe(a.id);
+        hub.unsubscribe(b.id);
+        drop((a, b));
+        for _ in 0..50 {
+            if follower.lock().is_none() {
+                break;
+            }
+            tokio::time::sleep(CGROUP_REFRESH / 10).await;
+        }
+        assert!(follower.lock().is_none(), "its task stopped with no stream left");
+        let _ = std::fs::remove_dir_all(&root);
+    }
 
     #[test]
     fn finds_the_cgroup2_mount_of_the_root() {

@@ -1,9 +1,9 @@
 //! The gRPC service: validates each request, then hands it to the hub. Each
 //! WatchEvents stream drains its subscriber's queue into messages as the
 //! transport asks for them; it ends when the client goes away, the limit is
-//! reached, or the hub shuts down. A stream whose filters name cgroup paths
-//! also has a task that resolves them again every second ([`cgroups`]) and
-//! gives the hub the new ids.
+//! reached, or the hub shuts down. The cgroup paths in streams' filters
+//! are resolved again every second by one task for all of them
+//! ([`cgroups::CgroupFollower`]), which gives the hub the new ids.
 
 pub mod cgroups;
 pub mod validate;
@@ -11,9 +11,8 @@ pub mod validate;
 use std::collections::VecDeque;
 use std::future::Future;
 use std::pin::Pin;
-use std::sync::{Arc, Weak};
+use std::sync::Arc;
 use std::task::{Context, Poll};
-use std::time::Duration;
 
 use socktap_proto::v1 as pb;
 use socktap_proto::wire;
@@ -25,9 +24,9 @@ use tonic::{Request, Response, Status};
 
 use crate::convert;
 use crate::event::monotonic_now_ns;
-use crate::hub::{FilterLimits, Hub, Item, Selector, SubscribeError, Subscriber};
+use crate::hub::{Hub, Item, SubscribeError, Subscriber};
 use crate::probe::kernel_release;
-use cgroups::CgroupTree;
+use cgroups::{CgroupFollower, CgroupTree};
 use validate::StreamControls;
 
 /// The `socktap.v1.Socktap` service (its server view, [`wire`]: events go
@@ -37,6 +36,7 @@ pub struct SocktapService {
     hub: Hub,
     max_request_bytes: usize,
     cgroups: Arc<CgroupTree>,
+    follower: Arc<CgroupFollower>,
 }
 
 impl SocktapService {
@@ -48,10 +48,13 @@ impl SocktapService {
     /// A service that refuses requests whose encoding is larger than
     /// `max_request_bytes` with RESOURCE_EXHAUSTED.
     pub fn with_max_request_bytes(hub: Hub, max_request_bytes: usize) -> Self {
+        let cgroups = Arc::new(CgroupTree::discover());
+        let follower = Arc::new(CgroupFollower::new(hub.clone(), cgroups.clone()));
         SocktapService {
             hub,
             max_request_bytes,
-            cgroups: Arc::new(CgroupTree::discover()),
+            cgroups,
+            follower,
         }
     }
 }
@@ -113,60 +116,13 @@ impl Socktap for SocktapService {
                 SubscribeError::ResumeAhead { .. } => Status::invalid_argument(e.to_string()),
             })?;
         if let Some((allow, deny)) = filters {
-            tokio::spawn(follow_cgroup_paths(
-                self.hub.clone(),
-                Arc::downgrade(&sub),
-                allow,
-                deny,
-                self.cgroups.clone(),
-                cfg.filter_limits,
-            ));
+            self.follower.follow(&sub, allow, deny);
         }
         Ok(Response::new(EventStream::new(self.hub.clone(), sub, watch.controls)))
     }
 
     async fn get_status(&self, _: Request<pb::GetStatusRequest>) -> Result<Response<pb::GetStatusResponse>, Status> {
         Ok(Response::new(status(&self.hub)))
-    }
-}
-
-/// How often a stream's cgroup paths are resolved anew, so that a cgroup
-/// created below one (a container started, a service restarted) is
-/// followed.
-pub const CGROUP_REFRESH: Duration = Duration::from_secs(1);
-
-/// While subscriber `sub` lives, resolves its filters' cgroup paths every
-/// [`CGROUP_REFRESH`] and gives it the new ids when they changed. A path
-/// that no longer resolves (its cgroup removed, or its tree now larger
-/// than the filter's room) keeps the ids it had, until it resolves again.
-async fn follow_cgroup_paths(
-    hub: Hub,
-    sub: Weak<Subscriber>,
-    allow: Vec<pb::EventFilter>,
-    deny: Vec<pb::EventFilter>,
-    tree: Arc<CgroupTree>,
-    limits: FilterLimits,
-) {
-    let filters = Arc::new((allow, deny));
-    loop {
-        tokio::time::sleep(CGROUP_REFRESH).await;
-        let Some(id) = sub.upgrade().map(|s| s.id) else {
-            return;
-        };
-        let (filters, tree) = (filters.clone(), tree.clone());
-        let compiled = tokio::task::spawn_blocking(move || {
-            let (allow, deny) = &*filters;
-            Selector::compile_with(allow, deny, limits, &|p, max| tree.resolve(p, max))
-        })
-        .await;
-        match compiled {
-            Ok(Ok(selector)) => {
-                hub.reselect(id, selector);
-            }
-            Ok(Err(e)) => tracing::debug!(id, "cgroup paths kept as they were: {e}"),
-            // The runtime is shutting down.
-            Err(_) => return,
-        }
     }
 }
 
