@@ -21,27 +21,13 @@ async fn watch_json_reports_a_sockets_exact_bytes() {
     };
     let KernelDaemon {
         probe: _probe,
-        hub,
         daemon: d,
         ..
     } = kernel_daemon(ProbeOptions::default(), HubConfig::default()).await;
 
     let (mut c, mut s) = tcp_pair(true);
     let cookie = so_cookie(&c);
-    let addr = d.url.trim_start_matches("http://").to_owned();
-    let watch = InProcessCli::start(&[
-        "--addr",
-        &addr,
-        "watch",
-        "-o",
-        "json",
-        "--cookie",
-        &cookie.to_string(),
-        "--limit",
-        "3",
-        "--include-self",
-    ]);
-    wait_for("the watch to subscribe", || hub.subscriber_count() == 1).await;
+    let watch = InProcessCli::watch_json(&d, &["--cookie", &cookie.to_string(), "--limit", "3"]).await;
     std::thread::spawn(move || {
         for n in [5usize, 5000, 50_000] {
             c.write_all(&vec![9u8; n]).unwrap();
@@ -116,6 +102,16 @@ impl InProcessCli {
             tokio::spawn(async move { socktap_client::cli::run(cli, &mut out, &mut err).await })
         };
         InProcessCli { out, err, run }
+    }
+
+    /// `socktap watch -o json --include-self` with `filters` against the
+    /// in-process socktapd `d`, once it has subscribed.
+    async fn watch_json(d: &TestDaemon, filters: &[&str]) -> InProcessCli {
+        let addr = d.url.trim_start_matches("http://");
+        let args = ["--addr", addr, "watch", "-o", "json", "--include-self"];
+        let watch = InProcessCli::start(&[&args[..], filters].concat());
+        wait_for("the watch to subscribe", || d.hub.subscriber_count() == 1).await;
+        watch
     }
 }
 
@@ -312,19 +308,8 @@ async fn watch_by_cgroup_path_takes_the_processes_in_that_tree_only() {
     } = kernel_daemon(ProbeOptions::default(), HubConfig::default()).await;
 
     // The watch names the top cgroup; the senders run in cgroups below it.
-    let addr = d.url.trim_start_matches("http://").to_owned();
-    let watch = InProcessCli::start(&[
-        "--addr",
-        &addr,
-        "watch",
-        "-o",
-        "json",
-        "--cgroup",
-        &cgroup.path,
-        "--include-self",
-    ]);
+    let watch = InProcessCli::watch_json(&d, &["--cgroup", &cgroup.path]).await;
     let out = watch.out.clone();
-    wait_for("the watch to subscribe", || hub.subscriber_count() == 1).await;
     let keys = || hub.status().prefilter.keys;
     assert_eq!(keys(), 2, "the kernel prefilter has the two cgroups' ids");
 

@@ -661,6 +661,12 @@ mod tests {
         Selector::compile(&r.allow, &r.deny, FilterLimits::default()).unwrap()
     }
 
+    /// A live subscriber of `hub` that takes one cookie.
+    fn cookie_subscriber(hub: &Hub, peer: &str, cookie: u64) -> Arc<Subscriber> {
+        hub.subscribe(peer.into(), cookie_request(cookie), only_cookie(cookie), Start::Live)
+            .unwrap()
+    }
+
     /// (seq, cookie) of the events in `runs`, as a client decodes them.
     fn decoded(runs: Vec<wire::EncodedEvents>) -> Vec<(u64, u64)> {
         let batch = wire::WatchEventsResponse {
@@ -777,9 +783,7 @@ mod tests {
         let all = hub
             .subscribe("a".into(), Default::default(), Selector::default(), Start::Live)
             .unwrap();
-        let odd = hub
-            .subscribe("b".into(), cookie_request(1), only_cookie(1), Start::Live)
-            .unwrap();
+        let odd = cookie_subscriber(&hub, "b", 1);
         hub.dispatch(Batch {
             events: (0..FAN_OUT_CHUNK as u64).map(|seq| event(seq, seq % 2)).collect(),
             kernel_drops: 0,
@@ -947,10 +951,7 @@ mod tests {
     #[test]
     fn subscribers_with_the_same_filters_share_one_selector() {
         let hub = Hub::new(HubConfig::default(), Source::default());
-        let sub = |name: &str, cookie| {
-            hub.subscribe(name.into(), cookie_request(cookie), only_cookie(cookie), Start::Live)
-                .unwrap()
-        };
+        let sub = |peer, cookie| cookie_subscriber(&hub, peer, cookie);
         let (a, b, c) = (sub("a", 7), sub("b", 7), sub("c", 8));
         assert!(Arc::ptr_eq(&a.selector(), &b.selector()), "same filters, one selector");
         assert!(!Arc::ptr_eq(&a.selector(), &c.selector()));
@@ -984,10 +985,7 @@ mod tests {
     #[test]
     fn reselect_changes_one_subscribers_filters_from_the_next_batch() {
         let hub = Hub::new(HubConfig::default(), Source::default());
-        let sub = |name: &str, cookie| {
-            hub.subscribe(name.into(), cookie_request(cookie), only_cookie(cookie), Start::Live)
-                .unwrap()
-        };
+        let sub = |peer, cookie| cookie_subscriber(&hub, peer, cookie);
         let (a, b, c) = (sub("a", 7), sub("b", 7), sub("c", 8));
         let batch = |seqs: std::ops::RangeInclusive<u64>| Batch {
             events: seqs.map(|seq| event(seq, 7 + seq % 2)).collect(),
