@@ -56,6 +56,7 @@ fn event(seq: u64) -> Event {
         tid: 4243 + socket as u32,
         uid: 0,
         cgroup_id: 7711,
+        cgroup_tree: 0,
         netns: 4_026_531_840,
         cpu: (seq % 2) as u32,
         comm: Comm::from_kernel(b"socktap-bench"),

@@ -24,13 +24,16 @@ enum socktap_attach_mode {
 
 /*
  * One send or receive call on a TCP socket. Fields are ordered largest first
- * so the record has no padding holes; 104 bytes.
+ * so the record has no padding holes; 112 bytes.
  */
 struct socktap_event {
 	__u64 seq;          /* kernel sequence number, one per attempted event */
 	__u64 ts_ns;        /* bpf_ktime_get_ns(): CLOCK_MONOTONIC */
 	__u64 cookie;       /* bpf_get_socket_cookie(sk), == SO_COOKIE */
 	__u64 cgroup_id;    /* cgroup v2 id of the calling task */
+	__u64 cgroup_tree;  /* the nearest cgroup at or above it that is in the
+			     * `cgroup_roots` map (a filter names it by path);
+			     * 0 when none, or while the map is not in use */
 	__u8 saddr[16];     /* local address: IPv4 in the first 4 bytes, or IPv6 */
 	__u8 daddr[16];     /* remote address, same layout */
 	__s32 ret;          /* the call's return value: bytes (>= 0) or -errno */
@@ -61,6 +64,25 @@ struct socktap_control {
 	 * map, and a call is an event only if one of its values for those
 	 * dimensions is a key there. */
 	__u32 prefilter;
+	/* 0: `cgroup_roots` is not in use, cgroup_tree is 0. Else it changes
+	 * whenever userspace changes that map, so that the programs look up
+	 * again the cgroup trees they remembered (`cgroup_tree_cache`). */
+	__u32 cgroup_trees;
+};
+
+/* A value of the `cgroup_tree_cache` map: a cgroup's nearest cgroup in
+ * `cgroup_roots`, as it was when socktap_control.cgroup_trees was `trees`. */
+struct socktap_cgroup_tree {
+	__u64 trees;
+	__u64 tree;
+};
+
+/* How far the programs look up from a cgroup for one in `cgroup_roots`: the
+ * levels below the root cgroup (the kernel allows more; a cgroup deeper than
+ * this is matched through the ancestors at the first levels). An enum, so the
+ * skeleton's types carry it. */
+enum socktap_cgroup_levels {
+	SOCKTAP_CGROUP_LEVELS = 32,
 };
 
 /* A dimension of the kernel prefilter. */

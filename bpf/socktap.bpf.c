@@ -25,6 +25,8 @@ enum socktap_attach_mode socktap_mode_layout = SOCKTAP_MODE_FENTRY;
 enum socktap_want_dim socktap_want_dim_layout = SOCKTAP_WANT_COOKIE;
 struct socktap_want_key socktap_want_key_layout = {};
 enum socktap_drops_layout socktap_drops_stride_layout = SOCKTAP_DROPS_STRIDE;
+struct socktap_cgroup_tree socktap_cgroup_tree_layout = {};
+enum socktap_cgroup_levels socktap_cgroup_levels_layout = SOCKTAP_CGROUP_LEVELS;
 
 struct {
 	__uint(type, BPF_MAP_TYPE_RINGBUF);
@@ -66,6 +68,26 @@ struct {
 	__type(key, struct socktap_want_key);
 	__type(value, __u8);
 } wanted SEC(".maps");
+
+/* The cgroups that subscribers' filters name by path (the cgroup itself, not
+ * those below it), written by userspace; see socktap_event.cgroup_tree. A
+ * call made in a cgroup below one of them is matched from its first call,
+ * before socktapd has seen that cgroup. The value is unused. */
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, 1024);
+	__type(key, __u64);
+	__type(value, __u8);
+} cgroup_roots SEC(".maps");
+
+/* Each calling cgroup's nearest cgroup in `cgroup_roots`, so that a call
+ * looks up one entry instead of every level above its cgroup. */
+struct {
+	__uint(type, BPF_MAP_TYPE_LRU_HASH);
+	__uint(max_entries, 16384);
+	__type(key, __u64);
+	__type(value, struct socktap_cgroup_tree);
+} cgroup_tree_cache SEC(".maps");
 
 /* kprobe mode only: the socket and flags of a call in flight, by thread. */
 struct call_args {
@@ -123,12 +145,38 @@ static __always_inline bool want_key(__u32 dim, __u64 value)
 	return bpf_map_lookup_elem(&wanted, &key) != NULL;
 }
 
+/* The nearest cgroup at or above the caller's (`cgroup`) that is in
+ * `cgroup_roots`; 0 when none, or when the map is not in use. */
+static __always_inline __u64 cgroup_tree(struct socktap_control *cfg, __u64 cgroup)
+{
+	struct socktap_cgroup_tree *cached, found = { .trees = cfg->cgroup_trees };
+	__u32 level;
+
+	if (!found.trees)
+		return 0;
+	cached = bpf_map_lookup_elem(&cgroup_tree_cache, &cgroup);
+	if (cached && cached->trees == found.trees)
+		return cached->tree;
+	/* Level 0 is the root cgroup; past the caller's own level the helper
+	 * returns 0. The deepest match is the nearest. */
+	for (level = 0; level < SOCKTAP_CGROUP_LEVELS; level++) {
+		__u64 id = bpf_get_current_ancestor_cgroup_id(level);
+
+		if (!id)
+			break;
+		if (bpf_map_lookup_elem(&cgroup_roots, &id))
+			found.tree = id;
+	}
+	bpf_map_update_elem(&cgroup_tree_cache, &cgroup, &found, BPF_ANY);
+	return found.tree;
+}
+
 /* The kernel prefilter: whether some subscriber may want this call. Only the
  * dimensions that have keys are looked up, cheapest first. A comm key is a
  * hash, so other comms may pass too: the prefilter only has to let through
  * every call some subscriber wants; the daemon filters exactly. */
 static __always_inline bool wanted_call(struct socktap_control *cfg, __u64 pid_tgid, struct sock *sk, bool direct,
-					__u64 cookie)
+					__u64 cookie, __u64 cgroup, __u64 tree)
 {
 	__u32 dims = cfg->prefilter;
 	__u16 port;
@@ -148,7 +196,10 @@ static __always_inline bool wanted_call(struct socktap_control *cfg, __u64 pid_t
 	}
 	if ((dims & (1 << SOCKTAP_WANT_UID)) && want_key(SOCKTAP_WANT_UID, (__u32)bpf_get_current_uid_gid()))
 		return true;
-	if ((dims & (1 << SOCKTAP_WANT_CGROUP)) && want_key(SOCKTAP_WANT_CGROUP, bpf_get_current_cgroup_id()))
+	/* A cgroup named by path has its tree's cgroups as keys, as socktapd
+	 * last saw them: one created below it since is matched through `tree`. */
+	if ((dims & (1 << SOCKTAP_WANT_CGROUP)) &&
+	    (want_key(SOCKTAP_WANT_CGROUP, cgroup) || (tree && want_key(SOCKTAP_WANT_CGROUP, tree))))
 		return true;
 	if (dims & (1 << SOCKTAP_WANT_COMM)) {
 		/* Two words, so the halves load aligned; the helper pads with NULs. */
@@ -206,8 +257,10 @@ static __always_inline void emit(struct socktap_control *cfg, __u64 pid_tgid, st
 	struct socktap_counters *st = bpf_map_lookup_elem(&counters, &zero);
 	struct socktap_event *e;
 	__u64 seq, now, flags = BPF_RB_NO_WAKEUP;
+	__u64 cgroup = bpf_get_current_cgroup_id();
+	__u64 tree = cgroup_tree(cfg, cgroup);
 
-	if (!st || !wanted_call(cfg, pid_tgid, sk, direct, cookie))
+	if (!st || !wanted_call(cfg, pid_tgid, sk, direct, cookie, cgroup, tree))
 		return; /* unwanted calls take no sequence number */
 
 	/*
@@ -235,7 +288,8 @@ static __always_inline void emit(struct socktap_control *cfg, __u64 pid_tgid, st
 	e->seq = seq;
 	e->ts_ns = now;
 	e->cookie = cookie;
-	e->cgroup_id = bpf_get_current_cgroup_id();
+	e->cgroup_id = cgroup;
+	e->cgroup_tree = tree;
 	e->ret = ret;
 	e->pid = pid_tgid >> 32;
 	e->tid = (__u32)pid_tgid;

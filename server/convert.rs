@@ -488,6 +488,7 @@ mod tests {
                 tid: b.1,
                 uid: b.2,
                 cgroup_id: b.3,
+                cgroup_tree: 0,
                 netns: b.4,
                 cpu: b.5,
                 comm: Comm::from_kernel(&c.0),

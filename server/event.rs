@@ -110,6 +110,12 @@ pub struct Event {
     pub uid: u32,
     /// cgroup v2 id of the caller.
     pub cgroup_id: u64,
+    /// The nearest cgroup at or above the caller's that a stream's filter
+    /// names by path (`EventFilter.cgroup_paths`), as the kernel found it
+    /// when the call was made; 0 when none. It lets such a filter match a
+    /// cgroup created below the path from its first call, before socktapd
+    /// has seen that cgroup. Not part of the API.
+    pub cgroup_tree: u64,
     /// Inode number of the socket's network namespace.
     pub netns: u32,
     /// CPU the call ran on.
@@ -161,6 +167,7 @@ impl Event {
             tid: 1,
             uid: 0,
             cgroup_id: 1,
+            cgroup_tree: 0,
             netns: 1,
             cpu: 0,
             comm: Comm::from_kernel(b"t"),
@@ -233,6 +240,7 @@ impl Event {
             tid: raw.tid,
             uid: raw.uid,
             cgroup_id: raw.cgroup_id,
+            cgroup_tree: raw.cgroup_tree,
             netns: raw.netns,
             cpu: raw.cpu,
             comm: Comm::from_kernel(&comm),
@@ -399,7 +407,7 @@ mod tests {
 
         fn raw_strategy() -> impl Strategy<Value = types::socktap_event> {
             (
-                any::<[u64; 4]>(),
+                any::<[u64; 5]>(),
                 any::<[u8; 16]>(),
                 any::<[u8; 16]>(),
                 any::<i32>(),
@@ -416,6 +424,7 @@ mod tests {
                         ts_ns: w[1],
                         cookie: w[2],
                         cgroup_id: w[3],
+                        cgroup_tree: w[4],
                         saddr,
                         daddr,
                         ret,
@@ -446,7 +455,7 @@ mod tests {
             fn decoding_keeps_every_field(raw in raw_strategy()) {
                 match Event::decode(&bytes_of(&raw)) {
                     Ok(e) => {
-                        prop_assert_eq!((e.seq, e.timestamp_ns, e.cookie, e.cgroup_id), (raw.seq, raw.ts_ns, raw.cookie, raw.cgroup_id));
+                        prop_assert_eq!((e.seq, e.timestamp_ns, e.cookie, e.cgroup_id, e.cgroup_tree), (raw.seq, raw.ts_ns, raw.cookie, raw.cgroup_id, raw.cgroup_tree));
                         prop_assert_eq!((e.pid, e.tid, e.uid, e.netns, e.cpu), (raw.pid, raw.tid, raw.uid, raw.netns, raw.cpu));
                         prop_assert_eq!((e.local.port(), e.remote.port()), (raw.sport, raw.dport));
                         if raw.ret < 0 {

@@ -247,10 +247,16 @@ impl TestCgroup {
 
 impl Drop for TestCgroup {
     fn drop(&mut self) {
-        for entry in std::fs::read_dir(&self.top).into_iter().flatten().flatten() {
-            let _ = std::fs::remove_dir(entry.path());
+        // Deepest first: a cgroup with children cannot be removed.
+        fn remove(dir: &std::path::Path) {
+            for entry in std::fs::read_dir(dir).into_iter().flatten().flatten() {
+                if entry.file_type().is_ok_and(|t| t.is_dir()) {
+                    remove(&entry.path());
+                }
+            }
+            let _ = std::fs::remove_dir(dir);
         }
-        let _ = std::fs::remove_dir(&self.top);
+        remove(&self.top);
     }
 }
 
@@ -312,6 +318,11 @@ async fn watch_by_cgroup_path_takes_the_processes_in_that_tree_only() {
     let out = watch.out.clone();
     let keys = || hub.status().prefilter.keys;
     assert_eq!(keys(), 2, "the kernel prefilter has the two cgroups' ids");
+    assert_eq!(
+        hub.status().prefilter.cgroup_roots,
+        1,
+        "the kernel has the named cgroup"
+    );
 
     let events = || -> Vec<api::Event> {
         out.text()
@@ -329,16 +340,19 @@ async fn watch_by_cgroup_path_takes_the_processes_in_that_tree_only() {
     let first = nc_in(&cgroup.inner, 1234);
     wait_for("nc's 1234 bytes in the watch", || sent_by(first.pid) >= 1234).await;
 
-    // A cgroup made below the named one after the stream opened is
-    // followed once socktapd has resolved the path again.
-    let later = cgroup.top.join("later");
-    std::fs::create_dir(&later).unwrap();
-    wait_for("the new cgroup in the kernel prefilter", || keys() == 3).await;
+    // Cgroups made below the named one after the stream opened are matched
+    // from their first call, before socktapd resolves the path again (once
+    // a second): the kernel finds the named cgroup above them. Two levels,
+    // used at once.
+    let later = cgroup.top.join("later/deeper");
+    std::fs::create_dir_all(&later).unwrap();
     let second = nc_in(&later, 4321);
     wait_for("the second nc's 4321 bytes in the watch", || {
         sent_by(second.pid) >= 4321
     })
     .await;
+    // And socktapd follows the path: the new cgroups become prefilter keys.
+    wait_for("the new cgroups in the kernel prefilter", || keys() == 4).await;
 
     // This process's receives and sends, made at the same time, had time
     // to arrive too, were they let through.

@@ -31,6 +31,7 @@ fn event(seq: u64, cookie: u64, pid: u32) -> Event {
         tid: pid,
         uid: 0,
         cgroup_id: 1,
+        cgroup_tree: 0,
         netns: 1,
         cpu: 0,
         comm: Comm::from_kernel(b"synthetic"),

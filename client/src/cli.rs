@@ -198,7 +198,7 @@ pub struct FilterArgs {
     /// Only this uid.
     #[arg(long, value_delimiter = ',')]
     pub uid: Vec<u32>,
-    /// Only this cgroup and those below it: a path as /proc/PID/cgroup shows it (/system.slice/nginx.service), resolved by socktapd on its host, and followed as cgroups come and go below it; or a cgroup v2 id (that cgroup only).
+    /// Only this cgroup and those below it: a path as /proc/PID/cgroup shows it (/system.slice/nginx.service), resolved by socktapd on its host, a cgroup created below it later matched from its first call; or a cgroup v2 id (that cgroup only).
     #[arg(long, value_delimiter = ',', value_parser = cgroup)]
     pub cgroup: Vec<CgroupArg>,
     /// Only sends or only receives.

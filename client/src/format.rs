@@ -186,6 +186,13 @@ pub fn status_text(s: &api::GetStatusResponse) -> String {
                 "off (every call is an event)".to_string()
             }
         );
+        if s.kernel_cgroup_roots > 0 {
+            let _ = writeln!(
+                out,
+                "kernel cgroup trees: {} cgroups named by path (a cgroup created below one is matched from its first call)",
+                s.kernel_cgroup_roots
+            );
+        }
     }
     let _ = writeln!(out, "history: {}/{} events", s.history_len, s.history_capacity);
     let _ = writeln!(

@@ -160,6 +160,7 @@ impl Socktap for Fake {
             kernel_gate_open: true,
             kernel_prefilter: true,
             kernel_prefilter_keys: 7,
+            kernel_cgroup_roots: 2,
             instance_id: 0xfeed_beef_0000_0001,
             subscribers: vec![api::SubscriberStatus {
                 id: 3,
@@ -612,6 +613,11 @@ fn status_table_and_json() {
     );
     assert!(
         r.stdout.contains("#3 127.0.0.1:9") && r.stdout.contains("lost 2"),
+        "{}",
+        r.stdout
+    );
+    assert!(
+        r.stdout.contains("kernel cgroup trees: 2 cgroups named by path"),
         "{}",
         r.stdout
     );

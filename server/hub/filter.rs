@@ -59,7 +59,10 @@ impl<T: Ord + Copy> AnyOf<T> {
         AnyOf(v)
     }
     fn admits(&self, x: T) -> bool {
-        self.0.is_empty() || self.0.binary_search(&x).is_ok()
+        self.0.is_empty() || self.has(x)
+    }
+    fn has(&self, x: T) -> bool {
+        self.0.binary_search(&x).is_ok()
     }
 }
 
@@ -69,7 +72,13 @@ struct Compiled {
     cookies: AnyOf<u64>,
     pids: AnyOf<u32>,
     uids: AnyOf<u32>,
+    /// The ids given, and the cgroups of the paths given as resolved.
     cgroup_ids: AnyOf<u64>,
+    /// Of those, the cgroups of the paths: an event whose
+    /// [`Event::cgroup_tree`] is one of them is in their trees too.
+    cgroup_trees: AnyOf<u64>,
+    /// The cgroups the paths name (the first id of each).
+    cgroup_roots: Vec<u64>,
     local_ports: AnyOf<u16>,
     remote_ports: AnyOf<u16>,
     /// 4 or 6.
@@ -86,7 +95,7 @@ impl Compiled {
         self.cookies.admits(e.cookie)
             && self.pids.admits(e.pid)
             && self.uids.admits(e.uid)
-            && self.cgroup_ids.admits(e.cgroup_id)
+            && (self.cgroup_ids.admits(e.cgroup_id) || (e.cgroup_tree != 0 && self.cgroup_trees.has(e.cgroup_tree)))
             && self.local_ports.admits(e.local.port())
             && self.remote_ports.admits(e.remote.port())
             && self.families.admits(if e.remote.is_ipv4() { 4 } else { 6 })
@@ -143,8 +152,9 @@ pub struct Selector {
     kernel: Option<BTreeSet<WantKey>>,
 }
 
-/// Resolves a filter's `cgroup_paths` entry to cgroup ids, at most the
-/// given number of them; the error says why, for the client.
+/// Resolves a filter's `cgroup_paths` entry to cgroup ids, the named
+/// cgroup's first and then those below it, at most the given number of
+/// them; the error says why, for the client.
 pub type CgroupResolver<'a> = &'a dyn Fn(&str, usize) -> Result<Vec<u64>, String>;
 
 impl Selector {
@@ -189,6 +199,16 @@ impl Selector {
     pub fn kernel_keys(&self) -> Option<&BTreeSet<WantKey>> {
         self.kernel.as_ref()
     }
+
+    /// The cgroups its filters name by path (allow and deny), for the
+    /// kernel to find below them the cgroups created since they were
+    /// resolved (see [`Event::cgroup_tree`]).
+    pub fn cgroup_roots(&self) -> impl Iterator<Item = u64> + '_ {
+        self.allow
+            .iter()
+            .chain(&self.deny)
+            .flat_map(|f| f.cgroup_roots.iter().copied())
+    }
 }
 
 /// The value an event has in a prefilter field (ports and pids widened,
@@ -232,12 +252,21 @@ pub fn match_all(selectors: &[&Selector], events: &[Event]) -> Vec<Vec<u32>> {
         let i = i as u32;
         for &dim in &dims {
             let key = key_of(e, dim);
-            let from = index.partition_point(|(k, _)| *k < key);
-            for &(_, k) in index[from..].iter().take_while(|(k, _)| *k == key) {
-                if seen[k] != i {
-                    seen[k] = i;
-                    if selectors[k].matches(e) {
-                        taken[k].push(i);
+            // A cgroup created below a path since it was resolved is not a
+            // key yet; the nearest named cgroup above it is.
+            let tree =
+                (dim == WantDim::Cgroup && e.cgroup_tree != 0 && e.cgroup_tree != e.cgroup_id).then_some(WantKey {
+                    dim,
+                    value: e.cgroup_tree,
+                });
+            for key in std::iter::once(key).chain(tree) {
+                let from = index.partition_point(|(k, _)| *k < key);
+                for &(_, k) in index[from..].iter().take_while(|(k, _)| *k == key) {
+                    if seen[k] != i {
+                        seen[k] = i;
+                        if selectors[k].matches(e) {
+                            taken[k].push(i);
+                        }
                     }
                 }
             }
@@ -358,6 +387,8 @@ fn compile_one(
     };
     // cgroup_ids and cgroup_paths are one condition: any of their cgroups.
     let mut cgroup_ids = f.cgroup_ids.clone();
+    let mut cgroup_trees = Vec::new();
+    let mut cgroup_roots = Vec::new();
     for (i, p) in f.cgroup_paths.iter().enumerate() {
         let room = limits.max_values.saturating_sub(cgroup_ids.len());
         let at = || format!("{}[{i}]", field("cgroup_paths"));
@@ -366,6 +397,8 @@ fn compile_one(
             // An empty list would admit every cgroup.
             return Err(FieldError::new(at(), format!("{p:?} is no cgroup")));
         }
+        cgroup_roots.push(ids[0]);
+        cgroup_trees.extend_from_slice(&ids);
         cgroup_ids.extend(ids);
     }
     let remote_nets = f
@@ -406,6 +439,8 @@ fn compile_one(
         pids: AnyOf::new(f.pids.clone()),
         uids: AnyOf::new(f.uids.clone()),
         cgroup_ids: AnyOf::new(cgroup_ids),
+        cgroup_trees: AnyOf::new(cgroup_trees),
+        cgroup_roots,
         local_ports: ports("local_ports", &f.local_ports)?,
         remote_ports: ports("remote_ports", &f.remote_ports)?,
         families: AnyOf::new(families),
@@ -444,6 +479,7 @@ mod tests {
             tid: pid,
             uid: 1000,
             cgroup_id: 7,
+            cgroup_tree: 0,
             netns: 1,
             cpu: 0,
             comm: Comm::from_kernel(comm.as_bytes()),
@@ -767,6 +803,54 @@ mod tests {
         // Without a resolver, a path is refused, never ignored.
         let e = Selector::compile(&[with(vec![], &["/app"])], &[], FilterLimits::default()).unwrap_err();
         assert_eq!(e.field, "allow[0].cgroup_paths[0]");
+    }
+
+    #[test]
+    fn a_cgroup_below_a_path_matches_through_the_named_cgroup_the_kernel_found() {
+        // "/app" is cgroup 7 with 70 below it, "/app/web" is 70; 99 is a
+        // cgroup made below 70 since they were resolved: its events carry
+        // the nearest cgroup the kernel knows was named, 70 or 7.
+        let resolve = |p: &str, _room: usize| -> Result<Vec<u64>, String> {
+            match p {
+                "/app" => Ok(vec![7, 70]),
+                "/app/web" => Ok(vec![70]),
+                _ => Err(format!("no cgroup {p:?}")),
+            }
+        };
+        let filter = |ids: Vec<u64>, paths: &[&str]| pb::EventFilter {
+            cgroup_ids: ids,
+            cgroup_paths: paths.iter().map(|p| p.to_string()).collect(),
+            ..Default::default()
+        };
+        let allow = |f| Selector::compile_with(&[f], &[], FilterLimits::default(), &resolve).unwrap();
+        let app = allow(filter(vec![], &["/app"]));
+        let web = allow(filter(vec![], &["/app/web"]));
+        let by_id = allow(filter(vec![70], &[]));
+        let deny =
+            Selector::compile_with(&[], &[filter(vec![], &["/app"])], FilterLimits::default(), &resolve).unwrap();
+        let event = |cgroup_id, cgroup_tree| Event {
+            cgroup_id,
+            cgroup_tree,
+            ..ev(1, 1, "a", "10.0.0.1:80", EventKind::Send, 0)
+        };
+        for (tree, app_too, web_too) in [(70, true, true), (7, true, false), (0, false, false), (5, false, false)] {
+            let e = event(99, tree);
+            assert_eq!(app.matches(&e), app_too, "/app, nearest named {tree}");
+            assert_eq!(web.matches(&e), web_too, "/app/web, nearest named {tree}");
+            assert!(!by_id.matches(&e), "an id names that cgroup only, not those below it");
+            assert_eq!(deny.matches(&e), !app_too, "deny /app, nearest named {tree}");
+        }
+        assert_eq!(app.cgroup_roots().collect::<Vec<_>>(), [7]);
+        assert_eq!(deny.cgroup_roots().collect::<Vec<_>>(), [7]);
+        assert_eq!(by_id.cgroup_roots().count(), 0);
+
+        // The hub's index finds them by that cgroup too, not only by the
+        // event's own (which is no key of theirs).
+        let events = [event(99, 70), event(99, 7), event(70, 70), event(98, 0)];
+        assert_eq!(
+            match_all(&[&app, &web, &by_id], &events),
+            [vec![0, 1, 2], vec![0, 2], vec![2]]
+        );
     }
 
     #[test]

@@ -532,10 +532,19 @@ impl Hub {
         Prefilter::Keys(keys)
     }
 
-    /// Sets the kernel prefilter to what the subscribers want. With none,
-    /// the gate is closed and the prefilter is left for the next one.
+    /// Sets the kernel prefilter to what the subscribers want, and gives
+    /// the kernel the cgroups they name by path. With no subscriber, the
+    /// gate is closed and the prefilter is left for the next one.
     fn update_prefilter(&self, st: &State) {
         let Some(probe) = &self.inner.source.probe else { return };
+        let roots: BTreeSet<u64> = st
+            .subscribers
+            .iter()
+            .flat_map(|s| s.selector().cgroup_roots().collect::<Vec<_>>())
+            .collect();
+        if let Err(e) = probe.set_cgroup_roots(&roots) {
+            warn!("cannot give the kernel the cgroups named by path: {e}");
+        }
         if st.subscribers.is_empty() && !self.inner.config.record_always {
             return;
         }

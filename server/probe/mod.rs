@@ -8,6 +8,7 @@
 //! a runtime consumer takes the reading over; dropping the [`Probe`] stops
 //! the reading and detaches and unloads every program and map.
 
+mod cgroup_trees;
 mod drops;
 mod error;
 mod loader;
@@ -16,6 +17,7 @@ mod reader;
 mod ring;
 pub mod skel;
 
+use std::collections::BTreeSet;
 use std::fmt;
 use std::mem::MaybeUninit;
 use std::os::fd::{AsFd, AsRawFd, FromRawFd, OwnedFd};
@@ -29,12 +31,14 @@ use libbpf_rs::skel::Skel;
 use libbpf_rs::{MapCore, MapFlags, MapHandle, PrintLevel};
 use tokio::sync::mpsc;
 
+pub use cgroup_trees::CGROUP_ROOTS_CAPACITY;
 pub use error::{errno_name, ModeRefusal, ProbeError, Stage};
 pub use loader::{kernel_release, kernel_version};
 pub use prefilter::{comm_key, Prefilter, PrefilterStatus, WantDim, WantKey, PREFILTER_CAPACITY};
 pub use reader::MAX_BATCH_EVENTS;
 
 use crate::event::{AttachMode, Event};
+use cgroup_trees::KernelCgroupTrees;
 use prefilter::KernelPrefilter;
 use skel::types;
 
@@ -217,6 +221,8 @@ pub(crate) struct Shared {
     wakeup_interval_ns: AtomicU32,
     /// The prefilter's control word now (`socktap_control.prefilter`).
     prefilter_dims: AtomicU32,
+    /// `socktap_control.cgroup_trees` now.
+    cgroup_trees: AtomicU32,
     events_read: AtomicU64,
     kernel_drops: AtomicU64,
     decode_errors: AtomicU64,
@@ -262,6 +268,7 @@ pub struct ProbeControl {
     /// Also serializes writes of the control entry.
     attachments: Arc<Mutex<Attachments>>,
     prefilter: Arc<Mutex<KernelPrefilter>>,
+    cgroup_trees: Arc<Mutex<KernelCgroupTrees>>,
 }
 
 /// The links of a mode whose programs can be detached while nobody wants
@@ -348,11 +355,35 @@ impl ProbeControl {
         })
     }
 
+    /// Gives the kernel the cgroups that filters name by path (`roots`:
+    /// the named cgroups themselves), so that it finds, for each call, the
+    /// nearest one at or above the caller's cgroup (`Event::cgroup_tree`).
+    /// On an error the kernel finds none, and cgroup paths are matched as
+    /// socktapd last resolved them.
+    pub fn set_cgroup_roots(&self, roots: &BTreeSet<u64>) -> Result<(), ProbeError> {
+        let mut trees = self.cgroup_trees.lock().unwrap_or_else(|e| e.into_inner());
+        trees.apply(roots, |generation| {
+            let _serial = self.attachments.lock().unwrap_or_else(|e| e.into_inner());
+            self.shared.cgroup_trees.store(generation, Ordering::Relaxed);
+            self.write_control(
+                self.shared.enabled.load(Ordering::Relaxed),
+                self.shared.wakeup_interval_ns.load(Ordering::Relaxed),
+            )
+        })
+    }
+
+    /// How many cgroups named by path the kernel matches below (0 while it
+    /// matches none).
+    pub fn cgroup_roots(&self) -> usize {
+        self.cgroup_trees.lock().unwrap_or_else(|e| e.into_inner()).len()
+    }
+
     /// The kernel prefilter in force.
     pub fn prefilter(&self) -> PrefilterStatus {
         PrefilterStatus {
             on: self.shared.prefilter_dims.load(Ordering::Relaxed) != 0,
             keys: self.prefilter.lock().unwrap_or_else(|e| e.into_inner()).len(),
+            cgroup_roots: self.cgroup_roots(),
         }
     }
 
@@ -368,6 +399,7 @@ impl ProbeControl {
             wakeup_interval_ns,
             ignore_tgid: self.ignore_tgid,
             prefilter: self.shared.prefilter_dims.load(Ordering::Relaxed),
+            cgroup_trees: self.shared.cgroup_trees.load(Ordering::Relaxed),
         };
         // SAFETY: socktap_control is Plain (see skel.rs): no padding.
         let bytes = unsafe { plain::as_bytes(&value) };
@@ -667,6 +699,10 @@ fn control_of(
             links: Vec::new(),
         })),
         prefilter: Arc::new(Mutex::new(KernelPrefilter::new(handle(&skel.maps.wanted, "wanted")?)?)),
+        cgroup_trees: Arc::new(Mutex::new(KernelCgroupTrees::new(handle(
+            &skel.maps.cgroup_roots,
+            "cgroup_roots",
+        )?)?)),
     })
 }
 

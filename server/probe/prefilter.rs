@@ -92,6 +92,9 @@ pub struct PrefilterStatus {
     pub on: bool,
     /// The keys it holds.
     pub keys: usize,
+    /// The cgroups named by path that the kernel matches below (see
+    /// [`crate::event::Event::cgroup_tree`]); 0 while it matches none.
+    pub cgroup_roots: usize,
 }
 
 /// The `wanted` map and what it holds; lives behind the probe's lock.

@@ -17,7 +17,9 @@ use crate::hub::{Hub, Selector, Subscriber};
 
 /// How often the followed streams' cgroup paths are resolved anew, so that
 /// a cgroup created below one (a container started, a service restarted)
-/// is followed.
+/// becomes one of the filter's ids: a kernel prefilter key, and matched in
+/// history. Its calls are matched before that, from the first, through the
+/// named cgroup above it ([`crate::event::Event::cgroup_tree`]).
 pub const CGROUP_REFRESH: Duration = Duration::from_secs(1);
 
 /// Resolves the cgroup paths of every stream that names some, every

@@ -3,7 +3,9 @@
 //! transport asks for them; it ends when the client goes away, the limit is
 //! reached, or the hub shuts down. The cgroup paths in streams' filters
 //! are resolved again every second by one task for all of them
-//! ([`cgroups::CgroupFollower`]), which gives the hub the new ids.
+//! ([`cgroups::CgroupFollower`]), which gives the hub the new ids; until
+//! then the kernel matches a new cgroup through the named one above it
+//! (`Event::cgroup_tree`).
 
 pub mod cgroups;
 pub mod validate;
@@ -304,6 +306,7 @@ pub fn status(hub: &Hub) -> pb::GetStatusResponse {
         kernel_gate_open: s.gate_open,
         kernel_prefilter: s.prefilter.on,
         kernel_prefilter_keys: s.prefilter.keys as u32,
+        kernel_cgroup_roots: s.prefilter.cgroup_roots as u32,
         history_len: s.history_len as u64,
         history_capacity: s.history_capacity as u64,
         queued_bytes: subscribers.iter().map(|sub| sub.queued_bytes).sum(),
