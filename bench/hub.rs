@@ -60,8 +60,8 @@ fn event(seq: u64) -> Event {
         netns: 4_026_531_840,
         cpu: (seq % 2) as u32,
         comm: Comm::from_kernel(b"socktap-bench"),
-        local: std::net::SocketAddr::from(([127, 0, 0, 1], 40_000 + socket as u16)),
-        remote: std::net::SocketAddr::from(([127, 0, 0, 1], 5201)),
+        local: std::net::SocketAddr::from(([127, 0, 0, 1], 40_000 + socket as u16)).into(),
+        remote: std::net::SocketAddr::from(([127, 0, 0, 1], 5201)).into(),
         mode: AttachMode::Tracepoint,
     }
 }

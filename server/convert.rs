@@ -143,8 +143,8 @@ struct CallerKey {
 #[derive(Clone, Copy, PartialEq, Eq)]
 struct SocketKey {
     netns: u32,
-    local: std::net::SocketAddr,
-    remote: std::net::SocketAddr,
+    local: crate::event::Endpoint,
+    remote: crate::event::Endpoint,
 }
 
 /// Fields 8–12 take at most 76 bytes: four varints with their keys (6, 6,
@@ -492,8 +492,8 @@ mod tests {
                 netns: b.4,
                 cpu: b.5,
                 comm: Comm::from_kernel(&c.0),
-                local: c.1,
-                remote: c.2,
+                local: c.1.into(),
+                remote: c.2.into(),
                 mode: AttachMode::ALL[c.3 as usize],
             })
     }
@@ -548,7 +548,7 @@ mod tests {
                 // Ports alone, addresses kept.
                 let e = if p[9] {
                     Event {
-                        local: std::net::SocketAddr::new(e.local.ip(), e.local.port() ^ 1),
+                        local: crate::event::Endpoint::new(e.local.ip(), e.local.port() ^ 1),
                         ..e
                     }
                 } else {

@@ -5,7 +5,7 @@ mod common;
 
 use std::collections::HashSet;
 use std::io::{ErrorKind, Read, Write};
-use std::net::{TcpStream, UdpSocket};
+use std::net::{SocketAddr, TcpStream, UdpSocket};
 use std::os::unix::net::{UnixDatagram, UnixStream};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -132,8 +132,16 @@ fn exchange_is_exact(v6: bool) {
     }
     for e in &events {
         let s = if e.cookie == client.cookie { &client } else { &server };
-        assert_eq!(e.local, s.local, "local address (getsockname) of {e:?}");
-        assert_eq!(e.remote, s.peer, "remote address (getpeername) of {e:?}");
+        assert_eq!(
+            SocketAddr::from(e.local),
+            s.local,
+            "local address (getsockname) of {e:?}"
+        );
+        assert_eq!(
+            SocketAddr::from(e.remote),
+            s.peer,
+            "remote address (getpeername) of {e:?}"
+        );
         assert_eq!(e.pid, std::process::id(), "pid of {e:?}");
         assert_eq!(e.tid, tid, "tid of {e:?}");
         assert_eq!(e.comm.to_string(), name, "comm of {e:?}");
@@ -889,6 +897,6 @@ fn a_recv_after_a_reset_keeps_the_local_port() {
     eprintln!("read {n} bytes after the reset; events: {events:?}");
     assert!(!events.is_empty(), "the recv is reported");
     for e in &events {
-        assert_eq!(e.local, local, "local address and port of {e:?}");
+        assert_eq!(SocketAddr::from(e.local), local, "local address and port of {e:?}");
     }
 }

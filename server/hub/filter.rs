@@ -982,7 +982,7 @@ mod tests {
                         if send { EventKind::Send } else { EventKind::Recv },
                         errno,
                     );
-                    e.remote = remote;
+                    e.remote = remote.into();
                     e
                 })
         }
