@@ -264,8 +264,30 @@ impl Bpftrace {
 
     /// Stops it; returns the number of event lines written.
     fn stop(mut self) -> u64 {
-        // SAFETY: FFI; signals our own child by pid.
-        unsafe { libc::kill(self.child.id() as i32, libc::SIGINT) };
+        // bpftrace 0.17 sometimes misses a SIGINT after a flood of events
+        // and waits for more forever (a full run stalled 11 minutes on one
+        // until a second SIGINT ended it): ask again every second, then kill
+        // it. Its events are counted from the file either way.
+        for attempt in 0..=10 {
+            if attempt == 10 {
+                eprintln!("  bpftrace did not stop on SIGINT within 10 s; killed");
+                let _ = self.child.kill();
+                break;
+            }
+            // SAFETY: FFI; signals our own child by pid, which has not been
+            // reaped yet (try_wait returned None), so the pid is still ours.
+            unsafe { libc::kill(self.child.id() as i32, libc::SIGINT) };
+            let asked = Instant::now();
+            while asked.elapsed() < Duration::from_secs(1) {
+                if !matches!(self.child.try_wait(), Ok(None)) {
+                    break;
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            if !matches!(self.child.try_wait(), Ok(None)) {
+                break;
+            }
+        }
         let _ = self.child.wait();
         let n = std::fs::read_to_string(&self.out)
             .map(|s| {
