@@ -345,14 +345,7 @@ impl ProbeControl {
     /// was, if even that could not be written).
     pub fn set_prefilter(&self, want: &Prefilter) -> Result<(), ProbeError> {
         let mut prefilter = self.prefilter.lock().unwrap_or_else(|e| e.into_inner());
-        prefilter.apply(want, |dims| {
-            let _serial = self.attachments.lock().unwrap_or_else(|e| e.into_inner());
-            self.shared.prefilter_dims.store(dims, Ordering::Relaxed);
-            self.write_control(
-                self.shared.enabled.load(Ordering::Relaxed),
-                self.shared.wakeup_interval_ns.load(Ordering::Relaxed),
-            )
-        })
+        prefilter.apply(want, |dims| self.write_control_word(&self.shared.prefilter_dims, dims))
     }
 
     /// Gives the kernel the cgroups that filters name by path (`roots`:
@@ -363,13 +356,19 @@ impl ProbeControl {
     pub fn set_cgroup_roots(&self, roots: &BTreeSet<u64>) -> Result<(), ProbeError> {
         let mut trees = self.cgroup_trees.lock().unwrap_or_else(|e| e.into_inner());
         trees.apply(roots, |generation| {
-            let _serial = self.attachments.lock().unwrap_or_else(|e| e.into_inner());
-            self.shared.cgroup_trees.store(generation, Ordering::Relaxed);
-            self.write_control(
-                self.shared.enabled.load(Ordering::Relaxed),
-                self.shared.wakeup_interval_ns.load(Ordering::Relaxed),
-            )
+            self.write_control_word(&self.shared.cgroup_trees, generation)
         })
+    }
+
+    /// Sets one word of the control entry (`word`, one of [`Shared`]'s) and
+    /// writes the entry.
+    fn write_control_word(&self, word: &AtomicU32, value: u32) -> Result<(), ProbeError> {
+        let _serial = self.attachments.lock().unwrap_or_else(|e| e.into_inner());
+        word.store(value, Ordering::Relaxed);
+        self.write_control(
+            self.shared.enabled.load(Ordering::Relaxed),
+            self.shared.wakeup_interval_ns.load(Ordering::Relaxed),
+        )
     }
 
     /// How many cgroups named by path the kernel matches below (0 while it
