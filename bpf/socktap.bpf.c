@@ -257,9 +257,13 @@ static __always_inline void emit(struct socktap_control *cfg, __u64 pid_tgid, st
 	struct socktap_counters *st = bpf_map_lookup_elem(&counters, &zero);
 	struct socktap_event *e;
 	__u64 seq, now, flags = BPF_RB_NO_WAKEUP;
-	__u64 cgroup = bpf_get_current_cgroup_id();
-	__u64 tree = cgroup_tree(cfg, cgroup);
+	__u64 cgroup = 0, tree = 0;
 
+	/* Before the prefilter only when it needs them; a cgroup id is never 0. */
+	if (cfg->cgroup_trees || (cfg->prefilter & (1 << SOCKTAP_WANT_CGROUP))) {
+		cgroup = bpf_get_current_cgroup_id();
+		tree = cgroup_tree(cfg, cgroup);
+	}
 	if (!st || !wanted_call(cfg, pid_tgid, sk, direct, cookie, cgroup, tree))
 		return; /* unwanted calls take no sequence number */
 
@@ -288,7 +292,7 @@ static __always_inline void emit(struct socktap_control *cfg, __u64 pid_tgid, st
 	e->seq = seq;
 	e->ts_ns = now;
 	e->cookie = cookie;
-	e->cgroup_id = cgroup;
+	e->cgroup_id = cgroup ? cgroup : bpf_get_current_cgroup_id();
 	e->cgroup_tree = tree;
 	e->ret = ret;
 	e->pid = pid_tgid >> 32;
