@@ -10,6 +10,7 @@
 
 mod daemon;
 mod hub;
+mod steal;
 mod subscribers;
 mod workload;
 
@@ -21,6 +22,7 @@ use clap::{CommandFactory, Parser, ValueEnum};
 use serde_json::json;
 
 use daemon::{Daemon, Usage};
+use steal::CpuTimes;
 use subscribers::{Seen, Subscribers};
 use workload::{prepare, Workload};
 
@@ -114,6 +116,9 @@ struct Run {
     latency_us: Option<[f64; 3]>,
     usage: Option<Usage>,
     attach_mode: String,
+    /// Percent of the machine's CPU time stolen by the hypervisor while the
+    /// workload ran.
+    steal_pct: Option<f64>,
     note: Option<String>,
 }
 
@@ -158,12 +163,16 @@ async fn measure(args: &Args, socktapd: &Path, w: Workload, c: Config, round: u3
     match c {
         Config::Untraced => {
             let p = prepare(w).expect("loopback connections");
+            let cpu = CpuTimes::now();
             run.ops_per_sec = p.run(dur, rate).rate();
+            run.steal_pct = steal_since(cpu);
         }
         Config::Bpftrace => match Bpftrace::start() {
             Ok(bt) => {
                 let p = prepare(w).expect("loopback connections");
+                let cpu = CpuTimes::now();
                 let out = p.run(dur, rate);
+                run.steal_pct = steal_since(cpu);
                 run.ops_per_sec = out.rate();
                 run.events_produced = bt.stop();
                 run.events_delivered = run.events_produced;
@@ -189,9 +198,11 @@ async fn measure(args: &Args, socktapd: &Path, w: Workload, c: Config, round: u3
             }
             let before = d.status().await.unwrap_or_default();
             d.reset_usage();
+            let cpu = CpuTimes::now();
             let out = tokio::task::spawn_blocking(move || p.run(dur, rate))
                 .await
                 .expect("workload thread");
+            run.steal_pct = steal_since(cpu);
             let seen: Vec<Seen> = subs.finish(Duration::from_millis(500)).await.unwrap_or_else(|e| {
                 run.note = Some(e);
                 vec![]
@@ -213,6 +224,11 @@ async fn measure(args: &Args, socktapd: &Path, w: Workload, c: Config, round: u3
         }
     }
     run
+}
+
+/// Percent of CPU time stolen since `before` was read.
+fn steal_since(before: Option<CpuTimes>) -> Option<f64> {
+    before?.steal_percent_until(CpuTimes::now()?)
 }
 
 /// A bpftrace one-liner writing one line per TCP send/recv to a file.
@@ -461,7 +477,7 @@ async fn async_main(args: Args, socktapd: PathBuf) -> ExitCode {
 fn report(args: &Args, runs: &[Run], zero_loss: Option<&Run>, kernel: &str, cpu: &str) {
     let mut summary = Vec::new();
     println!(
-        "{:<4} {:<14} {:>11} {:>8} {:>9} {:>12} {:>16} {:>8} {:>8} {:>8} {:>6} {:>7}",
+        "{:<4} {:<14} {:>11} {:>8} {:>9} {:>12} {:>16} {:>8} {:>8} {:>8} {:>6} {:>7} {:>6}",
         "",
         "config",
         "ops/s",
@@ -473,7 +489,8 @@ fn report(args: &Args, runs: &[Run], zero_loss: Option<&Run>, kernel: &str, cpu:
         "p99 µs",
         "p99.9",
         "cores",
-        "RSS MiB"
+        "RSS MiB",
+        "steal%"
     );
     for &w in &args.workloads {
         let wn = format!("{w:?}");
@@ -512,10 +529,15 @@ fn report(args: &Args, runs: &[Run], zero_loss: Option<&Run>, kernel: &str, cpu:
                 rs.iter().map(|r| r.lost_queue).sum::<u64>(),
                 rs.iter().map(|r| r.lost_history).sum::<u64>(),
             ];
+            // The most of any round: a noisy round shows.
+            let steal = rs
+                .iter()
+                .filter_map(|r| r.steal_pct)
+                .fold(None, |m: Option<f64>, v| Some(m.map_or(v, |m| m.max(v))));
             let note = rs.iter().find_map(|r| r.note.clone());
             let f = |v: Option<f64>, p: usize| v.map(|v| format!("{v:.p$}")).unwrap_or_else(|| "-".into());
             println!(
-                "{:<4} {:<14} {:>11.0} {:>7.1}% {:>9} {:>12.0} {:>16} {:>8} {:>8} {:>8} {:>6} {:>7}{}",
+                "{:<4} {:<14} {:>11.0} {:>7.1}% {:>9} {:>12.0} {:>16} {:>8} {:>8} {:>8} {:>6} {:>7} {:>6}{}",
                 wn,
                 format!("{c:?}").to_lowercase(),
                 ops,
@@ -528,6 +550,7 @@ fn report(args: &Args, runs: &[Run], zero_loss: Option<&Run>, kernel: &str, cpu:
                 f(lat.map(|l| l[2]), 1),
                 f(cores, 3),
                 f(rss, 1),
+                f(steal, 1),
                 note.as_ref().map(|n| format!("  ({n})")).unwrap_or_default(),
             );
             summary.push(json!({
@@ -537,7 +560,7 @@ fn report(args: &Args, runs: &[Run], zero_loss: Option<&Run>, kernel: &str, cpu:
                 "delivered_per_sec": mean(&|r| r.delivered_per_sec),
                 "lost": {"kernel_ring_buffer": lost[0], "subscriber_queue": lost[1], "history": lost[2]},
                 "latency_us": lat.map(|l| json!({"p50": l[0], "p99": l[1], "p99_9": l[2]})),
-                "socktapd_cores": cores, "socktapd_peak_rss_mib": rss, "note": note,
+                "socktapd_cores": cores, "socktapd_peak_rss_mib": rss, "max_steal_pct": steal, "note": note,
             }));
         }
     }
@@ -546,14 +569,15 @@ fn report(args: &Args, runs: &[Run], zero_loss: Option<&Run>, kernel: &str, cpu:
         let cores = z.usage.map(|u| u.cores).unwrap_or(0.0);
         let per_event_ns = 1e9 * cores / z.delivered_per_sec.max(1.0);
         println!(
-            "paced (W1 at {:.0} round trips/s = {:.0} events/s, 1 subscriber, {} s): delivered {}, lost {}/{}/{}, latency p50 {p50:.1} µs, p99 {p99:.1} µs, p99.9 {p999:.1} µs; socktapd {cores:.3} cores = {per_event_ns:.0} ns per delivered event",
+            "paced (W1 at {:.0} round trips/s = {:.0} events/s, 1 subscriber, {} s): delivered {}, lost {}/{}/{}, latency p50 {p50:.1} µs, p99 {p99:.1} µs, p99.9 {p999:.1} µs; socktapd {cores:.3} cores = {per_event_ns:.0} ns per delivered event; steal {}",
             args.paced_round_trips,
             4.0 * args.paced_round_trips,
             args.seconds,
             z.events_delivered,
             z.lost_kernel,
             z.lost_queue,
-            z.lost_history
+            z.lost_history,
+            z.steal_pct.map(|s| format!("{s:.1} %")).unwrap_or_else(|| "-".into())
         );
     }
     // The paced run starts socktapd too, so a table of untraced runs alone
@@ -579,13 +603,14 @@ fn report(args: &Args, runs: &[Run], zero_loss: Option<&Run>, kernel: &str, cpu:
             "events_produced": r.events_produced, "events_delivered": r.events_delivered,
             "lost": {"kernel_ring_buffer": r.lost_kernel, "subscriber_queue": r.lost_queue, "history": r.lost_history},
             "latency_us": r.latency_us, "socktapd_cores": r.usage.map(|u| u.cores),
-            "socktapd_peak_rss_mib": r.usage.map(|u| u.peak_rss_mib), "note": r.note,
+            "socktapd_peak_rss_mib": r.usage.map(|u| u.peak_rss_mib), "steal_pct": r.steal_pct, "note": r.note,
         })).collect::<Vec<_>>(),
         "paced": zero_loss.map(|z| json!({
             "events_per_sec": 4.0 * args.paced_round_trips, "delivered": z.events_delivered,
             "lost": z.lost_kernel + z.lost_queue + z.lost_history, "latency_us": z.latency_us,
             "socktapd_cores": z.usage.map(|u| u.cores),
             "socktapd_ns_per_delivered_event": z.usage.map(|u| 1e9 * u.cores / z.delivered_per_sec.max(1.0)),
+            "steal_pct": z.steal_pct,
         })),
     });
     let _ = std::fs::create_dir_all(&args.out);
