@@ -11,10 +11,15 @@ struct Outcome {
 }
 
 fn socktapd(args: &[&str]) -> Outcome {
+    socktapd_with_env(args, &[])
+}
+
+fn socktapd_with_env(args: &[&str], env: &[(&str, &str)]) -> Outcome {
     let out = Command::new(env!("CARGO_BIN_EXE_socktapd"))
         .args(args)
         // Nothing from the environment: each case names its own flags.
         .env_clear()
+        .envs(env.iter().copied())
         .stdin(Stdio::null())
         .output()
         .expect("running socktapd");
@@ -83,4 +88,30 @@ fn help_groups_the_flags() {
     }
     assert!(at("--listen") < at("\nKernel:"), "the main options first");
     assert!(r.stdout.contains("Examples:"));
+}
+
+/// socktapd asks glibc for one malloc arena (peak RSS: docs/performance.md)
+/// unless the environment names a count, which it then leaves alone.
+#[cfg(all(target_os = "linux", target_env = "gnu"))]
+#[test]
+fn one_malloc_arena_unless_the_environment_names_a_count() {
+    const SET: &str = "malloc: one arena for all threads";
+    // A bad flag: it logs the arena choice, then stops before loading.
+    let run = |env: &[(&str, &str)]| {
+        let mut all = vec![("RUST_LOG", "debug")];
+        all.extend_from_slice(env);
+        let r = socktapd_with_env(&["--mode", "sideways"], &all);
+        assert_eq!(r.code, Some(2), "{}", r.stderr);
+        r.stderr
+    };
+    let stderr = run(&[]);
+    assert!(stderr.contains(SET), "{stderr}");
+    for env in [
+        ("MALLOC_ARENA_MAX", "4"),
+        ("GLIBC_TUNABLES", "glibc.malloc.arena_max=4"),
+    ] {
+        let stderr = run(&[env]);
+        assert!(stderr.contains("socktapd: "), "{env:?}: {stderr}");
+        assert!(!stderr.contains(SET), "{env:?} is left alone: {stderr}");
+    }
 }
