@@ -108,6 +108,43 @@ impl Compiled {
 }
 
 impl Compiled {
+    /// Whether this filter constrains one field only, and that field is
+    /// one where an event's key ([`key_of`]) equals one of the filter's
+    /// keys exactly when the filter admits the event: cookies, pids, uids
+    /// or ports. (Not cgroups: a path's ids also match through
+    /// [`Event::cgroup_tree`], and a plain id must not. Not comms: the key
+    /// folds the name.) Every other field is compared with its default,
+    /// "any", so a field added later counts as a constraint.
+    fn constrains_one_exact_field(&self) -> bool {
+        let any = Compiled::default();
+        let only = |cleared: Compiled| cleared == any;
+        (!self.cookies.0.is_empty()
+            && only(Compiled {
+                cookies: AnyOf::default(),
+                ..self.clone()
+            }))
+            || (!self.pids.0.is_empty()
+                && only(Compiled {
+                    pids: AnyOf::default(),
+                    ..self.clone()
+                }))
+            || (!self.uids.0.is_empty()
+                && only(Compiled {
+                    uids: AnyOf::default(),
+                    ..self.clone()
+                }))
+            || (!self.local_ports.0.is_empty()
+                && only(Compiled {
+                    local_ports: AnyOf::default(),
+                    ..self.clone()
+                }))
+            || (!self.remote_ports.0.is_empty()
+                && only(Compiled {
+                    remote_ports: AnyOf::default(),
+                    ..self.clone()
+                }))
+    }
+
     /// Values of one field that every event this filter matches has one
     /// of: the field the kernel prefilter can check that has the fewest
     /// values. None when the filter constrains none of those fields.
@@ -150,6 +187,11 @@ pub struct Selector {
     deny: Vec<Compiled>,
     /// See [`Selector::kernel_keys`]; computed once, when compiled.
     kernel: Option<BTreeSet<WantKey>>,
+    /// An event that has one of the kernel keys matches: no deny filter,
+    /// and each allow filter constrains one exact field only (see
+    /// [`Compiled::constrains_one_exact_field`]), whose values are its
+    /// keys. [`match_all`] then takes such events without matching them.
+    keys_decide: bool,
 }
 
 /// Resolves a filter's `cgroup_paths` entry to cgroup ids, the named
@@ -179,10 +221,14 @@ impl Selector {
         cgroups: CgroupResolver<'_>,
     ) -> Result<Self, FieldError> {
         let allow = compile_list("allow", allow, limits, cgroups)?;
+        let deny = compile_list("deny", deny, limits, cgroups)?;
+        let kernel = kernel_keys_of(&allow);
+        let keys_decide = kernel.is_some() && deny.is_empty() && allow.iter().all(Compiled::constrains_one_exact_field);
         Ok(Selector {
-            kernel: kernel_keys_of(&allow),
+            kernel,
             allow,
-            deny: compile_list("deny", deny, limits, cgroups)?,
+            deny,
+            keys_decide,
         })
     }
 
@@ -264,7 +310,7 @@ pub fn match_all(selectors: &[&Selector], events: &[Event]) -> Vec<Vec<u32>> {
                 for &(_, k) in index[from..].iter().take_while(|(k, _)| *k == key) {
                     if seen[k] != i {
                         seen[k] = i;
-                        if selectors[k].matches(e) {
+                        if selectors[k].keys_decide || selectors[k].matches(e) {
                             taken[k].push(i);
                         }
                     }
@@ -851,6 +897,70 @@ mod tests {
             match_all(&[&app, &web, &by_id], &events),
             [vec![0, 1, 2], vec![0, 2], vec![2]]
         );
+    }
+
+    #[test]
+    fn the_keys_decide_only_where_having_a_key_is_matching() {
+        let f = |g: fn(&mut pb::EventFilter)| {
+            let mut f = pb::EventFilter::default();
+            g(&mut f);
+            f
+        };
+        let cookie_1 = f(|f| f.cookies = vec![1]);
+        let pid_5 = f(|f| f.pids = vec![5]);
+        let port_80 = f(|f| f.remote_ports = vec![80]);
+        let cookie_1_sends = f(|f| {
+            f.cookies = vec![1];
+            f.kinds = vec![1];
+        });
+        let cookie_1_errors = f(|f| {
+            f.cookies = vec![1];
+            f.errors_only = true;
+        });
+        let comm = f(|f| f.comms = vec!["curl".into()]);
+        let cgroup = f(|f| f.cgroup_ids = vec![7]);
+        let cases = [
+            (sel(vec![cookie_1.clone()], vec![]), true, "cookies alone"),
+            (
+                sel(vec![cookie_1.clone(), pid_5.clone()], vec![]),
+                true,
+                "one exact field each",
+            ),
+            (sel(vec![port_80], vec![]), true, "ports alone"),
+            (sel(vec![cookie_1_sends], vec![]), false, "and a kind"),
+            (sel(vec![cookie_1_errors], vec![]), false, "and errors only"),
+            (
+                sel(vec![cookie_1.clone(), comm.clone()], vec![]),
+                false,
+                "a comm: its key is folded",
+            ),
+            (
+                sel(vec![cgroup], vec![]),
+                false,
+                "a cgroup: ids and paths differ below it",
+            ),
+            (sel(vec![cookie_1], vec![pid_5]), false, "a deny list"),
+            (sel(vec![], vec![]), false, "no keys at all"),
+        ];
+        // Events with cookie 1 or pid 5, of every kind: the keys' events,
+        // which only some of the selectors match.
+        let events = [
+            ev(1, 5, "curl", "10.0.0.1:80", EventKind::Send, 0),
+            ev(1, 6, "curl", "10.0.0.1:80", EventKind::Recv, 0),
+            ev(1, 6, "nc", "10.0.0.1:81", EventKind::Send, 11),
+            ev(2, 5, "wget", "10.0.0.1:80", EventKind::Recv, 0),
+            ev(2, 7, "curlx", "10.0.0.1:81", EventKind::Send, 0),
+        ];
+        let refs: Vec<&Selector> = cases.iter().map(|(s, _, _)| s).collect();
+        let taken = match_all(&refs, &events);
+        for ((s, decide, what), got) in cases.iter().zip(&taken) {
+            assert_eq!(s.keys_decide, *decide, "{what}");
+            let want: Vec<u32> = (0..events.len() as u32)
+                .filter(|&i| s.matches(&events[i as usize]))
+                .collect();
+            assert_eq!(got, &want, "{what}");
+        }
+        assert_eq!(taken[3], [0, 2], "cookie 1 sends: not the recv with the same key");
     }
 
     #[test]
