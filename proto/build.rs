@@ -34,6 +34,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     std::fs::create_dir_all(&wire_out)?;
     let mut wire = tonic_prost_build::configure()
         .build_client(false)
+        .codec_path("crate::wire::WireCodec")
         .out_dir(&wire_out)
         .compile_well_known_types(true)
         .extern_path(".google.protobuf", "::pbjson_types")

@@ -145,4 +145,52 @@ pub mod wire {
             self.runs.clear();
         }
     }
+
+    /// The codec of the server's view: prost's, except that its encoder
+    /// reserves room for a whole message before writing it. tonic's
+    /// buffer starts at 8 KiB, and a batch of up to 64 KiB written into it
+    /// run by run made it grow, and copy what it held, several times per
+    /// message.
+    #[derive(Debug, Clone)]
+    pub struct WireCodec<T, U>(std::marker::PhantomData<(T, U)>);
+
+    impl<T, U> Default for WireCodec<T, U> {
+        fn default() -> Self {
+            WireCodec(std::marker::PhantomData)
+        }
+    }
+
+    impl<T, U> tonic::codec::Codec for WireCodec<T, U>
+    where
+        T: prost::Message + Send + 'static,
+        U: prost::Message + Default + Send + 'static,
+    {
+        type Encode = T;
+        type Decode = U;
+        type Encoder = ReservingEncoder<T>;
+        type Decoder = tonic_prost::ProstDecoder<U>;
+
+        fn encoder(&mut self) -> Self::Encoder {
+            ReservingEncoder(std::marker::PhantomData)
+        }
+
+        fn decoder(&mut self) -> Self::Decoder {
+            tonic_prost::ProstDecoder::new(tonic::codec::BufferSettings::default())
+        }
+    }
+
+    /// Encodes a message into tonic's buffer after reserving its length.
+    #[derive(Debug, Clone)]
+    pub struct ReservingEncoder<T>(std::marker::PhantomData<T>);
+
+    impl<T: prost::Message> tonic::codec::Encoder for ReservingEncoder<T> {
+        type Item = T;
+        type Error = tonic::Status;
+
+        fn encode(&mut self, item: T, buf: &mut tonic::codec::EncodeBuf<'_>) -> Result<(), tonic::Status> {
+            buf.reserve(item.encoded_len());
+            item.encode(buf)
+                .map_err(|e| tonic::Status::internal(format!("encoding a response: {e}")))
+        }
+    }
 }
