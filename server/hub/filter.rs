@@ -116,33 +116,18 @@ impl Compiled {
     /// folds the name.) Every other field is compared with its default,
     /// "any", so a field added later counts as a constraint.
     fn constrains_one_exact_field(&self) -> bool {
-        let any = Compiled::default();
-        let only = |cleared: Compiled| cleared == any;
-        (!self.cookies.0.is_empty()
-            && only(Compiled {
-                cookies: AnyOf::default(),
-                ..self.clone()
-            }))
-            || (!self.pids.0.is_empty()
-                && only(Compiled {
-                    pids: AnyOf::default(),
-                    ..self.clone()
-                }))
-            || (!self.uids.0.is_empty()
-                && only(Compiled {
-                    uids: AnyOf::default(),
-                    ..self.clone()
-                }))
-            || (!self.local_ports.0.is_empty()
-                && only(Compiled {
-                    local_ports: AnyOf::default(),
-                    ..self.clone()
-                }))
-            || (!self.remote_ports.0.is_empty()
-                && only(Compiled {
-                    remote_ports: AnyOf::default(),
-                    ..self.clone()
-                }))
+        // Each takes one exact field out, saying whether it had values.
+        let exact: [fn(&mut Compiled) -> bool; 5] = [
+            |c| !std::mem::take(&mut c.cookies).0.is_empty(),
+            |c| !std::mem::take(&mut c.pids).0.is_empty(),
+            |c| !std::mem::take(&mut c.uids).0.is_empty(),
+            |c| !std::mem::take(&mut c.local_ports).0.is_empty(),
+            |c| !std::mem::take(&mut c.remote_ports).0.is_empty(),
+        ];
+        exact.iter().any(|take| {
+            let mut rest = self.clone();
+            take(&mut rest) && rest == Compiled::default()
+        })
     }
 
     /// Values of one field that every event this filter matches has one
