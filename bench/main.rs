@@ -278,31 +278,33 @@ impl Bpftrace {
         Err("bpftrace did not attach within 30 s".into())
     }
 
+    /// Whether it has not exited yet.
+    fn running(&mut self) -> bool {
+        matches!(self.child.try_wait(), Ok(None))
+    }
+
     /// Stops it; returns the number of event lines written.
     fn stop(mut self) -> u64 {
         // bpftrace 0.17 sometimes misses a SIGINT after a flood of events
         // and waits for more forever (a full run stalled 11 minutes on one
         // until a second SIGINT ended it): ask again every second, then kill
         // it. Its events are counted from the file either way.
-        for attempt in 0..=10 {
-            if attempt == 10 {
-                eprintln!("  bpftrace did not stop on SIGINT within 10 s; killed");
-                let _ = self.child.kill();
-                break;
-            }
+        for _ in 0..10 {
             // SAFETY: FFI; signals our own child by pid, which has not been
-            // reaped yet (try_wait returned None), so the pid is still ours.
+            // reaped yet (nothing waited for it, or try_wait returned None),
+            // so the pid is still ours.
             unsafe { libc::kill(self.child.id() as i32, libc::SIGINT) };
             let asked = Instant::now();
-            while asked.elapsed() < Duration::from_secs(1) {
-                if !matches!(self.child.try_wait(), Ok(None)) {
-                    break;
-                }
+            while self.running() && asked.elapsed() < Duration::from_secs(1) {
                 std::thread::sleep(Duration::from_millis(20));
             }
-            if !matches!(self.child.try_wait(), Ok(None)) {
+            if !self.running() {
                 break;
             }
+        }
+        if self.running() {
+            eprintln!("  bpftrace did not stop on SIGINT within 10 s; killed");
+            let _ = self.child.kill();
         }
         let _ = self.child.wait();
         let n = std::fs::read_to_string(&self.out)
@@ -520,20 +522,14 @@ fn report(args: &Args, runs: &[Run], zero_loss: Option<&Run>, kernel: &str, cpu:
                 (!lat.is_empty()).then(|| [0, 1, 2].map(|i| lat.iter().map(|l| l[i]).sum::<f64>() / lat.len() as f64));
             let usage = rs.iter().filter_map(|r| r.usage).collect::<Vec<_>>();
             let cores = (!usage.is_empty()).then(|| usage.iter().map(|u| u.cores).sum::<f64>() / usage.len() as f64);
-            let rss = usage
-                .iter()
-                .map(|u| u.peak_rss_mib)
-                .fold(None, |m: Option<f64>, v| Some(m.map_or(v, |m| m.max(v))));
+            let rss = usage.iter().map(|u| u.peak_rss_mib).reduce(f64::max);
             let lost = [
                 rs.iter().map(|r| r.lost_kernel).sum::<u64>(),
                 rs.iter().map(|r| r.lost_queue).sum::<u64>(),
                 rs.iter().map(|r| r.lost_history).sum::<u64>(),
             ];
             // The most of any round: a noisy round shows.
-            let steal = rs
-                .iter()
-                .filter_map(|r| r.steal_pct)
-                .fold(None, |m: Option<f64>, v| Some(m.map_or(v, |m| m.max(v))));
+            let steal = rs.iter().filter_map(|r| r.steal_pct).reduce(f64::max);
             let note = rs.iter().find_map(|r| r.note.clone());
             let f = |v: Option<f64>, p: usize| v.map(|v| format!("{v:.p$}")).unwrap_or_else(|| "-".into());
             println!(
