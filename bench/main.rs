@@ -12,6 +12,7 @@ mod daemon;
 mod hub;
 mod steal;
 mod subscribers;
+mod targets;
 mod workload;
 
 use std::path::{Path, PathBuf};
@@ -424,6 +425,7 @@ async fn async_main(args: Args, socktapd: PathBuf) -> ExitCode {
     // The paced run: W1 at --paced-round-trips (2000/s: 8000 events/s), one
     // subscriber. It gives the low-rate latency, and in quick mode it is the
     // zero-loss check. 0 skips it (refused with --quick).
+    let table_seconds = args.seconds;
     let low = Args {
         seconds: if args.quick { 2.0 } else { args.seconds },
         ..args
@@ -465,7 +467,7 @@ async fn async_main(args: Args, socktapd: PathBuf) -> ExitCode {
             }
         }
     }
-    report(&low, &runs, paced.as_ref(), &kernel, &cpu);
+    report(&low, table_seconds, &runs, paced.as_ref(), &kernel, &cpu);
     if failures.is_empty() {
         ExitCode::SUCCESS
     } else {
@@ -476,8 +478,12 @@ async fn async_main(args: Args, socktapd: PathBuf) -> ExitCode {
     }
 }
 
-fn report(args: &Args, runs: &[Run], zero_loss: Option<&Run>, kernel: &str, cpu: &str) {
+/// Prints the table, the paced run and the targets, and writes the JSON.
+/// `args.seconds` is the paced run's length, `table_seconds` the table's
+/// (they differ with --quick).
+fn report(args: &Args, table_seconds: f64, runs: &[Run], zero_loss: Option<&Run>, kernel: &str, cpu: &str) {
     let mut summary = Vec::new();
+    let mut rows = Vec::new();
     println!(
         "{:<4} {:<14} {:>11} {:>8} {:>9} {:>12} {:>16} {:>8} {:>8} {:>8} {:>6} {:>7} {:>6}",
         "",
@@ -511,7 +517,7 @@ fn report(args: &Args, runs: &[Run], zero_loss: Option<&Run>, kernel: &str, cpu:
             let n = rs.len() as f64;
             let mean = |f: &dyn Fn(&Run) -> f64| rs.iter().map(|r| f(r)).sum::<f64>() / n;
             let produced = mean(&|r| r.events_produced as f64);
-            let per_op = produced / (ops * args.seconds).max(1.0);
+            let per_op = produced / (ops * table_seconds).max(1.0);
             let ns_per_event = if base > 0.0 && ops > 0.0 && per_op > 0.0 && c != Config::Untraced {
                 Some((1e9 / ops - 1e9 / base) / per_op)
             } else {
@@ -531,6 +537,17 @@ fn report(args: &Args, runs: &[Run], zero_loss: Option<&Run>, kernel: &str, cpu:
             // The most of any round: a noisy round shows.
             let steal = rs.iter().filter_map(|r| r.steal_pct).reduce(f64::max);
             let note = rs.iter().find_map(|r| r.note.clone());
+            rows.push(targets::Row {
+                workload: w,
+                config: c,
+                ratio: (base > 0.0).then_some(ops / base),
+                delivered_per_sec: mean(&|r| r.delivered_per_sec),
+                lost: lost.iter().sum(),
+                latency_us: lat.map(|l| [l[0], l[1]]),
+                cores,
+                peak_rss_mib: rss,
+                note: note.clone(),
+            });
             let f = |v: Option<f64>, p: usize| v.map(|v| format!("{v:.p$}")).unwrap_or_else(|| "-".into());
             println!(
                 "{:<4} {:<14} {:>11.0} {:>7.1}% {:>9} {:>12.0} {:>16} {:>8} {:>8} {:>8} {:>6} {:>7} {:>6}{}",
@@ -576,6 +593,21 @@ fn report(args: &Args, runs: &[Run], zero_loss: Option<&Run>, kernel: &str, cpu:
             z.steal_pct.map(|s| format!("{s:.1} %")).unwrap_or_else(|| "-".into())
         );
     }
+    let paced = zero_loss.and_then(|z| {
+        Some(targets::Paced {
+            events_per_sec: 4.0 * args.paced_round_trips,
+            p50_us: z.latency_us?[0],
+        })
+    });
+    let span = targets::Span {
+        seconds: table_seconds,
+        rounds: args.rounds,
+    };
+    let verdicts = targets::evaluate(&rows, paced.as_ref(), span);
+    println!("targets (the benchmark issue's, judged on this run alone):");
+    for v in &verdicts {
+        println!("{}", v.line());
+    }
     // The paced run starts socktapd too, so a table of untraced runs alone
     // still names the mode it used.
     let mode = runs
@@ -592,8 +624,9 @@ fn report(args: &Args, runs: &[Run], zero_loss: Option<&Run>, kernel: &str, cpu:
     let doc = json!({
         "kernel": kernel, "cpu_model": cpu, "attach_mode": mode,
         "nproc": nproc, "transport": format!("{:?}", args.transport).to_lowercase(),
-        "seconds_per_run": args.seconds, "rounds": args.rounds, "quick": args.quick,
+        "seconds_per_run": table_seconds, "paced_seconds": zero_loss.map(|_| args.seconds), "rounds": args.rounds, "quick": args.quick,
         "summary": summary,
+        "targets": verdicts.iter().map(targets::Verdict::json).collect::<Vec<_>>(),
         "runs": runs.iter().map(|r| json!({
             "workload": r.workload, "config": r.config, "round": r.round, "ops_per_sec": r.ops_per_sec,
             "events_produced": r.events_produced, "events_delivered": r.events_delivered,
