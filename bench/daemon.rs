@@ -38,6 +38,13 @@ pub struct Usage {
     pub peak_rss_mib: f64,
 }
 
+/// The length of one tick of the CPU times in `/proc/<pid>/stat`.
+pub fn cpu_tick_seconds() -> f64 {
+    // SAFETY: sysconf has no preconditions.
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as f64;
+    1.0 / hz
+}
+
 fn free_port() -> std::io::Result<u16> {
     Ok(std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
 }
@@ -126,9 +133,7 @@ impl Daemon {
 
     /// CPU and memory since start (or the last reset).
     pub fn usage(&self) -> Usage {
-        // SAFETY: sysconf has no preconditions.
-        let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as f64;
-        let cpu = (self.cpu_ticks() - self.start_cpu_ticks) as f64 / hz;
+        let cpu = (self.cpu_ticks() - self.start_cpu_ticks) as f64 * cpu_tick_seconds();
         let status = std::fs::read_to_string(format!("/proc/{}/status", self.child.id())).unwrap_or_default();
         let hwm_kib = status
             .lines()
