@@ -593,11 +593,9 @@ fn report(args: &Args, table_seconds: f64, runs: &[Run], zero_loss: Option<&Run>
             z.steal_pct.map(|s| format!("{s:.1} %")).unwrap_or_else(|| "-".into())
         );
     }
-    let paced = zero_loss.and_then(|z| {
-        Some(targets::Paced {
-            events_per_sec: 4.0 * args.paced_round_trips,
-            p50_us: z.latency_us?[0],
-        })
+    let paced = zero_loss.map(|z| targets::Paced {
+        events_per_sec: 4.0 * args.paced_round_trips,
+        p50_us: z.latency_us.map(|l| l[0]),
     });
     let span = targets::Span {
         seconds: table_seconds,

@@ -41,7 +41,8 @@ pub struct Row {
 #[derive(Clone, Copy, Debug)]
 pub struct Paced {
     pub events_per_sec: f64,
-    pub p50_us: f64,
+    /// None when nothing arrived.
+    pub p50_us: Option<f64>,
 }
 
 /// How long each configuration ran, and how finely its CPU was measured.
@@ -116,7 +117,10 @@ fn of_untraced(r: &Row) -> String {
         .unwrap_or_default()
 }
 
+const IDLE_RATIO: f64 = 0.99;
 const FULL_COPY_EACH: f64 = 250_000.0;
+const P99_US: f64 = 1000.0;
+const P50_US: f64 = 50.0;
 const CORES_PER_MILLION: f64 = 0.2;
 const IDLE_CORES: f64 = 0.001;
 const RSS_MIB: f64 = 48.0;
@@ -167,7 +171,7 @@ pub fn evaluate(rows: &[Row], paced: Option<&Paced>, span: Span) -> Vec<Verdict>
             .map(|(w, x)| format!("{w:?} {:.1} %", 100.0 * x))
             .collect::<Vec<_>>()
             .join(", ");
-        Verdict::met_if(target, text, ratios.iter().all(|&(_, x)| x >= 0.99))
+        Verdict::met_if(target, text, ratios.iter().all(|&(_, x)| x >= IDLE_RATIO))
     });
 
     let target = "zero loss for 60 s of W2, 1 subscriber";
@@ -230,7 +234,7 @@ pub fn evaluate(rows: &[Row], paced: Option<&Paced>, span: Span) -> Vec<Verdict>
             Err(v) => v,
             Ok(r) => match r.latency_us {
                 None => Verdict::new(target, "no events received", Status::NotMet),
-                Some([_, p99]) => Verdict::met_if(target, format!("{:.2} ms", p99 / 1000.0), p99 <= 1000.0),
+                Some([_, p99]) => Verdict::met_if(target, format!("{:.2} ms", p99 / 1000.0), p99 <= P99_US),
             },
         });
     }
@@ -243,10 +247,14 @@ pub fn evaluate(rows: &[Row], paced: Option<&Paced>, span: Span) -> Vec<Verdict>
             format!("paced at {:.0} events/s, above 10k", p.events_per_sec),
             Status::NotMeasured,
         ),
-        Some(p) => Verdict::met_if(
+        Some(Paced { p50_us: None, .. }) => Verdict::new(target, "no events received", Status::NotMet),
+        Some(&Paced {
+            events_per_sec,
+            p50_us: Some(p50),
+        }) => Verdict::met_if(
             target,
-            format!("{:.1} µs at {:.0} events/s", p.p50_us, p.events_per_sec),
-            p.p50_us <= 50.0,
+            format!("{p50:.1} µs at {events_per_sec:.0} events/s"),
+            p50 <= P50_US,
         ),
     });
 
@@ -411,7 +419,7 @@ mod tests {
         idle.peak_rss_mib = Some(99.0); // idle is not "under load"
         let paced = Paced {
             events_per_sec: 8000.0,
-            p50_us: 50.0,
+            p50_us: Some(50.0),
         };
         let vs = evaluate(&[w1.clone(), w2.clone(), idle.clone()], Some(&paced), SHORT);
         assert_eq!(status(&vs, "W1 latency p99"), Status::Met);
@@ -425,10 +433,16 @@ mod tests {
         assert_eq!(status(&vs, "socktapd with no subscriber"), Status::Met);
         let fast = Paced {
             events_per_sec: 400_000.0,
-            p50_us: 10.0,
+            p50_us: Some(10.0),
         };
         let vs = evaluate(&[w1.clone()], Some(&fast), SHORT);
         assert_eq!(status(&vs, "latency p50"), Status::NotMeasured);
+        let silent = Paced {
+            events_per_sec: 8000.0,
+            p50_us: None,
+        };
+        let vs = evaluate(&[w1.clone()], Some(&silent), SHORT);
+        assert_eq!(status(&vs, "latency p50"), Status::NotMet);
         idle.cores = Some(0.0078); // 0.001 + 2 ticks over 3 s, and a bit
         let vs = evaluate(std::slice::from_ref(&idle), None, SHORT);
         assert_eq!(status(&vs, "socktapd ≤ 0.1 %"), Status::NotMet);
