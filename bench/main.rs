@@ -603,7 +603,11 @@ fn report(args: &Args, table_seconds: f64, runs: &[Run], zero_loss: Option<&Run>
         cpu_tick_seconds: daemon::cpu_tick_seconds(),
     };
     let verdicts = targets::evaluate(&rows, paced.as_ref(), span);
-    println!("targets (the benchmark issue's, judged on this run alone):");
+    if args.quick {
+        println!("targets (the benchmark issue's; --quick runs are too short to judge them, so these lines only show the format):");
+    } else {
+        println!("targets (the benchmark issue's, judged on this run alone):");
+    }
     for v in &verdicts {
         println!("{}", v.line());
     }
