@@ -517,6 +517,7 @@ fn report(args: &Args, table_seconds: f64, runs: &[Run], zero_loss: Option<&Run>
             let n = rs.len() as f64;
             let mean = |f: &dyn Fn(&Run) -> f64| rs.iter().map(|r| f(r)).sum::<f64>() / n;
             let produced = mean(&|r| r.events_produced as f64);
+            let delivered = mean(&|r| r.delivered_per_sec);
             let per_op = produced / (ops * table_seconds).max(1.0);
             let ns_per_event = if base > 0.0 && ops > 0.0 && per_op > 0.0 && c != Config::Untraced {
                 Some((1e9 / ops - 1e9 / base) / per_op)
@@ -541,7 +542,7 @@ fn report(args: &Args, table_seconds: f64, runs: &[Run], zero_loss: Option<&Run>
                 workload: w,
                 config: c,
                 ratio: (base > 0.0).then_some(ops / base),
-                delivered_per_sec: mean(&|r| r.delivered_per_sec),
+                delivered_per_sec: delivered,
                 lost: lost.iter().sum(),
                 latency_us: lat.map(|l| [l[0], l[1]]),
                 cores,
@@ -556,7 +557,7 @@ fn report(args: &Args, table_seconds: f64, runs: &[Run], zero_loss: Option<&Run>
                 ops,
                 if base > 0.0 { 100.0 * ops / base } else { 0.0 },
                 f(ns_per_event, 0),
-                mean(&|r| r.delivered_per_sec),
+                delivered,
                 format!("{}/{}/{}", lost[0], lost[1], lost[2]),
                 f(lat.map(|l| l[0]), 1),
                 f(lat.map(|l| l[1]), 1),
@@ -570,7 +571,7 @@ fn report(args: &Args, table_seconds: f64, runs: &[Run], zero_loss: Option<&Run>
                 "workload": wn, "config": format!("{c:?}"), "ops_per_sec": ops,
                 "ratio_to_untraced": if base > 0.0 { ops / base } else { 0.0 },
                 "added_ns_per_event": ns_per_event, "events_produced_per_run": produced,
-                "delivered_per_sec": mean(&|r| r.delivered_per_sec),
+                "delivered_per_sec": delivered,
                 "lost": {"kernel_ring_buffer": lost[0], "subscriber_queue": lost[1], "history": lost[2]},
                 "latency_us": lat.map(|l| json!({"p50": l[0], "p99": l[1], "p99_9": l[2]})),
                 "socktapd_cores": cores, "socktapd_peak_rss_mib": rss, "max_steal_pct": steal, "note": note,
