@@ -23,6 +23,7 @@ use clap::{CommandFactory, Parser, ValueEnum};
 use serde_json::json;
 
 use daemon::{Daemon, Usage};
+use hdrhistogram::Histogram;
 use steal::CpuTimes;
 use subscribers::{Seen, Subscribers};
 use workload::{prepare, Workload};
@@ -123,12 +124,12 @@ struct Run {
     note: Option<String>,
 }
 
-fn percentiles(mut v: Vec<u64>) -> Option<[f64; 3]> {
-    if v.is_empty() {
+/// p50, p99 and p99.9 of `h` in µs; `None` when it is empty.
+fn percentiles(h: &Histogram<u64>) -> Option<[f64; 3]> {
+    if h.is_empty() {
         return None;
     }
-    v.sort_unstable();
-    let p = |q: f64| v[((v.len() as f64 - 1.0) * q).round() as usize] as f64 / 1000.0;
+    let p = |q: f64| h.value_at_quantile(q) as f64 / 1000.0;
     Some([p(0.5), p(0.99), p(0.999)])
 }
 
@@ -218,7 +219,12 @@ async fn measure(args: &Args, socktapd: &Path, w: Workload, c: Config, round: u3
             run.delivered_per_sec = run.events_delivered as f64 / out.seconds;
             run.lost_queue = seen.iter().map(|s| s.lost_queue).sum();
             run.lost_history = seen.iter().map(|s| s.lost_history).sum();
-            run.latency_us = percentiles(seen.into_iter().flat_map(|s| s.latencies_ns).collect());
+            let mut latency = subscribers::latency_histogram();
+            for s in &seen {
+                // Same bounds for all, so adding cannot fail.
+                latency.add(&s.latency_ns).expect("histograms of equal bounds");
+            }
+            run.latency_us = percentiles(&latency);
             if let Err(e) = d.stop() {
                 run.note = Some(e);
             }
@@ -657,7 +663,23 @@ fn report(args: &Args, table_seconds: f64, runs: &[Run], zero_loss: Option<&Run>
 
 #[cfg(test)]
 mod tests {
-    use super::median;
+    use super::{median, percentiles, subscribers::latency_histogram};
+
+    #[test]
+    fn percentiles_are_those_of_every_latency_recorded_to_three_digits() {
+        let mut h = latency_histogram();
+        assert_eq!(percentiles(&h), None);
+        // 1..=100,000 µs, each once; and one hour-plus outlier, kept as an hour.
+        for us in 1..=100_000u64 {
+            h.record(us * 1000).unwrap();
+        }
+        h.saturating_record(u64::MAX);
+        let [p50, p99, p999] = percentiles(&h).unwrap();
+        for (got, want) in [(p50, 50_000.0), (p99, 99_000.0), (p999, 99_900.0)] {
+            assert!((got - want).abs() <= want * 0.001, "{got} µs, want {want} µs to 0.1 %");
+        }
+        assert_eq!(h.max(), h.highest_equivalent(3_600_000_000_000));
+    }
 
     #[test]
     fn median_of_an_even_count_is_the_mean_of_the_middle_two() {
