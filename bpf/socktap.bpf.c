@@ -311,9 +311,11 @@ static __always_inline void emit(struct socktap_control *cfg, __u64 pid_tgid, st
 	 * Wakeups. Interval 0 (low rates): the ring buffer's own rule, which
 	 * wakes the reader exactly when it has caught up (it has consumed
 	 * everything before this record), so no event waits in the ring for
-	 * a later one. Otherwise (userspace sets it at high rates): wake the
-	 * reader at most once per interval; it drains many events per wakeup
-	 * and its timed poll picks up the tail.
+	 * a later one. Otherwise (a nonzero --wakeup-interval-us): wake the
+	 * reader at most once per interval; its timed poll picks up the
+	 * tail. At high rates userspace sets the interval to the most a u32
+	 * holds (4.29 s): the reader drains on its own timer, and the traced
+	 * call takes no interrupt for a wakeup.
 	 */
 	if (!cfg->wakeup_interval_ns) {
 		flags = 0;

@@ -120,9 +120,10 @@ struct Args {
         default_value_t = 0
     )]
     wakeup_interval_us: u64,
-    /// Above 20k events/s, the kernel wakes the reader at most once per
-    /// this many microseconds (fewer, larger batches); never less than
-    /// --wakeup-interval-us.
+    /// Above 20k events/s, the reader drains the ring every this many
+    /// microseconds on its own timer, and the kernel stops waking it (fewer,
+    /// larger batches, and no interrupt inside the traced calls); never less
+    /// than --wakeup-interval-us.
     #[arg(
         long,
         help_heading = "Tuning",
@@ -130,9 +131,9 @@ struct Args {
         default_value_t = 500
     )]
     batch_interval_us: u64,
-    /// While the kernel batches wakeups (above 20k events/s, or with a
-    /// nonzero --wakeup-interval-us), the reader drains the ring at least
-    /// this often, in microseconds.
+    /// With a nonzero --wakeup-interval-us, the reader drains the ring at
+    /// least this often below 20k events/s, in microseconds (above, it
+    /// drains every --batch-interval-us).
     #[arg(long, help_heading = "Tuning", env = "SOCKTAPD_POLL_INTERVAL_US", default_value_t = 1000, value_parser = clap::value_parser!(u64).range(1..))]
     poll_interval_us: u64,
     /// Threads that serve gRPC (the ring buffer reader has its own). One is

@@ -13,7 +13,7 @@ use std::time::Duration;
 
 use common::*;
 use socktap::event::{Event, EventKind};
-use socktap::probe::{Batch, ProbeOptions, MAX_BATCH_EVENTS};
+use socktap::probe::{Batch, ProbeOptions, MAX_BATCH_EVENTS, WAKEUPS_OFF};
 
 const WAIT: Duration = Duration::from_secs(10);
 const SETTLE: Duration = Duration::from_millis(100);
@@ -676,6 +676,86 @@ fn two_cpus_writing_arrive_in_sequence_order() {
     assert!(cpus_seen.len() >= 2, "written on two CPUs: {cpus_seen:?}");
     let after = probe.counters();
     assert_eq!(after.kernel_drops, before.kernel_drops, "nothing lost");
+}
+
+/// On a runtime, whose own timers tick in milliseconds, a reader that
+/// drains on its timer (above 20k events/s, with the kernel's wakeups off)
+/// uses a timerfd: batches keep coming throughout a load, never 150 ms
+/// apart (the timed poll is 2 s, the quiet one 200 ms), and the reading
+/// stays on the runtime (a cheap consumer keeps up).
+#[test]
+fn on_the_runtime_a_batched_reader_drains_on_its_timer() {
+    let Some(_bpf) = bpf_available("runtime drain timer") else {
+        return;
+    };
+    use std::time::Instant;
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()
+        .unwrap();
+    let mut probe = start_probe(ProbeOptions {
+        poll_interval: Duration::from_secs(2),
+        ..Default::default()
+    });
+    let arrivals = Arc::new(std::sync::Mutex::new(Vec::new()));
+    probe.deliver_on_runtime(rt.handle().clone(), {
+        let arrivals = arrivals.clone();
+        move |b| {
+            if !b.events.is_empty() {
+                arrivals.lock().unwrap().push(Instant::now());
+            }
+        }
+    });
+    let control = probe.control().clone();
+    // The reading moves to the runtime at the reader's next pass.
+    let deadline = Instant::now() + WAIT;
+    while !control.reads_on_runtime() {
+        assert!(Instant::now() < deadline, "the reading moves to the runtime");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    let load = std::thread::spawn(|| {
+        let (mut c, mut s) = tcp_pair(false);
+        let end = Instant::now() + Duration::from_millis(500);
+        let mut b = [0u8; 1];
+        let mut calls = 0u64;
+        while Instant::now() < end {
+            c.write_all(&b).unwrap();
+            s.read_exact(&mut b).unwrap();
+            calls += 2;
+        }
+        calls
+    });
+    let (mut batched_from, mut left_runtime) = (None, false);
+    while !load.is_finished() {
+        if batched_from.is_none() && control.wakeup_interval() == WAKEUPS_OFF {
+            batched_from = Some(Instant::now());
+        }
+        left_runtime |= !control.reads_on_runtime();
+        std::thread::sleep(Duration::from_millis(2));
+    }
+    let load_end = Instant::now();
+    let rate = load.join().unwrap() * 2;
+    let Some(from) = batched_from else {
+        // A slow machine (the TCG VMs of the kernel matrix) may not reach
+        // the threshold; the pacing test says when it must.
+        eprintln!("{rate} events/s did not turn the kernel's wakeups off: no timer to test");
+        return;
+    };
+    assert!(!left_runtime, "a cheap consumer keeps up on the runtime");
+    let arrivals = arrivals.lock().unwrap();
+    let mut times = vec![from];
+    times.extend(arrivals.iter().copied().filter(|&t| t >= from && t <= load_end));
+    times.push(load_end);
+    let gap = times.windows(2).map(|w| w[1] - w[0]).max().unwrap_or_default();
+    eprintln!(
+        "{rate} events/s, {} batches while batched, longest gap {gap:?}",
+        times.len() - 2
+    );
+    assert!(
+        gap < Duration::from_millis(150),
+        "batches stopped for {gap:?} with the kernel's wakeups off"
+    );
 }
 
 /// With a runtime consumer the ring is read on that runtime; when the

@@ -10,7 +10,7 @@ use std::time::Duration;
 use common::*;
 use libbpf_rs::query::{LinkInfoIter, ProgInfoIter};
 use socktap::event::AttachMode;
-use socktap::probe::{ModeRequest, Probe, ProbeError, ProbeOptions};
+use socktap::probe::{ModeRequest, Probe, ProbeError, ProbeOptions, WAKEUPS_OFF};
 
 fn our_programs() -> HashSet<u32> {
     ProgInfoIter::default()
@@ -267,53 +267,97 @@ fn a_sink_gets_queued_batches_first_then_everything_in_order() {
     assert!(seqs.windows(2).all(|w| w[0] < w[1]), "sequence order kept: {seqs:?}");
 }
 
+/// Above 20k events/s the reader drains the ring on its own timer, every
+/// batch interval, and turns the kernel's wakeups off; below 10k it turns
+/// them back on. The timed poll is 2 s here, so only the drain timer can
+/// keep batches coming while the kernel wakes nobody: a gap of 150 ms
+/// between two says it does not run (the quiet poll is 200 ms).
 #[test]
-fn the_reader_widens_the_wakeup_interval_under_load_and_narrows_it_after() {
+fn under_load_the_reader_drains_on_its_timer_with_the_kernels_wakeups_off() {
     let Some(_bpf) = bpf_available("pacing") else {
         return;
     };
     use std::io::{Read, Write};
-    let opts = ProbeOptions::default();
-    let (low, high) = (opts.wakeup_interval, opts.batch_interval);
+    use std::time::Instant;
+    let opts = ProbeOptions {
+        poll_interval: Duration::from_secs(2),
+        ..Default::default()
+    };
+    let low = opts.wakeup_interval;
     let mut probe = start_probe(opts);
-    probe.deliver_to(|_| {});
+    let arrivals = Arc::new(Mutex::new(Vec::new()));
+    probe.deliver_to({
+        let arrivals = arrivals.clone();
+        move |b| {
+            if !b.events.is_empty() {
+                arrivals.lock().unwrap().push(Instant::now());
+            }
+        }
+    });
     let control = probe.control().clone();
     assert_eq!(control.wakeup_interval(), low, "starts with the low-rate interval");
     let load = std::thread::spawn(|| {
         let (mut c, mut s) = tcp_pair(false);
-        let end = std::time::Instant::now() + Duration::from_millis(500);
+        let end = Instant::now() + Duration::from_millis(500);
         let mut b = [0u8; 1];
         let mut calls = 0u64;
-        while std::time::Instant::now() < end {
+        while Instant::now() < end {
             c.write_all(&b).unwrap();
             s.read_exact(&mut b).unwrap();
             calls += 2;
         }
         calls
     });
-    let mut widened = false;
+    let mut batched_from = None;
     while !load.is_finished() {
-        widened |= control.wakeup_interval() == high;
+        if batched_from.is_none() && control.wakeup_interval() == WAKEUPS_OFF {
+            batched_from = Some(Instant::now());
+        }
         std::thread::sleep(Duration::from_millis(2));
     }
+    let load_end = Instant::now();
     let rate = load.join().unwrap() * 2; // calls per second
-    eprintln!("pacing: {rate} events/s, widened: {widened}");
+    eprintln!("pacing: {rate} events/s, batched: {}", batched_from.is_some());
     // A slow machine (the TCG VMs of the kernel matrix) may not reach the
     // threshold. `rate` is a mean over 500 ms and the reader measures 10 ms
     // windows, so a bursty VM can pass 20k events/s in some window at a
     // mean of 8.7k (seen in CI): only a mean ten times below the threshold
     // says that no window reached it. The rule itself is unit-tested.
     if rate > socktap::probe::BATCH_ABOVE_RATE * 5 / 4 {
-        assert!(widened, "{rate} events/s should switch to the batch interval");
-    } else if rate < socktap::probe::BATCH_ABOVE_RATE / 10 {
-        assert!(!widened, "{rate} events/s must keep the low-rate interval");
-    }
-    let deadline = std::time::Instant::now() + Duration::from_secs(5);
-    while control.wakeup_interval() != low {
         assert!(
-            std::time::Instant::now() < deadline,
-            "back to the low-rate interval once quiet"
+            batched_from.is_some(),
+            "{rate} events/s should turn the kernel's wakeups off"
         );
+    } else if rate < socktap::probe::BATCH_ABOVE_RATE / 10 {
+        assert!(
+            batched_from.is_none(),
+            "{rate} events/s must keep the low-rate interval"
+        );
+    }
+    if let Some(from) = batched_from {
+        let arrivals = arrivals.lock().unwrap();
+        let during: Vec<Instant> = arrivals
+            .iter()
+            .copied()
+            .filter(|&t| t >= from && t <= load_end)
+            .collect();
+        let gap = std::iter::once(from)
+            .chain(during.iter().copied())
+            .chain(std::iter::once(load_end))
+            .collect::<Vec<_>>()
+            .windows(2)
+            .map(|w| w[1] - w[0])
+            .max()
+            .unwrap_or_default();
+        eprintln!("{} batches while batched, longest gap {gap:?}", during.len());
+        assert!(
+            gap < Duration::from_millis(150),
+            "batches stopped for {gap:?} with the kernel's wakeups off"
+        );
+    }
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while control.wakeup_interval() != low {
+        assert!(Instant::now() < deadline, "back to the low-rate interval once quiet");
         std::thread::sleep(Duration::from_millis(5));
     }
 }

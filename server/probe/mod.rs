@@ -89,14 +89,18 @@ pub struct ProbeOptions {
     /// events in between wait for the next wakeup or timed poll.
     pub wakeup_interval: Duration,
     /// At high event rates (above [`BATCH_ABOVE_RATE`] events/s) the reader
-    /// widens the kernel's wakeup interval to this: fewer, larger batches,
-    /// each event delayed at most about this long.
+    /// drains the ring on its own timer, once per this interval, and the
+    /// kernel stops waking it ([`WAKEUPS_OFF`]): fewer, larger batches,
+    /// each event delayed at most about this long. A wakeup from the
+    /// kernel costs an interrupt on the CPU that wrote the record, inside
+    /// the traced call, and usually a wakeup across CPUs; a timer costs
+    /// neither. Equal to `wakeup_interval`, the reader never switches.
     pub batch_interval: Duration,
     /// How long the reader waits for a wakeup before draining anyway, while
-    /// the kernel's wakeup interval is nonzero (batched wakeups leave
-    /// records unannounced). With interval 0 the kernel announces every
-    /// record that finds the reader caught up, and the reader waits up to
-    /// 200 ms (or this interval, if longer).
+    /// a nonzero `wakeup_interval` (at low rates) leaves records
+    /// unannounced. With interval 0 the kernel announces every record that
+    /// finds the reader caught up, and the reader waits up to 200 ms (or
+    /// this interval, if longer).
     pub poll_interval: Duration,
     /// Capacity, in batches, of the channel to the consumer. When it is
     /// full the reader waits and the kernel ring absorbs, then drops.
@@ -204,11 +208,16 @@ pub(crate) enum Consumer {
 }
 
 /// Above this many events per second (over [`RATE_WINDOW`]) the reader
-/// switches the kernel to [`ProbeOptions::batch_interval`]; below
-/// [`UNBATCH_BELOW_RATE`] back to [`ProbeOptions::wakeup_interval`].
+/// drains the ring every [`ProbeOptions::batch_interval`] and turns the
+/// kernel's wakeups off; below [`UNBATCH_BELOW_RATE`] it goes back to
+/// [`ProbeOptions::wakeup_interval`].
 pub const BATCH_ABOVE_RATE: u64 = 20_000;
 /// See [`BATCH_ABOVE_RATE`].
 pub const UNBATCH_BELOW_RATE: u64 = 10_000;
+/// The kernel's wakeup interval while the reader drains on its timer
+/// ([`ProbeOptions::batch_interval`]): the programs force a wakeup at most
+/// once per 4.29 s, which in effect is never.
+pub const WAKEUPS_OFF: Duration = Duration::from_nanos(u32::MAX as u64);
 /// The window over which the reader measures the event rate.
 pub const RATE_WINDOW: Duration = Duration::from_millis(10);
 
@@ -386,7 +395,8 @@ impl ProbeControl {
         }
     }
 
-    /// The kernel's wakeup interval now.
+    /// The kernel's wakeup interval now: [`WAKEUPS_OFF`] while the reader
+    /// drains on its timer (high rates).
     pub fn wakeup_interval(&self) -> Duration {
         Duration::from_nanos(self.shared.wakeup_interval_ns.load(Ordering::Relaxed).into())
     }

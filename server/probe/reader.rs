@@ -3,12 +3,14 @@
 //! so the attached programs); with a runtime consumer it reads on that
 //! runtime, and on a blocking thread while it cannot keep up there.
 
-use std::os::fd::AsFd;
+use std::os::fd::{AsFd, AsRawFd, RawFd};
 use std::sync::atomic::Ordering;
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use libbpf_rs::MapCore;
+use nix::sys::time::TimeSpec;
+use nix::sys::timerfd::{ClockId, Expiration, TimerFd, TimerFlags, TimerSetTimeFlags};
 use tokio::io::unix::AsyncFd;
 use tokio::io::Interest;
 use tokio::sync::mpsc::error::TrySendError;
@@ -17,7 +19,9 @@ use tracing::{debug, error, warn};
 use super::drops::MappedDrops;
 use super::ring::MappedRing;
 use super::skel::SocktapSkel;
-use super::{Batch, Consumer, ProbeControl, ProbeOptions, Sink, BATCH_ABOVE_RATE, RATE_WINDOW, UNBATCH_BELOW_RATE};
+use super::{
+    Batch, Consumer, ProbeControl, ProbeOptions, Sink, BATCH_ABOVE_RATE, RATE_WINDOW, UNBATCH_BELOW_RATE, WAKEUPS_OFF,
+};
 use crate::event::Event;
 
 /// How long the reader sleeps between polls when nothing can arrive
@@ -80,7 +84,7 @@ impl Reader {
         self.broken || self.control.shared.stop.load(Ordering::Acquire)
     }
 
-    /// Whether the kernel batches wakeups now (the event rate is high).
+    /// Whether the reader drains on its timer now (the event rate is high).
     fn batching(&self) -> bool {
         self.pacing.batching
     }
@@ -91,11 +95,16 @@ impl Reader {
         if self.full_batch {
             return None;
         }
-        // With the gate open and the ring buffer's own wakeup rule, every
-        // record that finds the reader caught up wakes it: a timed poll
-        // would find nothing (and cost a wakeup a millisecond while a
-        // subscriber waits on a quiet host). Only batched wakeups leave
-        // records unannounced, for the timed poll to pick up.
+        // At high rates the reader drains on its own timer, and the kernel
+        // wakes nobody. Otherwise, with the gate open and the ring buffer's
+        // own wakeup rule, every record that finds the reader caught up
+        // wakes it: a timed poll would find nothing (and cost a wakeup a
+        // millisecond while a subscriber waits on a quiet host). Only a
+        // nonzero low-rate interval leaves records unannounced, for the
+        // timed poll to pick up.
+        if let Some(period) = self.pacing.drain_period() {
+            return Some(period);
+        }
         let open = self.control.shared.enabled.load(Ordering::Relaxed);
         Some(if open && !self.pacing.kernel_wakes_on_catch_up(Instant::now()) {
             self.poll
@@ -222,10 +231,10 @@ pub(crate) fn run(mut reader: Reader, consumer: &Mutex<Consumer>) {
 /// Reads on a tokio runtime: the task that reads also runs the consumer,
 /// and the subscribers' streams are woken on the same thread, so a batch
 /// costs one wakeup instead of two (the reader's, then the runtime's).
-/// When the reading falls behind at a high rate (the kernel batches
-/// wakeups, above [`BATCH_ABOVE_RATE`] events/s, and a pass still finds a
-/// whole batch of [`MAX_BATCH_EVENTS`] records waiting) it moves to a
-/// blocking thread, so that decoding and dispatch run beside the runtime's
+/// Above [`BATCH_ABOVE_RATE`] events/s it drains on a [`DrainTimer`]. When
+/// the reading falls behind at a high rate (a pass still finds a whole
+/// batch of [`MAX_BATCH_EVENTS`] records waiting) it moves to a blocking
+/// thread, so that decoding and dispatch run beside the runtime's
 /// HTTP/2 writes instead of taking turns with them; it comes back when the
 /// rate falls below [`UNBATCH_BELOW_RATE`].
 pub(crate) async fn read_on_runtime(mut reader: Reader, mut sink: Sink) {
@@ -246,8 +255,31 @@ pub(crate) async fn read_on_runtime(mut reader: Reader, mut sink: Sink) {
             return;
         }
     };
+    // Drains at the batch interval while batching. tokio's timers tick in
+    // milliseconds, twice the default interval.
+    let mut timer = match DrainTimer::new() {
+        Ok(t) => Some(t),
+        Err(e) => {
+            warn!("no timerfd for the batched drain ({e}); draining on tokio's millisecond timers");
+            None
+        }
+    };
     while !reader.stopped() {
+        if let Some(t) = &mut timer {
+            if let Err(e) = t.set(reader.pacing.drain_period()) {
+                warn!("cannot set the drain timer ({e}); draining on tokio's millisecond timers");
+                timer = None;
+            }
+        }
         if reader.batching() && reader.full_batch {
+            // The thread drains on its own: the timer would wake the
+            // runtime for nothing meanwhile.
+            if let Some(t) = &mut timer {
+                if let Err(e) = t.set(None) {
+                    warn!("cannot disarm the drain timer ({e}); draining on tokio's millisecond timers");
+                    timer = None;
+                }
+            }
             shared.on_runtime.store(false, Ordering::Relaxed);
             let back = tokio::task::spawn_blocking(move || read_on_thread(reader, sink, |r| !r.batching())).await;
             match back {
@@ -261,6 +293,7 @@ pub(crate) async fn read_on_runtime(mut reader: Reader, mut sink: Sink) {
             continue;
         }
         if let Some(timeout) = reader.wait() {
+            let ticking = timer.as_ref().filter(|t| t.period.is_some());
             tokio::select! {
                 r = ready.readable() => {
                     // Clear first, then read: a wakeup after the clear is
@@ -269,7 +302,8 @@ pub(crate) async fn read_on_runtime(mut reader: Reader, mut sink: Sink) {
                         guard.clear_ready();
                     }
                 }
-                _ = tokio::time::sleep(timeout) => {}
+                _ = DrainTimer::tick(ticking) => {}
+                _ = tokio::time::sleep(timeout), if ticking.is_none() => {}
             }
         }
         if let Some(b) = reader.pass() {
@@ -278,6 +312,77 @@ pub(crate) async fn read_on_runtime(mut reader: Reader, mut sink: Sink) {
         if reader.full_batch {
             // Let the streams write what was just dispatched.
             tokio::task::yield_now().await;
+        }
+    }
+}
+
+/// A periodic timer with microsecond resolution for the reader on the
+/// runtime, whose own timers tick in milliseconds: a timerfd watched by the
+/// runtime's reactor.
+struct DrainTimer {
+    fd: AsyncFd<TimerFdRaw>,
+    /// The period it is armed with; `None` while disarmed.
+    period: Option<Duration>,
+}
+
+/// A timerfd as tokio's `AsyncFd` takes it (nix's implements `AsFd` only).
+struct TimerFdRaw(TimerFd);
+
+impl AsRawFd for TimerFdRaw {
+    fn as_raw_fd(&self) -> RawFd {
+        self.0.as_fd().as_raw_fd()
+    }
+}
+
+impl DrainTimer {
+    /// A disarmed timer. Must run inside the runtime.
+    fn new() -> std::io::Result<DrainTimer> {
+        let fd = TimerFd::new(
+            ClockId::CLOCK_MONOTONIC,
+            TimerFlags::TFD_NONBLOCK | TimerFlags::TFD_CLOEXEC,
+        )?;
+        // SAFETY: the TimerFd is moved into the AsyncFd, which owns it from
+        // here on: its descriptor stays open and the same for the
+        // AsyncFd's whole life (`TimerFdRaw` hands out no other). Called
+        // inside a task on the runtime, so a reactor is current.
+        let fd = unsafe { AsyncFd::register_with_interest(TimerFdRaw(fd), Interest::READABLE) }
+            .map_err(std::io::Error::from)?;
+        Ok(DrainTimer { fd, period: None })
+    }
+
+    /// Arms it to fire every `period`, or disarms it (`None`); a no-op when
+    /// it is already so.
+    fn set(&mut self, period: Option<Duration>) -> std::io::Result<()> {
+        if period == self.period {
+            return Ok(());
+        }
+        let timer = &self.fd.get_ref().0;
+        match period {
+            Some(p) => {
+                let p = TimeSpec::from_duration(p.max(Duration::from_micros(1)));
+                timer.set(Expiration::Interval(p), TimerSetTimeFlags::empty())?;
+            }
+            None => timer.unset()?,
+        }
+        self.period = period;
+        Ok(())
+    }
+
+    /// Waits for the next expiry of `timer`; never returns for `None`.
+    async fn tick(timer: Option<&DrainTimer>) {
+        let Some(t) = timer else {
+            return std::future::pending().await;
+        };
+        loop {
+            let Ok(mut guard) = t.fd.readable().await else {
+                return std::future::pending().await;
+            };
+            // Reading takes the expiry count, and nothing is left to read
+            // once it is taken: a later expiry makes the fd readable again.
+            match guard.try_io(|fd| fd.get_ref().0.wait().map_err(std::io::Error::from)) {
+                Ok(_) => return,
+                Err(_would_block) => continue,
+            }
         }
     }
 }
@@ -296,15 +401,17 @@ fn read_on_thread(mut reader: Reader, mut sink: Sink, done: impl Fn(&Reader) -> 
     (reader, sink)
 }
 
-/// Adapts the kernel's wakeup interval to the event rate: at low rates each
-/// event wakes the reader (with `wakeup_interval` 0, whenever the reader
-/// has caught up; low latency); above
-/// [`BATCH_ABOVE_RATE`] events/s it wakes at most once per `batch_interval`
-/// (fewer, larger batches: a wakeup costs microseconds of scheduler time on
-/// both sides). Hysteresis down to [`UNBATCH_BELOW_RATE`].
+/// Adapts the reading to the event rate: at low rates each event wakes the
+/// reader (with `wakeup_interval` 0, whenever the reader has caught up;
+/// low latency); above [`BATCH_ABOVE_RATE`] events/s the reader drains the
+/// ring once per `batch_interval` on its own timer and the kernel wakes
+/// nobody ([`WAKEUPS_OFF`]): fewer, larger batches, and no interrupt in the
+/// traced calls. Hysteresis down to [`UNBATCH_BELOW_RATE`].
 struct Pacing {
     low_ns: u32,
     high_ns: u32,
+    /// How often the reader drains while batching.
+    batch: Duration,
     batching: bool,
     /// When the interval last changed.
     switched_at: Option<Instant>,
@@ -317,6 +424,7 @@ impl Pacing {
         Pacing {
             low_ns: opts.wakeup_interval.as_nanos() as u32,
             high_ns: opts.batch_interval.as_nanos() as u32,
+            batch: opts.batch_interval,
             batching: false,
             switched_at: None,
             window_start: Instant::now(),
@@ -330,15 +438,20 @@ impl Pacing {
     /// old "no wakeup" flag, so the first [`SWITCH_GRACE`] after a switch
     /// does not count.
     fn kernel_wakes_on_catch_up(&self, now: Instant) -> bool {
-        let interval = if self.batching { self.high_ns } else { self.low_ns };
-        interval == 0
+        !self.batching
+            && self.low_ns == 0
             && self
                 .switched_at
                 .is_none_or(|at| now.saturating_duration_since(at) >= SWITCH_GRACE)
     }
 
-    /// Counts a drain of `events` at `now`; returns the interval to switch
-    /// to, if it changes.
+    /// While batching: how often the reader drains the ring.
+    fn drain_period(&self) -> Option<Duration> {
+        self.batching.then_some(self.batch)
+    }
+
+    /// Counts a drain of `events` at `now`; returns the kernel's wakeup
+    /// interval to switch to, if it changes.
     fn observe(&mut self, events: usize, now: Instant) -> Option<u32> {
         self.window_events += events as u64;
         let elapsed = now.saturating_duration_since(self.window_start);
@@ -359,7 +472,11 @@ impl Pacing {
         self.batching = batching;
         self.switched_at = Some(now);
         debug!(rate, batching, "wakeup pacing changed");
-        Some(if batching { self.high_ns } else { self.low_ns })
+        Some(if batching {
+            WAKEUPS_OFF.as_nanos() as u32
+        } else {
+            self.low_ns
+        })
     }
 }
 
@@ -410,7 +527,8 @@ mod tests {
         let opts = ProbeOptions::default();
         let mut p = Pacing::new(&opts);
         let mut t = p.window_start;
-        let (low, high) = (0, 500_000);
+        let (low, off) = (0, WAKEUPS_OFF.as_nanos() as u32);
+        assert_eq!(p.drain_period(), None, "the kernel wakes the reader");
         assert_eq!(
             feed(&mut p, &mut t, 5_000, 50),
             None,
@@ -421,9 +539,19 @@ mod tests {
             None,
             "between the thresholds: no change"
         );
-        assert_eq!(feed(&mut p, &mut t, 300_000, 50), Some(high), "high rate: batches");
+        assert_eq!(
+            feed(&mut p, &mut t, 300_000, 50),
+            Some(off),
+            "high rate: the kernel's wakeups off"
+        );
+        assert_eq!(
+            p.drain_period(),
+            Some(opts.batch_interval),
+            "high rate: the reader drains on its timer"
+        );
         assert_eq!(feed(&mut p, &mut t, 15_000, 50), None, "hysteresis: keeps batching");
         assert_eq!(feed(&mut p, &mut t, 2_000, 50), Some(low), "low again: short interval");
+        assert_eq!(p.drain_period(), None, "low again: the kernel wakes the reader");
     }
 
     #[test]
@@ -435,7 +563,7 @@ mod tests {
         feed(&mut p, &mut t, 300_000, 50);
         assert!(
             !p.kernel_wakes_on_catch_up(t),
-            "batched wakeups leave records unannounced"
+            "while batching the kernel announces nothing"
         );
         assert_eq!(feed(&mut p, &mut t, 2_000, 50), Some(0));
         let switched = p.switched_at.unwrap();
