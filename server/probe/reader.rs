@@ -255,8 +255,8 @@ pub(crate) async fn read_on_runtime(mut reader: Reader, mut sink: Sink) {
             return;
         }
     };
-    // Drains at the batch interval while batching. tokio's timers tick in
-    // milliseconds, twice the default interval.
+    // Drains every batch interval while batching: tokio's own timers tick
+    // in milliseconds, twice the default interval of 500 µs.
     let mut timer = match DrainTimer::new() {
         Ok(t) => Some(t),
         Err(e) => {
