@@ -689,11 +689,7 @@ fn on_the_runtime_a_batched_reader_drains_on_its_timer() {
         return;
     };
     use std::time::Instant;
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(1)
-        .enable_all()
-        .build()
-        .unwrap();
+    let rt = one_worker_runtime();
     let mut probe = start_probe(ProbeOptions {
         poll_interval: Duration::from_secs(2),
         ..Default::default()
@@ -714,18 +710,7 @@ fn on_the_runtime_a_batched_reader_drains_on_its_timer() {
         assert!(Instant::now() < deadline, "the reading moves to the runtime");
         std::thread::sleep(Duration::from_millis(5));
     }
-    let load = std::thread::spawn(|| {
-        let (mut c, mut s) = tcp_pair(false);
-        let end = Instant::now() + Duration::from_millis(500);
-        let mut b = [0u8; 1];
-        let mut calls = 0u64;
-        while Instant::now() < end {
-            c.write_all(&b).unwrap();
-            s.read_exact(&mut b).unwrap();
-            calls += 2;
-        }
-        calls
-    });
+    let load = std::thread::spawn(|| ping_pong_for(Duration::from_millis(500)));
     let (mut batched_from, mut left_runtime) = (None, false);
     while !load.is_finished() {
         if batched_from.is_none() && control.wakeup_interval() == WAKEUPS_OFF {
@@ -744,13 +729,10 @@ fn on_the_runtime_a_batched_reader_drains_on_its_timer() {
     };
     assert!(!left_runtime, "a cheap consumer keeps up on the runtime");
     let arrivals = arrivals.lock().unwrap();
-    let mut times = vec![from];
-    times.extend(arrivals.iter().copied().filter(|&t| t >= from && t <= load_end));
-    times.push(load_end);
-    let gap = times.windows(2).map(|w| w[1] - w[0]).max().unwrap_or_default();
+    let gap = longest_gap(from, &arrivals, load_end);
     eprintln!(
-        "{rate} events/s, {} batches while batched, longest gap {gap:?}",
-        times.len() - 2
+        "{rate} events/s, {} batches, longest gap while batched {gap:?}",
+        arrivals.len()
     );
     assert!(
         gap < Duration::from_millis(150),
@@ -770,11 +752,7 @@ fn reading_moves_to_a_thread_when_it_falls_behind_and_back_to_the_runtime() {
     let Some(_bpf) = bpf_available("runtime reader") else {
         return;
     };
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(1)
-        .enable_all()
-        .build()
-        .unwrap();
+    let rt = one_worker_runtime();
     let mut probe = start_probe(ProbeOptions {
         poll_interval: Duration::from_secs(2),
         ..Default::default()

@@ -277,7 +277,6 @@ fn under_load_the_reader_drains_on_its_timer_with_the_kernels_wakeups_off() {
     let Some(_bpf) = bpf_available("pacing") else {
         return;
     };
-    use std::io::{Read, Write};
     use std::time::Instant;
     let opts = ProbeOptions {
         poll_interval: Duration::from_secs(2),
@@ -296,18 +295,7 @@ fn under_load_the_reader_drains_on_its_timer_with_the_kernels_wakeups_off() {
     });
     let control = probe.control().clone();
     assert_eq!(control.wakeup_interval(), low, "starts with the low-rate interval");
-    let load = std::thread::spawn(|| {
-        let (mut c, mut s) = tcp_pair(false);
-        let end = Instant::now() + Duration::from_millis(500);
-        let mut b = [0u8; 1];
-        let mut calls = 0u64;
-        while Instant::now() < end {
-            c.write_all(&b).unwrap();
-            s.read_exact(&mut b).unwrap();
-            calls += 2;
-        }
-        calls
-    });
+    let load = std::thread::spawn(|| ping_pong_for(Duration::from_millis(500)));
     let mut batched_from = None;
     while !load.is_finished() {
         if batched_from.is_none() && control.wakeup_interval() == WAKEUPS_OFF {
@@ -336,20 +324,8 @@ fn under_load_the_reader_drains_on_its_timer_with_the_kernels_wakeups_off() {
     }
     if let Some(from) = batched_from {
         let arrivals = arrivals.lock().unwrap();
-        let during: Vec<Instant> = arrivals
-            .iter()
-            .copied()
-            .filter(|&t| t >= from && t <= load_end)
-            .collect();
-        let gap = std::iter::once(from)
-            .chain(during.iter().copied())
-            .chain(std::iter::once(load_end))
-            .collect::<Vec<_>>()
-            .windows(2)
-            .map(|w| w[1] - w[0])
-            .max()
-            .unwrap_or_default();
-        eprintln!("{} batches while batched, longest gap {gap:?}", during.len());
+        let gap = longest_gap(from, &arrivals, load_end);
+        eprintln!("{} batches, longest gap while batched {gap:?}", arrivals.len());
         assert!(
             gap < Duration::from_millis(150),
             "batches stopped for {gap:?} with the kernel's wakeups off"

@@ -149,6 +149,40 @@ pub fn tcp_pair(v6: bool) -> (TcpStream, TcpStream) {
     (client, server)
 }
 
+/// Ping-pongs one byte over a fresh loopback pair for `d`, as fast as it
+/// goes; returns the calls made (sends and receives).
+pub fn ping_pong_for(d: Duration) -> u64 {
+    use std::io::{Read, Write};
+    let (mut c, mut s) = tcp_pair(false);
+    let end = Instant::now() + d;
+    let mut b = [0u8; 1];
+    let mut calls = 0u64;
+    while Instant::now() < end {
+        c.write_all(&b).unwrap();
+        s.read_exact(&mut b).unwrap();
+        calls += 2;
+    }
+    calls
+}
+
+/// The longest stretch from `from` to `to` without one of `arrivals` (the
+/// gaps between those in that span, and at its two ends).
+pub fn longest_gap(from: Instant, arrivals: &[Instant], to: Instant) -> Duration {
+    let mut times = vec![from];
+    times.extend(arrivals.iter().copied().filter(|&t| t >= from && t <= to));
+    times.push(to);
+    times.windows(2).map(|w| w[1] - w[0]).max().unwrap_or_default()
+}
+
+/// A tokio runtime with one worker, as socktapd runs by default.
+pub fn one_worker_runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()
+        .unwrap()
+}
+
 /// The calling thread's kernel tid.
 pub fn gettid() -> u32 {
     // SAFETY: gettid has no preconditions.
