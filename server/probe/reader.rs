@@ -265,21 +265,17 @@ pub(crate) async fn read_on_runtime(mut reader: Reader, mut sink: Sink) {
         }
     };
     while !reader.stopped() {
+        let to_thread = reader.batching() && reader.full_batch;
         if let Some(t) = &mut timer {
-            if let Err(e) = t.set(reader.pacing.drain_period()) {
+            // Disarmed while a thread reads: it drains on its own, and the
+            // timer would wake the runtime for nothing.
+            let period = if to_thread { None } else { reader.pacing.drain_period() };
+            if let Err(e) = t.set(period) {
                 warn!("cannot set the drain timer ({e}); draining on tokio's millisecond timers");
                 timer = None;
             }
         }
-        if reader.batching() && reader.full_batch {
-            // The thread drains on its own: the timer would wake the
-            // runtime for nothing meanwhile.
-            if let Some(t) = &mut timer {
-                if let Err(e) = t.set(None) {
-                    warn!("cannot disarm the drain timer ({e}); draining on tokio's millisecond timers");
-                    timer = None;
-                }
-            }
+        if to_thread {
             shared.on_runtime.store(false, Ordering::Relaxed);
             let back = tokio::task::spawn_blocking(move || read_on_thread(reader, sink, |r| !r.batching())).await;
             match back {
@@ -409,7 +405,6 @@ fn read_on_thread(mut reader: Reader, mut sink: Sink, done: impl Fn(&Reader) -> 
 /// traced calls. Hysteresis down to [`UNBATCH_BELOW_RATE`].
 struct Pacing {
     low_ns: u32,
-    high_ns: u32,
     /// How often the reader drains while batching.
     batch: Duration,
     batching: bool,
@@ -423,7 +418,6 @@ impl Pacing {
     fn new(opts: &ProbeOptions) -> Self {
         Pacing {
             low_ns: opts.wakeup_interval.as_nanos() as u32,
-            high_ns: opts.batch_interval.as_nanos() as u32,
             batch: opts.batch_interval,
             batching: false,
             switched_at: None,
@@ -455,7 +449,7 @@ impl Pacing {
     fn observe(&mut self, events: usize, now: Instant) -> Option<u32> {
         self.window_events += events as u64;
         let elapsed = now.saturating_duration_since(self.window_start);
-        if elapsed < RATE_WINDOW || self.low_ns == self.high_ns {
+        if elapsed < RATE_WINDOW || self.batch.as_nanos() == u128::from(self.low_ns) {
             return None;
         }
         let rate = self.window_events as f64 / elapsed.as_secs_f64();
