@@ -106,6 +106,9 @@ struct {
  * argument; 3 since Linux 5.19, 4 before (a `nonblock` argument preceded it). */
 const volatile int recvmsg_flags_arg = 3;
 
+/* The least time between two wakeups forced by a half-full ring. */
+#define BACKSTOP_GAP_NS 100000
+
 /* The control entry when events are wanted from `tgid`, else NULL. Every
  * program checks it first, so a closed gate costs one array lookup. */
 static __always_inline struct socktap_control *gate(__u32 tgid)
@@ -315,11 +318,16 @@ static __always_inline void emit(struct socktap_control *cfg, __u64 pid_tgid, st
 	 * reader at most once per interval; its timed poll picks up the
 	 * tail. At high rates userspace sets the interval to the most a u32
 	 * holds (4.29 s): the reader drains on its own timer, and the traced
-	 * call takes no interrupt for a wakeup.
+	 * call takes no interrupt for a wakeup. Whatever the interval, a ring
+	 * more than half full wakes the reader (at most once per
+	 * BACKSTOP_GAP_NS): a reader whose timer runs late (a descheduled
+	 * vCPU) is called before the ring overflows.
 	 */
 	if (!cfg->wakeup_interval_ns) {
 		flags = 0;
-	} else if (now - st->last_wakeup_ns >= cfg->wakeup_interval_ns) {
+	} else if (now - st->last_wakeup_ns >= cfg->wakeup_interval_ns ||
+		   (now - st->last_wakeup_ns >= BACKSTOP_GAP_NS &&
+		    bpf_ringbuf_query(&events, BPF_RB_AVAIL_DATA) > bpf_ringbuf_query(&events, BPF_RB_RING_SIZE) / 2)) {
 		st->last_wakeup_ns = now;
 		flags = BPF_RB_FORCE_WAKEUP;
 	}

@@ -216,7 +216,8 @@ pub const BATCH_ABOVE_RATE: u64 = 20_000;
 pub const UNBATCH_BELOW_RATE: u64 = 10_000;
 /// The kernel's wakeup interval while the reader drains on its timer
 /// ([`ProbeOptions::batch_interval`]): the programs force a wakeup at most
-/// once per 4.29 s, which in effect is never.
+/// once per 4.29 s, which in effect is never, except when the ring is more
+/// than half full (at most once per 100 µs then).
 pub const WAKEUPS_OFF: Duration = Duration::from_nanos(u32::MAX as u64);
 /// The window over which the reader measures the event rate.
 pub const RATE_WINDOW: Duration = Duration::from_millis(10);
