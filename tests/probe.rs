@@ -735,9 +735,9 @@ fn two_cpus_writing_arrive_in_sequence_order() {
 
 /// On a runtime, whose own timers tick in milliseconds, a reader that
 /// drains on its timer (above 20k events/s, with the kernel's wakeups off)
-/// uses a timerfd: batches keep coming throughout a load, never 150 ms
-/// apart (the timed poll is 2 s, the quiet one 200 ms), and the reading
-/// stays on the runtime (a cheap consumer keeps up).
+/// uses a timerfd: batches keep coming throughout a load (the timed poll
+/// is 2 s, and the ring too large for its half-full backstop to fire), and
+/// the reading stays on the runtime (a cheap consumer keeps up).
 #[test]
 fn on_the_runtime_a_batched_reader_drains_on_its_timer() {
     let Some(_bpf) = bpf_available("runtime drain timer") else {
@@ -747,6 +747,7 @@ fn on_the_runtime_a_batched_reader_drains_on_its_timer() {
     let rt = one_worker_runtime();
     let mut probe = start_probe(ProbeOptions {
         poll_interval: Duration::from_secs(2),
+        ring_buffer_bytes: UNFILLED_RING_BYTES,
         ..Default::default()
     });
     let arrivals = Arc::new(std::sync::Mutex::new(Vec::new()));
@@ -783,16 +784,10 @@ fn on_the_runtime_a_batched_reader_drains_on_its_timer() {
         return;
     };
     assert!(!left_runtime, "a cheap consumer keeps up on the runtime");
-    let arrivals = arrivals.lock().unwrap();
-    let gap = longest_gap(from, &arrivals, load_end);
-    eprintln!(
-        "{rate} events/s, {} batches, longest gap while batched {gap:?}",
-        arrivals.len()
-    );
-    assert!(
-        gap < Duration::from_millis(150),
-        "batches stopped for {gap:?} with the kernel's wakeups off"
-    );
+    eprintln!("{rate} events/s");
+    // A copy, so that a failed assert leaves the reader's lock unpoisoned.
+    let arrivals = arrivals.lock().unwrap().clone();
+    assert_batches_kept_coming(from, &arrivals, load_end);
 }
 
 /// With a runtime consumer the ring is read on that runtime; when the

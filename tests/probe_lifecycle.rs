@@ -270,8 +270,7 @@ fn a_sink_gets_queued_batches_first_then_everything_in_order() {
 /// Above 20k events/s the reader drains the ring on its own timer, every
 /// batch interval, and turns the kernel's wakeups off; below 10k it turns
 /// them back on. The timed poll is 2 s here, so only the drain timer can
-/// keep batches coming while the kernel wakes nobody: a gap of 150 ms
-/// between two says it does not run (the quiet poll is 200 ms).
+/// keep batches coming while the kernel wakes nobody.
 #[test]
 fn under_load_the_reader_drains_on_its_timer_with_the_kernels_wakeups_off() {
     let Some(_bpf) = bpf_available("pacing") else {
@@ -280,6 +279,7 @@ fn under_load_the_reader_drains_on_its_timer_with_the_kernels_wakeups_off() {
     use std::time::Instant;
     let opts = ProbeOptions {
         poll_interval: Duration::from_secs(2),
+        ring_buffer_bytes: UNFILLED_RING_BYTES,
         ..Default::default()
     };
     let low = opts.wakeup_interval;
@@ -323,13 +323,9 @@ fn under_load_the_reader_drains_on_its_timer_with_the_kernels_wakeups_off() {
         );
     }
     if let Some(from) = batched_from {
-        let arrivals = arrivals.lock().unwrap();
-        let gap = longest_gap(from, &arrivals, load_end);
-        eprintln!("{} batches, longest gap while batched {gap:?}", arrivals.len());
-        assert!(
-            gap < Duration::from_millis(150),
-            "batches stopped for {gap:?} with the kernel's wakeups off"
-        );
+        // A copy, so that a failed assert leaves the reader's lock unpoisoned.
+        let arrivals = arrivals.lock().unwrap().clone();
+        assert_batches_kept_coming(from, &arrivals, load_end);
     }
     let deadline = Instant::now() + Duration::from_secs(5);
     while control.wakeup_interval() != low {

@@ -165,13 +165,36 @@ pub fn ping_pong_for(d: Duration) -> u64 {
     calls
 }
 
-/// The longest stretch from `from` to `to` without one of `arrivals` (the
-/// gaps between those in that span, and at its two ends).
-pub fn longest_gap(from: Instant, arrivals: &[Instant], to: Instant) -> Duration {
-    let mut times = vec![from];
-    times.extend(arrivals.iter().copied().filter(|&t| t >= from && t <= to));
-    times.push(to);
-    times.windows(2).map(|w| w[1] - w[0]).max().unwrap_or_default()
+/// A ring that half a second of one ping-pong (at most ~300k records of
+/// ~90 bytes here) leaves less than half full, so that its half-full
+/// backstop never wakes the reader: in the drain-timer tests only the
+/// timer may.
+pub const UNFILLED_RING_BYTES: u32 = 64 << 20;
+
+/// Asserts that batches kept arriving from `from` to `to`, a span in which
+/// the kernel woke no reader, so only the reader's drain timer (every
+/// 500 µs) can have brought them. Without it nothing arrives until the
+/// 2 s timed poll. The bar is one batch per 25 ms on average, 50 times
+/// below the timer's pace: a count, not a gap, because the matrix's TCG
+/// VMs can stop any thread for a few hundred ms (a 289 ms gap was seen in
+/// CI) while the timer runs fine.
+pub fn assert_batches_kept_coming(from: Instant, arrivals: &[Instant], to: Instant) {
+    let span = to.saturating_duration_since(from);
+    let inside: Vec<Instant> = arrivals.iter().copied().filter(|&t| t >= from && t <= to).collect();
+    let mut edges = vec![from];
+    edges.extend(&inside);
+    edges.push(to);
+    let gap = edges.windows(2).map(|w| w[1] - w[0]).max().unwrap_or_default();
+    let needed = (span.as_millis() / 25) as usize;
+    eprintln!(
+        "{} batches in {span:?} with the kernel's wakeups off (at least {needed} needed), longest gap {gap:?}",
+        inside.len()
+    );
+    assert!(
+        inside.len() >= needed,
+        "only {} batches in {span:?} with the kernel's wakeups off: the drain timer does not run",
+        inside.len()
+    );
 }
 
 /// A tokio runtime with one worker, as socktapd runs by default.
