@@ -165,6 +165,13 @@ pub fn ping_pong_for(d: Duration) -> u64 {
     calls
 }
 
+/// Whether the tests run in the kernel matrix's TCG VMs (`tests/vm/init`
+/// sets `SOCKTAP_TEST_EMULATED`), where both vCPUs share one host thread
+/// and a reader can stall for hundreds of ms behind a writer.
+pub fn emulated() -> bool {
+    std::env::var_os("SOCKTAP_TEST_EMULATED").is_some()
+}
+
 /// A ring that half a second of one ping-pong (at most ~300k records of
 /// ~90 bytes here) leaves less than half full, so that its half-full
 /// backstop never wakes the reader: in the drain-timer tests only the
