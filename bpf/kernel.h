@@ -47,7 +47,6 @@ enum {
 };
 enum {
 	BPF_RB_AVAIL_DATA = 0,
-	BPF_RB_RING_SIZE = 1,
 };
 
 /* uapi socket constants */

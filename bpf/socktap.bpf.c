@@ -106,6 +106,10 @@ struct {
  * argument; 3 since Linux 5.19, 4 before (a `nonblock` argument preceded it). */
 const volatile int recvmsg_flags_arg = 3;
 
+/* Half the ring's size in bytes, set by the loader with the ring's size:
+ * more unconsumed data than this forces a wakeup. */
+const volatile __u64 ring_half_bytes = 1;
+
 /* The least time between two wakeups forced by a half-full ring. */
 #define BACKSTOP_GAP_NS 100000
 
@@ -327,7 +331,7 @@ static __always_inline void emit(struct socktap_control *cfg, __u64 pid_tgid, st
 		flags = 0;
 	} else if (now - st->last_wakeup_ns >= cfg->wakeup_interval_ns ||
 		   (now - st->last_wakeup_ns >= BACKSTOP_GAP_NS &&
-		    bpf_ringbuf_query(&events, BPF_RB_AVAIL_DATA) > bpf_ringbuf_query(&events, BPF_RB_RING_SIZE) / 2)) {
+		    bpf_ringbuf_query(&events, BPF_RB_AVAIL_DATA) > ring_half_bytes)) {
 		st->last_wakeup_ns = now;
 		flags = BPF_RB_FORCE_WAKEUP;
 	}

@@ -107,6 +107,7 @@ fn try_mode<'obj>(
         .map_err(|e| refusal(mode, Stage::Open, e))?;
     if let Some(rodata) = open.maps.rodata_data.as_deref_mut() {
         rodata.recvmsg_flags_arg = if kernel_before(5, 19) { 4 } else { 3 };
+        rodata.ring_half_bytes = u64::from(opts.ring_buffer_bytes / 2);
     }
     let mut skel = open.load().map_err(|e| refusal(mode, Stage::Load, e))?;
     skel.attach().map_err(|e| refusal(mode, Stage::Attach, e))?;
