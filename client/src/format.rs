@@ -142,6 +142,14 @@ pub fn errno_name(errno: u32) -> String {
 }
 
 /// The status for people.
+/// Events the kernel has written (or is writing) that socktapd has not
+/// read yet: what waits in the ring buffer. The counters are read one
+/// after the other, so under load this is approximate.
+fn not_yet_read(s: &api::GetStatusResponse) -> u64 {
+    s.kernel_events_produced
+        .saturating_sub(s.events_read.saturating_add(s.kernel_drops))
+}
+
 pub fn status_text(s: &api::GetStatusResponse) -> String {
     let mode = match s.attach_mode() {
         api::AttachMode::Fentry => "fentry",
@@ -162,11 +170,12 @@ pub fn status_text(s: &api::GetStatusResponse) -> String {
     }
     let _ = writeln!(
         out,
-        "events: {} read, {:.0}/s, kernel drops {}, kernel produced {}, gate {}",
+        "events: {} read, {:.0}/s, kernel drops {}, kernel produced {} ({} not yet read), gate {}",
         s.events_read,
         s.events_per_second,
         s.kernel_drops,
         s.kernel_events_produced,
+        not_yet_read(s),
         if s.kernel_gate_open {
             "open"
         } else {
@@ -354,6 +363,27 @@ mod tests {
             assert_eq!(rows.len(), 1, "{rows:?}");
             assert_lined_up(&wide, &rows[0]);
         }
+    }
+
+    #[test]
+    fn the_ring_backlog_is_what_the_kernel_produced_and_nobody_read_or_dropped() {
+        let text = status_text(&api::GetStatusResponse {
+            events_read: 1_000,
+            kernel_drops: 20,
+            kernel_events_produced: 1_500,
+            ..Default::default()
+        });
+        assert!(
+            text.contains("kernel drops 20, kernel produced 1500 (480 not yet read)"),
+            "{text}"
+        );
+        // Counters read at different moments never make it negative.
+        let text = status_text(&api::GetStatusResponse {
+            events_read: 1_000,
+            kernel_events_produced: 990,
+            ..Default::default()
+        });
+        assert!(text.contains("(0 not yet read)"), "{text}");
     }
 
     #[test]
