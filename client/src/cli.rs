@@ -270,6 +270,9 @@ pub struct WatchArgs {
     /// Same as -o json.
     #[arg(long)]
     pub json: bool,
+    /// Table: also each call's thread id, uid, cgroup id and network namespace (JSON lines always have every field).
+    #[arg(short, long)]
+    pub wide: bool,
     #[command(flatten)]
     pub filters: FilterArgs,
 }
@@ -707,7 +710,11 @@ async fn watch(
     let mut position = Position::from_request(&original);
     let mut request = original.clone();
     let mut received = 0u64;
-    let mut table = format::Table::default();
+    let mut table = if a.wide {
+        format::Table::wide()
+    } else {
+        format::Table::default()
+    };
     // Set while (re)connecting: how long to wait before the next attempt.
     let mut retry: Option<Duration> = None;
     let mut connected = false;

@@ -13,21 +13,40 @@ use socktap_proto::v1 as api;
 pub struct Table {
     local: usize,
     remote: usize,
+    /// Also the caller's thread id and uid, the cgroup id and the network
+    /// namespace (`socktap watch --wide`).
+    wide: bool,
 }
 
 impl Default for Table {
     fn default() -> Self {
         // "255.255.255.255:65535"
-        Table { local: 21, remote: 21 }
+        Table {
+            local: 21,
+            remote: 21,
+            wide: false,
+        }
     }
 }
 
 impl Table {
+    /// The table with the thread, uid, cgroup and network namespace
+    /// columns after PID.
+    pub fn wide() -> Self {
+        Table {
+            wide: true,
+            ..Table::default()
+        }
+    }
+
     /// The header line for the current widths.
     pub fn header(&self) -> String {
-        self.line([
-            "TIME", "COMM", "PID", "COOKIE", "DIR", "BYTES", "LOCAL", " ", "REMOTE", "ERR",
-        ])
+        self.line(
+            ["TID", "UID", "CGROUP", "NETNS"],
+            [
+                "TIME", "COMM", "PID", "COOKIE", "DIR", "BYTES", "LOCAL", " ", "REMOTE", "ERR",
+            ],
+        )
     }
 
     /// The lines for one event: its row, after a header when a column
@@ -61,16 +80,34 @@ impl Table {
             errno_name(e.errno)
         };
         let (pid, cookie, bytes) = (e.pid.to_string(), e.cookie.to_string(), e.bytes.to_string());
-        lines.push(self.line([&time, &e.comm, &pid, &cookie, dir, &bytes, &local, arrow, &remote, &err]));
+        let (tid, uid, cgroup, netns) = (
+            e.tid.to_string(),
+            e.uid.to_string(),
+            e.cgroup_id.to_string(),
+            e.netns.to_string(),
+        );
+        lines.push(self.line(
+            [&tid, &uid, &cgroup, &netns],
+            [&time, &e.comm, &pid, &cookie, dir, &bytes, &local, arrow, &remote, &err],
+        ));
         lines
     }
 
     /// One line: every column padded to its width (numbers to the right),
-    /// trailing spaces trimmed.
-    fn line(&self, [time, comm, pid, cookie, dir, bytes, local, arrow, remote, err]: [&str; 10]) -> String {
+    /// trailing spaces trimmed. The wide columns only in a wide table.
+    fn line(
+        &self,
+        [tid, uid, cgroup, netns]: [&str; 4],
+        [time, comm, pid, cookie, dir, bytes, local, arrow, remote, err]: [&str; 10],
+    ) -> String {
         let (lw, rw) = (self.local, self.remote);
+        let wide = if self.wide {
+            format!(" {tid:>7} {uid:>6} {cgroup:>8} {netns:>10}")
+        } else {
+            String::new()
+        };
         format!(
-            "{time:<15} {comm:<15} {pid:>7} {cookie:>12} {dir:<4} {bytes:>9} {local:<lw$} {arrow} {remote:<rw$} {err}"
+            "{time:<15} {comm:<15} {pid:>7}{wide} {cookie:>12} {dir:<4} {bytes:>9} {local:<lw$} {arrow} {remote:<rw$} {err}"
         )
         .trim_end()
         .to_owned()
@@ -384,6 +421,63 @@ mod tests {
             ..Default::default()
         });
         assert!(text.contains("(0 not yet read)"), "{text}");
+    }
+
+    #[test]
+    fn a_wide_table_adds_thread_uid_cgroup_and_netns_after_pid() {
+        let e = api::Event {
+            comm: "nginx".into(),
+            pid: 812,
+            tid: 815,
+            uid: 33,
+            cgroup_id: 4711,
+            netns: 4_026_531_840,
+            cookie: 9001,
+            kind: api::EventKind::Send as i32,
+            bytes: 512,
+            local_addr: "10.0.0.2".into(),
+            local_port: 80,
+            remote_addr: "10.0.0.1".into(),
+            remote_port: 51000,
+            errno: 32,
+            ..Default::default()
+        };
+        let mut wide = Table::wide();
+        let header = wide.header();
+        let row = wide.rows(&e).pop().unwrap();
+        let cols: Vec<&str> = row.split_whitespace().collect();
+        assert_eq!(
+            &cols[1..11],
+            &[
+                "nginx",
+                "812",
+                "815",
+                "33",
+                "4711",
+                "4026531840",
+                "9001",
+                "send",
+                "512",
+                "10.0.0.2:80"
+            ]
+        );
+        assert_lined_up(&header, &row);
+        for (label, value) in [
+            ("TID", "815"),
+            ("UID", "33"),
+            ("CGROUP", "4711"),
+            ("NETNS", "4026531840"),
+        ] {
+            let end = header.find(label).unwrap() + label.len();
+            assert_eq!(
+                &row[end - value.len()..end],
+                value,
+                "{label} does not line up:\n{header}\n{row}"
+            );
+        }
+        // The narrow table has none of them.
+        let narrow = Table::default();
+        assert!(!narrow.header().contains("TID") && !table_row(&e).contains("4711"));
     }
 
     #[test]

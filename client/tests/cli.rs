@@ -284,6 +284,27 @@ fn table_output_field_by_field() {
 }
 
 #[test]
+fn a_wide_table_shows_thread_uid_cgroup_and_netns() {
+    let addr = serve(Fake::default());
+    let r = socktap(&["--addr", &addr, "watch", "--limit", "2", "--wide"]);
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    let lines: Vec<&str> = r.stdout.lines().collect();
+    let header: Vec<&str> = lines[0].split_whitespace().collect();
+    assert_eq!(&header[..7], &["TIME", "COMM", "PID", "TID", "UID", "CGROUP", "NETNS"]);
+    let c: Vec<&str> = lines[1].split_whitespace().collect();
+    assert_eq!(&c[1..8], &["curl", "321", "322", "1000", "55", "4026531833", "4097"]);
+    // -w is the same; JSON lines are unchanged by it.
+    assert_eq!(
+        socktap(&["--addr", &addr, "watch", "--limit", "2", "-w"]).stdout,
+        r.stdout
+    );
+    assert_eq!(
+        socktap(&["--addr", &addr, "watch", "--limit", "2", "-o", "json", "-w"]).stdout,
+        socktap(&["--addr", &addr, "watch", "--limit", "2", "-o", "json"]).stdout
+    );
+}
+
+#[test]
 fn reconnect_resumes_after_the_last_event_and_shows_the_restart() {
     let fake = Fake {
         restarting: true,
