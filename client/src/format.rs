@@ -178,7 +178,6 @@ pub fn errno_name(errno: u32) -> String {
     name.to_owned()
 }
 
-/// The status for people.
 /// Events the kernel has written (or is writing) that socktapd has not
 /// read yet: what waits in the ring buffer. The counters are read one
 /// after the other, so under load this is approximate.
@@ -187,6 +186,7 @@ fn not_yet_read(s: &api::GetStatusResponse) -> u64 {
         .saturating_sub(s.events_read.saturating_add(s.kernel_drops))
 }
 
+/// The status for people.
 pub fn status_text(s: &api::GetStatusResponse) -> String {
     let mode = match s.attach_mode() {
         api::AttachMode::Fentry => "fentry",
