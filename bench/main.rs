@@ -327,6 +327,19 @@ impl Bpftrace {
 }
 
 /// The middle value; with an even count, the mean of the two middle ones.
+/// How far apart a configuration's rounds lie: (max − min) / median, as
+/// a fraction; None with fewer than two rounds or nothing measured.
+fn spread(v: &[f64]) -> Option<f64> {
+    let mid = median(v.to_vec());
+    if v.len() < 2 || mid <= 0.0 {
+        return None;
+    }
+    let (lo, hi) = v.iter().fold((f64::INFINITY, f64::NEG_INFINITY), |(lo, hi), &x| {
+        (lo.min(x), hi.max(x))
+    });
+    Some((hi - lo) / mid)
+}
+
 fn median(mut v: Vec<f64>) -> f64 {
     if v.is_empty() {
         return 0.0;
@@ -520,6 +533,7 @@ fn report(args: &Args, table_seconds: f64, runs: &[Run], zero_loss: Option<&Run>
                 continue;
             }
             let ops = median(rs.iter().map(|r| r.ops_per_sec).collect());
+            let spread = spread(&rs.iter().map(|r| r.ops_per_sec).collect::<Vec<_>>());
             let n = rs.len() as f64;
             let mean = |f: &dyn Fn(&Run) -> f64| rs.iter().map(|r| f(r)).sum::<f64>() / n;
             let produced = mean(&|r| r.events_produced as f64);
@@ -548,6 +562,7 @@ fn report(args: &Args, table_seconds: f64, runs: &[Run], zero_loss: Option<&Run>
                 workload: w,
                 config: c,
                 ratio: (base > 0.0).then_some(ops / base),
+                spread,
                 delivered_per_sec: delivered,
                 lost: lost.iter().sum(),
                 latency_us: lat.map(|l| [l[0], l[1]]),
@@ -576,6 +591,7 @@ fn report(args: &Args, table_seconds: f64, runs: &[Run], zero_loss: Option<&Run>
             summary.push(json!({
                 "workload": wn, "config": format!("{c:?}"), "ops_per_sec": ops,
                 "ratio_to_untraced": if base > 0.0 { ops / base } else { 0.0 },
+                "ops_spread": spread,
                 "added_ns_per_event": ns_per_event, "events_produced_per_run": produced,
                 "delivered_per_sec": delivered,
                 "lost": {"kernel_ring_buffer": lost[0], "subscriber_queue": lost[1], "history": lost[2]},
@@ -583,6 +599,17 @@ fn report(args: &Args, table_seconds: f64, runs: &[Run], zero_loss: Option<&Run>
                 "socktapd_cores": cores, "socktapd_peak_rss_mib": rss, "max_steal_pct": steal, "note": note,
             }));
         }
+    }
+    let noise: Vec<String> = rows
+        .iter()
+        .filter(|r| r.config == Config::Untraced)
+        .filter_map(|r| Some(format!("{:?} {:.1} %", r.workload, 100.0 * r.spread?)))
+        .collect();
+    if !noise.is_empty() {
+        println!(
+            "noise: the untraced rounds lie {} apart (max − min over the median): no ratio is more precise than that",
+            noise.join(", ")
+        );
     }
     if let Some(z) = zero_loss {
         let [p50, p99, p999] = z.latency_us.unwrap_or_default();
@@ -663,7 +690,7 @@ fn report(args: &Args, table_seconds: f64, runs: &[Run], zero_loss: Option<&Run>
 
 #[cfg(test)]
 mod tests {
-    use super::{median, percentiles, subscribers::latency_histogram};
+    use super::{median, percentiles, spread, subscribers::latency_histogram};
 
     #[test]
     fn percentiles_are_those_of_every_latency_recorded_to_three_digits() {
@@ -679,6 +706,15 @@ mod tests {
             assert!((got - want).abs() <= want * 0.001, "{got} µs, want {want} µs to 0.1 %");
         }
         assert_eq!(h.max(), h.highest_equivalent(3_600_000_000_000));
+    }
+
+    #[test]
+    fn spread_is_the_rounds_range_over_their_median() {
+        assert_eq!(spread(&[]), None);
+        assert_eq!(spread(&[100.0]), None);
+        assert_eq!(spread(&[0.0, 0.0]), None);
+        assert_eq!(spread(&[90.0, 110.0]), Some(0.2));
+        assert_eq!(spread(&[100.0, 50.0, 150.0]), Some(1.0));
     }
 
     #[test]
