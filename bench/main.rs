@@ -326,7 +326,6 @@ impl Bpftrace {
     }
 }
 
-/// The middle value; with an even count, the mean of the two middle ones.
 /// How far apart a configuration's rounds lie: (max − min) / median, as
 /// a fraction; None with fewer than two rounds or nothing measured.
 fn spread(v: &[f64]) -> Option<f64> {
@@ -340,6 +339,7 @@ fn spread(v: &[f64]) -> Option<f64> {
     Some((hi - lo) / mid)
 }
 
+/// The middle value; with an even count, the mean of the two middle ones.
 fn median(mut v: Vec<f64>) -> f64 {
     if v.is_empty() {
         return 0.0;
@@ -533,7 +533,7 @@ fn report(args: &Args, table_seconds: f64, runs: &[Run], zero_loss: Option<&Run>
                 continue;
             }
             let ops = median(rs.iter().map(|r| r.ops_per_sec).collect());
-            let spread = spread(&rs.iter().map(|r| r.ops_per_sec).collect::<Vec<_>>());
+            let ops_spread = spread(&rs.iter().map(|r| r.ops_per_sec).collect::<Vec<_>>());
             let n = rs.len() as f64;
             let mean = |f: &dyn Fn(&Run) -> f64| rs.iter().map(|r| f(r)).sum::<f64>() / n;
             let produced = mean(&|r| r.events_produced as f64);
@@ -562,7 +562,7 @@ fn report(args: &Args, table_seconds: f64, runs: &[Run], zero_loss: Option<&Run>
                 workload: w,
                 config: c,
                 ratio: (base > 0.0).then_some(ops / base),
-                spread,
+                spread: ops_spread,
                 delivered_per_sec: delivered,
                 lost: lost.iter().sum(),
                 latency_us: lat.map(|l| [l[0], l[1]]),
@@ -591,7 +591,7 @@ fn report(args: &Args, table_seconds: f64, runs: &[Run], zero_loss: Option<&Run>
             summary.push(json!({
                 "workload": wn, "config": format!("{c:?}"), "ops_per_sec": ops,
                 "ratio_to_untraced": if base > 0.0 { ops / base } else { 0.0 },
-                "ops_spread": spread,
+                "ops_spread": ops_spread,
                 "added_ns_per_event": ns_per_event, "events_produced_per_run": produced,
                 "delivered_per_sec": delivered,
                 "lost": {"kernel_ring_buffer": lost[0], "subscriber_queue": lost[1], "history": lost[2]},
