@@ -27,6 +27,13 @@ struct Args {
     /// Where to serve gRPC: host:port, or unix:/path for a unix socket.
     #[arg(long, env = "SOCKTAPD_LISTEN", default_value = "127.0.0.1:50051")]
     listen: ListenAddr,
+    /// Nice value of the thread that reads the ring buffer while it reads
+    /// (-20..=19). Under a load that keeps every CPU busy, a reader at the
+    /// default priority falls behind and the kernel drops events; a lower
+    /// value gives it the CPU when it has work. Needs CAP_SYS_NICE or
+    /// RLIMIT_NICE (systemd: LimitNICE=); without, socktapd warns once.
+    #[arg(long, help_heading = "Kernel", env = "SOCKTAPD_READER_NICE", default_value_t = -5, allow_negative_numbers = true, value_parser = clap::value_parser!(i32).range(-20..=19))]
+    reader_nice: i32,
     /// Kernel ring buffer size in bytes (a power of two, at least 4096).
     #[arg(long, help_heading = "Kernel", env = "SOCKTAPD_RING_BUFFER_BYTES", default_value_t = 8 << 20)]
     ring_buffer_bytes: u32,
@@ -241,6 +248,7 @@ impl Prepared {
             enabled: args.record_always,
             ignore_pid: (!args.trace_self).then(std::process::id),
             bpf_stats: args.bpf_stats,
+            reader_nice: args.reader_nice,
             ..Default::default()
         };
         match probe.validate() {
@@ -327,7 +335,7 @@ async fn async_main(args: Args, prepared: Prepared) -> anyhow::Result<()> {
         move |batch| hub.dispatch(batch)
     });
     if let Some(account) = &prepared.user {
-        account.switch_to()?;
+        account.switch_to(args.reader_nice)?;
         info!(user = %account.name(), "dropped root and every capability");
     }
     let addr = listener.local_addr();

@@ -64,13 +64,35 @@ impl Account {
     /// Switches every thread of the process to this user's uid and gid
     /// (glibc applies set*id to all threads). Leaving uid 0 without
     /// keep-caps clears each thread's permitted, effective and ambient
-    /// capabilities.
-    pub fn switch_to(&self) -> Result<(), DropError> {
+    /// capabilities. First, while still root, RLIMIT_NICE is set so that
+    /// the ring buffer reader may still lower its nice value to
+    /// `reader_nice` (`--reader-nice`) without CAP_SYS_NICE; that needs
+    /// CAP_SYS_RESOURCE, and without it socktapd warns and goes on.
+    pub fn switch_to(&self, reader_nice: i32) -> Result<(), DropError> {
         let call = |what, errno| DropError::Call {
             user: self.user.name.clone(),
             what,
             errno,
         };
+        if reader_nice < 0 {
+            // RLIMIT_NICE's unit: 20 - the lowest nice value allowed.
+            let limit = (20 - reader_nice) as libc::rlim_t;
+            let rlim = libc::rlimit {
+                rlim_cur: limit,
+                rlim_max: limit,
+            };
+            // SAFETY: `rlim` is a valid rlimit the call only reads.
+            if unsafe { libc::setrlimit(libc::RLIMIT_NICE, &rlim) } != 0 {
+                // Raising a hard limit needs CAP_SYS_RESOURCE, which a
+                // container's root may lack: the reader then reads at the
+                // default priority (and says so when it tries).
+                tracing::warn!(
+                    "--user {}: cannot let the ring buffer reader keep nice {reader_nice} (setrlimit(RLIMIT_NICE): {})",
+                    self.user.name,
+                    nix::errno::Errno::last()
+                );
+            }
+        }
         let (uid, gid) = (self.user.uid, self.user.gid);
         setgroups(&[gid]).map_err(|e| call("setgroups", e))?;
         setresgid(gid, gid, gid).map_err(|e| call("setresgid", e))?;

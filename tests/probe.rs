@@ -815,13 +815,19 @@ fn on_the_runtime_a_batched_reader_drains_on_its_timer() {
 /// stalls once) it moves to a thread, and back to the runtime when the rate
 /// falls; events arrive in all three phases, none lost. The timed poll is
 /// 2 s, so at low rates only the kernel's wakeups (through the runtime's
-/// reactor) can deliver a call within the second each gets.
+/// reactor) can deliver a call within the second each gets. A thread reads
+/// at the reader's nice value (-5 by default) and gets its own back after;
+/// the runtime's worker keeps its own throughout.
 #[test]
 fn reading_moves_to_a_thread_when_it_falls_behind_and_back_to_the_runtime() {
     let Some(_bpf) = bpf_available("runtime reader") else {
         return;
     };
     let rt = one_worker_runtime();
+    let worker = rt.block_on(rt.spawn(async { tid_and_nice(None) })).unwrap();
+    let (_, own_nice) = tid_and_nice(None);
+    let reader_nice = ProbeOptions::default().reader_nice;
+    assert!(reader_nice < own_nice, "the default lowers the nice value");
     let mut probe = start_probe(ProbeOptions {
         poll_interval: Duration::from_secs(2),
         ..Default::default()
@@ -829,8 +835,11 @@ fn reading_moves_to_a_thread_when_it_falls_behind_and_back_to_the_runtime() {
     let (tx, rx) = std::sync::mpsc::channel::<Batch>();
     let stall = Arc::new(AtomicBool::new(false));
     let stall_once = stall.clone();
+    let readers = Arc::new(std::sync::Mutex::new(Vec::<(u32, i32)>::new()));
+    let readers_seen = readers.clone();
     probe.deliver_on_runtime(rt.handle().clone(), move |b| {
         let _ = tx.send(b);
+        readers_seen.lock().unwrap().push(tid_and_nice(None));
         if stall_once.swap(false, Ordering::Relaxed) {
             // A slow consumer: the ring fills meanwhile.
             std::thread::sleep(Duration::from_millis(100));
@@ -889,9 +898,29 @@ fn reading_moves_to_a_thread_when_it_falls_behind_and_back_to_the_runtime() {
     take(pings + burst, "high rate", WAIT);
     on_thread |= !control.reads_on_runtime();
     assert!(on_thread, "behind at a high rate, the reading ran on a thread");
+    let delivered_by: Vec<(u32, i32)> = readers.lock().unwrap().clone();
+    let (on_worker, on_threads): (Vec<_>, Vec<_>) = delivered_by.iter().partition(|(tid, _)| *tid == worker.0);
+    assert!(
+        on_worker.iter().all(|&&(_, n)| n == worker.1),
+        "the worker keeps its nice value: {on_worker:?}"
+    );
+    assert!(!on_threads.is_empty(), "a thread delivered batches");
+    assert!(
+        on_threads.iter().all(|&&(_, n)| n == reader_nice),
+        "a thread reads at nice {reader_nice}: {on_threads:?}"
+    );
 
     wait_for(true, "the reading comes back to the runtime when the rate falls");
     std::thread::sleep(Duration::from_millis(50));
+    for &&(tid, _) in &on_threads {
+        // Threads stay in the runtime's pool (idle for 10 s) or wait for
+        // the probe's stop: each is there, at its own priority again.
+        assert_eq!(
+            tid_and_nice(Some(tid)).1,
+            own_nice,
+            "thread {tid} got its nice value back"
+        );
+    }
     for i in 1..=pings {
         c.write_all(&[1]).unwrap();
         take(pings + burst + i, "low rate again", Duration::from_secs(1));
@@ -908,6 +937,18 @@ fn reading_moves_to_a_thread_when_it_falls_behind_and_back_to_the_runtime() {
     assert!(late_rx.try_recv().is_err(), "the late sink got nothing");
     drop(c);
     drain.join().unwrap();
+}
+
+/// A thread's id and nice value (this thread's with `None`), from /proc.
+fn tid_and_nice(tid: Option<u32>) -> (u32, i32) {
+    let tid = tid.unwrap_or_else(|| {
+        let link = std::fs::read_link("/proc/thread-self").unwrap();
+        link.file_name().unwrap().to_str().unwrap().parse().unwrap()
+    });
+    let stat = std::fs::read_to_string(format!("/proc/self/task/{tid}/stat")).unwrap();
+    // After the name: state is field 3, nice field 19.
+    let nice = stat.rsplit_once(')').unwrap().1.split_whitespace().nth(16).unwrap();
+    (tid, nice.parse().unwrap())
 }
 
 fn thread_state(tid: u32) -> Option<char> {

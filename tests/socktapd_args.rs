@@ -49,6 +49,8 @@ fn bad_flags_exit_2_with_one_line_naming_the_flag() {
         (&["--ring-buffer-bytes", "12288"], "--ring-buffer-bytes"),
         (&["--wakeup-interval-us", "5000000"], "--wakeup-interval-us"),
         (&["--queue-events", "0"], "--queue-events"),
+        (&["--reader-nice", "-21"], "--reader-nice"),
+        (&["--reader-nice", "20"], "--reader-nice"),
         (&["--user", "no-such-user-socktap"], "--user"),
         (&["--socket-group", "no-such-group-socktap"], "--socket-group"),
         (&["--auth-token-file", "/nonexistent/token"], "--auth-token-file"),

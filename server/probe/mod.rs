@@ -13,6 +13,7 @@ mod drops;
 mod error;
 mod loader;
 mod prefilter;
+mod priority;
 mod reader;
 mod ring;
 pub mod skel;
@@ -113,6 +114,15 @@ pub struct ProbeOptions {
     /// Turn on the kernel's BPF run-time statistics (BPF_ENABLE_STATS) while
     /// the probe lives. Costs two clock reads per program run.
     pub bpf_stats: bool,
+    /// The nice value of a thread while it reads the ring (-20..=19; the
+    /// default -5). Under a load that keeps every CPU busy, a reader at the
+    /// workload's priority gets no more than its fair share and falls
+    /// behind until the kernel drops events; a lower value gives it the
+    /// CPU when it has work, and it takes no more than the events cost.
+    /// Needs CAP_SYS_NICE or RLIMIT_NICE; without them the reader warns
+    /// once and reads at its own priority. A value at or above the
+    /// thread's own changes nothing.
+    pub reader_nice: i32,
 }
 
 impl Default for ProbeOptions {
@@ -127,6 +137,7 @@ impl Default for ProbeOptions {
             enabled: true,
             ignore_pid: None,
             bpf_stats: false,
+            reader_nice: -5,
         }
     }
 }
@@ -159,6 +170,12 @@ impl ProbeOptions {
                     reason: "must be below 4.29 s".into(),
                 });
             }
+        }
+        if !(-20..=19).contains(&self.reader_nice) {
+            return Err(ProbeError::InvalidOption {
+                option: "reader_nice",
+                reason: format!("{} is not a nice value (-20..=19)", self.reader_nice),
+            });
         }
         if self.batch_interval < self.wakeup_interval {
             return Err(ProbeError::InvalidOption {

@@ -17,6 +17,7 @@ use tokio::sync::mpsc::error::TrySendError;
 use tracing::{debug, error, warn};
 
 use super::drops::MappedDrops;
+use super::priority::RaisedPriority;
 use super::ring::MappedRing;
 use super::skel::SocktapSkel;
 use super::{
@@ -57,6 +58,8 @@ pub(crate) struct Reader {
     full_batch: bool,
     /// A record header was malformed: nothing more can be read.
     broken: bool,
+    /// The nice value of a thread while it reads ([`ProbeOptions::reader_nice`]).
+    nice: i32,
 }
 
 impl Reader {
@@ -77,6 +80,7 @@ impl Reader {
             pending: Vec::with_capacity(MAX_BATCH_EVENTS),
             full_batch: false,
             broken: false,
+            nice: opts.reader_nice,
         })
     }
 
@@ -179,6 +183,7 @@ impl Reader {
 /// ([`read_on_runtime`]) and this returns at once. The caller keeps the
 /// skeleton until the stop.
 pub(crate) fn run(mut reader: Reader, consumer: &Mutex<Consumer>) {
+    let _raised = RaisedPriority::raise(reader.nice);
     let mut consumer_gone = false;
     while !reader.stopped() {
         if let Some(timeout) = reader.wait() {
@@ -386,6 +391,9 @@ impl DrainTimer {
 /// Reads on the calling (blocking) thread until the stop, or until `done`
 /// says so; returns the reader and the sink.
 fn read_on_thread(mut reader: Reader, mut sink: Sink, done: impl Fn(&Reader) -> bool) -> (Reader, Sink) {
+    // A blocking thread of the runtime's pool: its priority goes back
+    // with it (the guard drops before it returns).
+    let _raised = RaisedPriority::raise(reader.nice);
     while !reader.stopped() && !done(&reader) {
         if let Some(timeout) = reader.wait() {
             reader.ring.wait_readable(timeout);
