@@ -57,7 +57,7 @@ impl Drop for RaisedPriority {
 }
 
 /// A thread's nice value (`PRIO_PROCESS` takes a thread id on Linux).
-pub(crate) fn thread_nice(tid: libc::id_t) -> Option<i32> {
+fn thread_nice(tid: libc::id_t) -> Option<i32> {
     // getpriority returns -1 both for nice -1 and for an error: errno tells.
     // SAFETY: errno is this thread's; writing it is what the manual asks.
     unsafe { *libc::__errno_location() = 0 };
