@@ -7,6 +7,7 @@
 //! needs a capability on kernels that check `bpf()` capabilities per command
 //! (Linux ≥ 6.5), so `--user` drops them all.
 
+use nix::sys::resource::{setrlimit, Resource};
 use nix::unistd::{setgroups, setresgid, setresuid, User};
 
 /// Why the drop failed.
@@ -77,19 +78,13 @@ impl Account {
         if reader_nice < 0 {
             // RLIMIT_NICE's unit: 20 - the lowest nice value allowed.
             let limit = (20 - reader_nice) as libc::rlim_t;
-            let rlim = libc::rlimit {
-                rlim_cur: limit,
-                rlim_max: limit,
-            };
-            // SAFETY: `rlim` is a valid rlimit the call only reads.
-            if unsafe { libc::setrlimit(libc::RLIMIT_NICE, &rlim) } != 0 {
+            if let Err(e) = setrlimit(Resource::RLIMIT_NICE, limit, limit) {
                 // Raising a hard limit needs CAP_SYS_RESOURCE, which a
                 // container's root may lack: the reader then reads at the
                 // default priority (and says so when it tries).
                 tracing::warn!(
-                    "--user {}: cannot let the ring buffer reader keep nice {reader_nice} (setrlimit(RLIMIT_NICE): {})",
-                    self.user.name,
-                    nix::errno::Errno::last()
+                    "--user {}: cannot let the ring buffer reader keep nice {reader_nice} (setrlimit(RLIMIT_NICE): {e})",
+                    self.user.name
                 );
             }
         }
