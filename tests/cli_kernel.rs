@@ -233,7 +233,10 @@ impl TestCgroup {
     fn create() -> TestCgroup {
         let tree = socktap::service::cgroups::CgroupTree::discover();
         let mount = tree.mount().expect("a cgroup2 mount: --cgroup paths need cgroup v2");
-        let name = format!("socktap-test-{}", std::process::id());
+        // Tests run in parallel: one cgroup each.
+        static NEXT: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+        let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let name = format!("socktap-test-{}-{n}", std::process::id());
         let top = mount.join(&name);
         let inner = top.join("inner");
         std::fs::create_dir_all(&inner).unwrap();
@@ -372,5 +375,52 @@ async fn watch_by_cgroup_path_takes_the_processes_in_that_tree_only() {
             "only the two nc sockets, each in its cgroup below the one named: {run:?} in {text}"
         );
     }
+    d.stop().await;
+}
+
+/// `socktap watch --wide` shows each call's cgroup by its path: the id the
+/// kernel recorded, named by socktapd (GetCgroupPaths).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn watch_wide_names_the_callers_cgroup() {
+    let Some(_bpf) = bpf_available("cli_kernel") else {
+        return;
+    };
+    let cgroup = TestCgroup::create();
+    let KernelDaemon {
+        probe: _probe,
+        daemon: d,
+        ..
+    } = kernel_daemon(ProbeOptions::default(), HubConfig::default()).await;
+    let addr = d.url.trim_start_matches("http://");
+    let watch = InProcessCli::start(&["--addr", addr, "watch", "--wide", "--cgroup", &cgroup.path]);
+    wait_for("the watch to subscribe", || d.hub.subscriber_count() == 1).await;
+
+    let nc = nc_in(&cgroup.inner, 1234);
+    let inner = format!("{}/inner", cgroup.path);
+    let rows = || -> Vec<String> {
+        let pid = nc.pid.to_string();
+        watch
+            .out
+            .text()
+            .lines()
+            .filter(|l| l.split_whitespace().nth(2) == Some(pid.as_str()))
+            .map(str::to_owned)
+            .collect()
+    };
+    wait_for("nc's send in the table", || !rows().is_empty()).await;
+    watch.run.abort();
+    let text = watch.out.text();
+    assert!(
+        text.starts_with("TIME") && text.lines().next().unwrap().ends_with("CGROUP"),
+        "{text}"
+    );
+    for row in rows() {
+        assert!(
+            row.ends_with(&format!(" {inner}")),
+            "nc's cgroup {} ({inner}) by its path: {row}\n{text}",
+            nc.cgroup_id
+        );
+    }
+    assert_eq!(watch.err.text(), "");
     d.stop().await;
 }

@@ -726,6 +726,51 @@ async fn health_serving_then_not_serving_and_shutdown_ends_streams() {
     assert_eq!(hub.subscriber_count(), 0);
 }
 
+/// GetCgroupPaths names this process's own cgroup, as /proc/self/cgroup
+/// shows it, leaves out ids with no cgroup, and refuses too many ids with
+/// INVALID_ARGUMENT naming the field.
+#[tokio::test]
+async fn cgroup_paths_name_this_processs_cgroup() {
+    use std::os::unix::fs::MetadataExt;
+    let (hub, _tx) = synthetic(HubConfig::default());
+    let d = TestDaemon::start(hub).await;
+    let mut c = d.client().await;
+
+    let too_many = pb::GetCgroupPathsRequest {
+        cgroup_ids: (1..=1025).collect(),
+    };
+    let err = c.get_cgroup_paths(too_many).await.unwrap_err();
+    assert_eq!(err.code(), Code::InvalidArgument);
+    assert!(err.message().starts_with("cgroup_ids: "), "{}", err.message());
+    let none = c.get_cgroup_paths(pb::GetCgroupPathsRequest::default()).await.unwrap();
+    assert!(none.into_inner().paths.is_empty());
+
+    let tree = socktap::service::cgroups::CgroupTree::discover();
+    let ask = |ids: Vec<u64>| pb::GetCgroupPathsRequest { cgroup_ids: ids };
+    let Some(mount) = tree.mount() else {
+        let err = c.get_cgroup_paths(ask(vec![1])).await.unwrap_err();
+        assert_eq!(err.code(), Code::FailedPrecondition, "no cgroup2 here: {err:?}");
+        d.stop().await;
+        return;
+    };
+    // cgroup v2's line in /proc/self/cgroup: "0::/user.slice/...".
+    let own = std::fs::read_to_string("/proc/self/cgroup").unwrap();
+    let path = own.lines().find_map(|l| l.strip_prefix("0::")).unwrap().to_owned();
+    let id = std::fs::metadata(mount.join(path.trim_start_matches('/')))
+        .unwrap()
+        .ino();
+    let root = std::fs::metadata(mount).unwrap().ino();
+    let paths = c
+        .get_cgroup_paths(ask(vec![id, 0, u64::MAX, id, root]))
+        .await
+        .unwrap()
+        .into_inner()
+        .paths;
+    let want = std::collections::HashMap::from([(id, path), (root, "/".to_owned())]);
+    assert_eq!(paths, want, "each id once; 0 and an unused id are absent");
+    d.stop().await;
+}
+
 #[tokio::test]
 async fn reflection_v1_and_v1alpha_list_the_service() {
     use tonic::codegen::http::uri::PathAndQuery;

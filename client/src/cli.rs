@@ -16,6 +16,7 @@ use socktap_proto::v1::socktap_client::SocktapClient;
 use tonic::transport::Channel;
 
 use crate::addr::{connect_with, root_cause, ConnectError, ConnectOptions, DaemonAddr};
+use crate::cgroups::CgroupNames;
 use crate::format;
 use crate::resume::Position;
 use crate::top::Top;
@@ -270,7 +271,7 @@ pub struct WatchArgs {
     /// Same as -o json.
     #[arg(long)]
     pub json: bool,
-    /// Table: also each call's thread id, uid, cgroup id and network namespace (JSON lines always have every field).
+    /// Table: also each call's thread id, uid and network namespace, and its cgroup's path (asked of socktapd; the id when it has none) last. JSON lines always have every field.
     #[arg(short, long)]
     pub wide: bool,
     #[command(flatten)]
@@ -729,7 +730,7 @@ async fn watch(
             o = open_stream(session, &request) => o,
             _ = interrupt.recv() => return Ok(()),
         };
-        let mut stream = match opened {
+        let (mut lookups, mut stream) = match opened {
             Ok(s) => s,
             Err(f) if a.reconnect && f.passes() => {
                 retry = Some(match retry {
@@ -775,6 +776,10 @@ async fn watch(
             match msg.message {
                 Some(api::watch_events_response::Message::Events(batch)) => {
                     received += batch.events.len() as u64;
+                    if table.is_wide() && !json {
+                        let ids = batch.events.iter().map(|e| e.cgroup_id);
+                        name_cgroups(session, &mut lookups, table.cgroups_mut(), ids, err).await;
+                    }
                     for e in &batch.events {
                         if json {
                             write_line(out, &format::json_line(e))?;
@@ -811,16 +816,55 @@ const FIRST_RECONNECT_WAIT: Duration = Duration::from_millis(100);
 /// See [`FIRST_RECONNECT_WAIT`].
 const MAX_RECONNECT_WAIT: Duration = Duration::from_secs(5);
 
+/// Opens a WatchEvents stream; also gives the client, whose connection
+/// the stream uses, for other calls on it.
 async fn open_stream(
     session: &Session,
     request: &api::WatchEventsRequest,
-) -> Result<tonic::Streaming<api::WatchEventsResponse>, Failure> {
+) -> Result<(SocktapClient<Channel>, tonic::Streaming<api::WatchEventsResponse>), Failure> {
     let mut client = session.client().await?;
-    Ok(client
+    let stream = client
         .watch_events(session.request(request.clone())?)
         .await
         .map_err(|s| Failure::rpc(&session.addr, s))?
-        .into_inner())
+        .into_inner();
+    Ok((client, stream))
+}
+
+/// How long `watch --wide` waits for socktapd to name cgroups before it
+/// shows their ids instead.
+const CGROUP_LOOKUP_WAIT: Duration = Duration::from_secs(2);
+
+/// Asks socktapd for the paths of the cgroups among `ids` that `names`
+/// does not know yet. When a lookup fails (a socktapd without
+/// GetCgroupPaths, no cgroup2 on its host), says so once on `err`; the
+/// table then shows ids.
+async fn name_cgroups(
+    session: &Session,
+    client: &mut SocktapClient<Channel>,
+    names: &mut CgroupNames,
+    ids: impl Iterator<Item = u64>,
+    err: &mut (dyn Write + Send),
+) {
+    for request in names.requests(ids) {
+        let asked = request.cgroup_ids.clone();
+        let answer = match session.request(request) {
+            Ok(r) => match tokio::time::timeout(CGROUP_LOOKUP_WAIT, client.get_cgroup_paths(r)).await {
+                Ok(Ok(answer)) => Ok(answer.into_inner()),
+                Ok(Err(s)) => Err(Failure::rpc(&session.addr, s).to_string()),
+                Err(_) => Err(format!("socktapd did not answer within {CGROUP_LOOKUP_WAIT:?}")),
+            },
+            Err(f) => Err(f.to_string()),
+        };
+        match answer {
+            Ok(answer) => names.learn(&asked, answer),
+            Err(why) => {
+                if let Some(why) = names.failed(&asked, why) {
+                    let _ = writeln!(err, "socktap: cannot name cgroups ({why}); CGROUP shows their ids");
+                }
+            }
+        }
+    }
 }
 
 async fn status(session: &Session, a: &StatusArgs, out: &mut (dyn Write + Send)) -> Result<(), Failure> {
@@ -882,7 +926,7 @@ async fn top(
                 _ = interrupt.recv() => return Ok(()),
             };
             match opened {
-                Ok(s) => {
+                Ok((_, s)) => {
                     stream = Some(s);
                     wait = FIRST_RECONNECT_WAIT;
                     down = None;

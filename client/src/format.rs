@@ -6,6 +6,8 @@ use std::fmt::Write as _;
 use chrono::{Local, TimeZone};
 use socktap_proto::v1 as api;
 
+use crate::cgroups::CgroupNames;
+
 /// The `watch` table. Its address columns fit an IPv4 endpoint; a wider
 /// one (IPv6) widens its column from that row on, and the header is
 /// written again above that row, so the rows below line up with it.
@@ -13,9 +15,12 @@ use socktap_proto::v1 as api;
 pub struct Table {
     local: usize,
     remote: usize,
-    /// Also the caller's thread id and uid, the cgroup id and the network
-    /// namespace (`socktap watch --wide`).
+    /// Also the caller's thread id and uid and the socket's network
+    /// namespace after PID, and the caller's cgroup last (`socktap watch
+    /// --wide`).
     wide: bool,
+    /// The cgroups' paths, where known; a cgroup without one shows its id.
+    cgroups: CgroupNames,
 }
 
 impl Default for Table {
@@ -25,13 +30,14 @@ impl Default for Table {
             local: 21,
             remote: 21,
             wide: false,
+            cgroups: CgroupNames::default(),
         }
     }
 }
 
 impl Table {
-    /// The table with the thread, uid, cgroup and network namespace
-    /// columns after PID.
+    /// The table with the thread, uid and network namespace columns after
+    /// PID, and the cgroup (its path where known) last.
     pub fn wide() -> Self {
         Table {
             wide: true,
@@ -39,10 +45,20 @@ impl Table {
         }
     }
 
+    /// Whether it is the wide table, which shows cgroups.
+    pub fn is_wide(&self) -> bool {
+        self.wide
+    }
+
+    /// The cgroup paths it shows, for the caller to fill.
+    pub fn cgroups_mut(&mut self) -> &mut CgroupNames {
+        &mut self.cgroups
+    }
+
     /// The header line for the current widths.
     pub fn header(&self) -> String {
         self.line(
-            ["TID", "UID", "CGROUP", "NETNS"],
+            ["TID", "UID", "NETNS", "CGROUP"],
             [
                 "TIME", "COMM", "PID", "COOKIE", "DIR", "BYTES", "LOCAL", " ", "REMOTE", "ERR",
             ],
@@ -80,39 +96,46 @@ impl Table {
             errno_name(e.errno)
         };
         let (pid, cookie, bytes) = (e.pid.to_string(), e.cookie.to_string(), e.bytes.to_string());
-        let (tid, uid, cgroup, netns) = (
-            e.tid.to_string(),
-            e.uid.to_string(),
-            e.cgroup_id.to_string(),
-            e.netns.to_string(),
-        );
+        let (tid, uid, netns) = (e.tid.to_string(), e.uid.to_string(), e.netns.to_string());
+        let cgroup = match self.cgroups.name(e.cgroup_id) {
+            Some(path) => path.to_owned(),
+            None => e.cgroup_id.to_string(),
+        };
         lines.push(self.line(
-            [&tid, &uid, &cgroup, &netns],
+            [&tid, &uid, &netns, &cgroup],
             [&time, &e.comm, &pid, &cookie, dir, &bytes, &local, arrow, &remote, &err],
         ));
         lines
     }
 
     /// One line: every column padded to its width (numbers to the right),
-    /// trailing spaces trimmed. The wide columns only in a wide table.
+    /// trailing spaces trimmed. The wide columns only in a wide table: the
+    /// cgroup last, since a path may be long.
     fn line(
         &self,
-        [tid, uid, cgroup, netns]: [&str; 4],
+        [tid, uid, netns, cgroup]: [&str; 4],
         [time, comm, pid, cookie, dir, bytes, local, arrow, remote, err]: [&str; 10],
     ) -> String {
         let (lw, rw) = (self.local, self.remote);
-        let wide = if self.wide {
-            format!(" {tid:>7} {uid:>6} {cgroup:>8} {netns:>10}")
+        let (ids, last) = if self.wide {
+            (
+                format!(" {tid:>7} {uid:>6} {netns:>10}"),
+                format!("{err:<ERR_WIDTH$} {cgroup}"),
+            )
         } else {
-            String::new()
+            (String::new(), err.to_owned())
         };
         format!(
-            "{time:<15} {comm:<15} {pid:>7}{wide} {cookie:>12} {dir:<4} {bytes:>9} {local:<lw$} {arrow} {remote:<rw$} {err}"
+            "{time:<15} {comm:<15} {pid:>7}{ids} {cookie:>12} {dir:<4} {bytes:>9} {local:<lw$} {arrow} {remote:<rw$} {last}"
         )
         .trim_end()
         .to_owned()
     }
 }
+
+/// The ERR column's width when a column follows it: the longest name
+/// [`errno_name`] gives.
+const ERR_WIDTH: usize = 12;
 
 /// One event as a row of a [`Table`] whose columns fit it.
 pub fn table_row(e: &api::Event) -> String {
@@ -424,7 +447,7 @@ mod tests {
     }
 
     #[test]
-    fn a_wide_table_adds_thread_uid_cgroup_and_netns_after_pid() {
+    fn a_wide_table_adds_thread_uid_and_netns_after_pid_and_the_cgroup_last() {
         let e = api::Event {
             comm: "nginx".into(),
             pid: 812,
@@ -444,30 +467,29 @@ mod tests {
         };
         let mut wide = Table::wide();
         let header = wide.header();
+        // Not named yet: the cgroup's id.
         let row = wide.rows(&e).pop().unwrap();
         let cols: Vec<&str> = row.split_whitespace().collect();
         assert_eq!(
-            &cols[1..11],
+            &cols[1..],
             &[
                 "nginx",
                 "812",
                 "815",
                 "33",
-                "4711",
                 "4026531840",
                 "9001",
                 "send",
                 "512",
-                "10.0.0.2:80"
+                "10.0.0.2:80",
+                "→",
+                "10.0.0.1:51000",
+                "EPIPE",
+                "4711"
             ]
         );
         assert_lined_up(&header, &row);
-        for (label, value) in [
-            ("TID", "815"),
-            ("UID", "33"),
-            ("CGROUP", "4711"),
-            ("NETNS", "4026531840"),
-        ] {
+        for (label, value) in [("TID", "815"), ("UID", "33"), ("NETNS", "4026531840")] {
             let end = header.find(label).unwrap() + label.len();
             assert_eq!(
                 &row[end - value.len()..end],
@@ -475,9 +497,30 @@ mod tests {
                 "{label} does not line up:\n{header}\n{row}"
             );
         }
+        // Named: its path, left-aligned under CGROUP, with or without an
+        // error before it.
+        let path = "/system.slice/nginx.service";
+        wide.cgroups_mut().learn(
+            &[4711],
+            api::GetCgroupPathsResponse {
+                paths: [(4711, path.to_owned())].into(),
+            },
+        );
+        // Columns count characters: the arrow is one, of three bytes.
+        let column = |line: &str, label: &str| line[..line.find(label).unwrap()].chars().count();
+        for e in [e.clone(), api::Event { errno: 0, ..e.clone() }] {
+            let row = wide.rows(&e).pop().unwrap();
+            assert!(row.ends_with(path), "{row}");
+            assert_eq!(
+                column(&row, path),
+                column(&header, "CGROUP"),
+                "CGROUP does not line up:\n{header}\n{row}"
+            );
+        }
         // The narrow table has none of them.
         let narrow = Table::default();
-        assert!(!narrow.header().contains("TID") && !table_row(&e).contains("4711"));
+        assert!(!narrow.header().contains("TID") && !narrow.header().contains("CGROUP"));
+        assert!(!table_row(&e).contains("4711"));
     }
 
     #[test]

@@ -46,6 +46,7 @@
 //! ```
 
 pub mod addr;
+pub mod cgroups;
 pub mod cli;
 pub mod format;
 pub mod resume;

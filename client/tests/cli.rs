@@ -85,7 +85,15 @@ struct Fake {
     /// (from 0) comes from instance n + 1, and a resume from another
     /// instance starts with a RESTART notice.
     restarting: bool,
+    /// Act as a socktapd without GetCgroupPaths.
+    no_cgroup_paths: bool,
+    /// The cgroup ids asked about, request by request.
+    cgroup_requests: Arc<Mutex<Vec<Vec<u64>>>>,
 }
+
+/// The path the fake gives cgroup 55 (the first canned event's); it knows
+/// no other cgroup.
+const CGROUP_55: &str = "/user.slice/user-1000.slice/session-2.scope";
 
 #[tonic::async_trait]
 impl Socktap for Fake {
@@ -170,6 +178,23 @@ impl Socktap for Fake {
             }],
             ..Default::default()
         }))
+    }
+
+    async fn get_cgroup_paths(
+        &self,
+        req: Request<api::GetCgroupPathsRequest>,
+    ) -> Result<Response<api::GetCgroupPathsResponse>, Status> {
+        if self.no_cgroup_paths {
+            return Err(Status::unimplemented("unknown method GetCgroupPaths"));
+        }
+        let ids = req.into_inner().cgroup_ids;
+        self.cgroup_requests.lock().unwrap().push(ids.clone());
+        let paths = ids
+            .into_iter()
+            .filter(|&id| id == 55)
+            .map(|id| (id, CGROUP_55.to_owned()))
+            .collect();
+        Ok(Response::new(api::GetCgroupPathsResponse { paths }))
     }
 }
 
@@ -284,15 +309,25 @@ fn table_output_field_by_field() {
 }
 
 #[test]
-fn a_wide_table_shows_thread_uid_cgroup_and_netns() {
-    let addr = serve(Fake::default());
+fn a_wide_table_shows_thread_uid_netns_and_the_cgroups_path() {
+    let fake = Fake::default();
+    let asked = fake.cgroup_requests.clone();
+    let addr = serve(fake);
     let r = socktap(&["--addr", &addr, "watch", "--limit", "2", "--wide"]);
     assert_eq!(r.code, 0, "{}", r.stderr);
+    assert_eq!(r.stderr, "");
     let lines: Vec<&str> = r.stdout.lines().collect();
     let header: Vec<&str> = lines[0].split_whitespace().collect();
-    assert_eq!(&header[..7], &["TIME", "COMM", "PID", "TID", "UID", "CGROUP", "NETNS"]);
+    assert_eq!(&header[..6], &["TIME", "COMM", "PID", "TID", "UID", "NETNS"]);
+    assert_eq!(header.last(), Some(&"CGROUP"));
     let c: Vec<&str> = lines[1].split_whitespace().collect();
-    assert_eq!(&c[1..8], &["curl", "321", "322", "1000", "55", "4026531833", "4097"]);
+    assert_eq!(&c[1..7], &["curl", "321", "322", "1000", "4026531833", "4097"]);
+    assert_eq!(c.last(), Some(&CGROUP_55), "named by socktapd: {}", lines[1]);
+    // The second event's cgroup (0) has no path: its id. Each batch asked
+    // about its own new cgroups, once.
+    let last = lines.last().unwrap();
+    assert!(last.ends_with("EAGAIN       0"), "{}", r.stdout);
+    assert_eq!(*asked.lock().unwrap(), vec![vec![55], vec![0]]);
     // -w is the same; JSON lines are unchanged by it.
     assert_eq!(
         socktap(&["--addr", &addr, "watch", "--limit", "2", "-w"]).stdout,
@@ -302,6 +337,27 @@ fn a_wide_table_shows_thread_uid_cgroup_and_netns() {
         socktap(&["--addr", &addr, "watch", "--limit", "2", "-o", "json", "-w"]).stdout,
         socktap(&["--addr", &addr, "watch", "--limit", "2", "-o", "json"]).stdout
     );
+}
+
+/// A socktapd that cannot name cgroups (older, or no cgroup2 on its host):
+/// the table shows their ids, and says why once.
+#[test]
+fn a_wide_table_without_cgroup_paths_shows_ids_and_says_why_once() {
+    let addr = serve(Fake {
+        no_cgroup_paths: true,
+        ..Fake::default()
+    });
+    let r = socktap(&["--addr", &addr, "watch", "--limit", "2", "-w"]);
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    assert_eq!(
+        r.stderr.lines().collect::<Vec<_>>(),
+        [format!(
+            "socktap: cannot name cgroups (socktapd at {addr}: Unimplemented: unknown method GetCgroupPaths); CGROUP shows their ids"
+        )]
+    );
+    let lines: Vec<&str> = r.stdout.lines().collect();
+    assert!(lines[1].ends_with(" 55"), "{}", lines[1]);
+    assert!(lines.last().unwrap().ends_with(" 0"), "{}", r.stdout);
 }
 
 #[test]

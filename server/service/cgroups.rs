@@ -3,7 +3,7 @@
 //! the inode number of the cgroup's directory), and followed while the
 //! streams that name them live.
 
-use std::collections::{BTreeSet, HashMap};
+use std::collections::{BTreeSet, HashMap, HashSet};
 use std::io;
 use std::os::unix::fs::MetadataExt;
 use std::path::{Component, Path, PathBuf};
@@ -232,6 +232,42 @@ impl CgroupTree {
         }
         Ok(ids)
     }
+
+    /// The paths of the cgroups among `ids` that exist now, as
+    /// `/proc/PID/cgroup` shows them (`/system.slice/nginx.service`, `/`
+    /// for the root), found by walking the hierarchy until every id is
+    /// found or none is left to look at. An id with no cgroup is absent.
+    pub fn paths_of(&self, ids: &HashSet<u64>) -> Result<HashMap<u64, String>, String> {
+        let mount = self
+            .mount
+            .as_deref()
+            .ok_or("no cgroup2 file system is mounted on socktapd's host")?;
+        let mut paths = HashMap::new();
+        let mut todo = vec![mount.to_path_buf()];
+        while let Some(dir) = todo.pop() {
+            if paths.len() == ids.len() {
+                break;
+            }
+            // A cgroup removed while we looked has no path to give, and
+            // one we may not read (not root) hides only its own subtree.
+            let Ok(meta) = std::fs::symlink_metadata(&dir) else {
+                continue;
+            };
+            if ids.contains(&meta.ino()) {
+                let within = dir.strip_prefix(mount).unwrap_or(&dir);
+                paths.insert(meta.ino(), format!("/{}", within.display()));
+            }
+            let Ok(entries) = std::fs::read_dir(&dir) else {
+                continue;
+            };
+            for entry in entries.flatten() {
+                if entry.file_type().is_ok_and(|t| t.is_dir()) {
+                    todo.push(entry.path());
+                }
+            }
+        }
+        Ok(paths)
+    }
 }
 
 /// The mount point of the first cgroup2 mount of the hierarchy's root in
@@ -418,6 +454,36 @@ mod tests {
         let err = tree.resolve("/", 4).unwrap_err();
         assert!(err.contains("more than the 4 cgroups"), "{err}");
         let err = CgroupTree { mount: None }.resolve("/x", 4).unwrap_err();
+        assert!(err.contains("no cgroup2"), "{err}");
+        let _ = std::fs::remove_dir_all(&root);
+    }
+
+    #[test]
+    fn names_cgroups_by_their_ids() {
+        let root = std::env::temp_dir().join(format!("socktap-cgroup-paths-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&root);
+        let app = root.join("system.slice/app.service");
+        std::fs::create_dir_all(app.join("worker")).unwrap();
+        std::fs::create_dir_all(root.join("user.slice")).unwrap();
+        let file = app.join("cgroup.procs");
+        std::fs::write(&file, "").unwrap();
+        let ino = |p: &Path| std::fs::metadata(p).unwrap().ino();
+        let tree = CgroupTree::at(&root);
+
+        let gone = root.join("gone");
+        std::fs::create_dir(&gone).unwrap();
+        let gone_id = ino(&gone);
+        std::fs::remove_dir(&gone).unwrap();
+        let ids: HashSet<u64> = [ino(&root), ino(&app.join("worker")), ino(&file), gone_id].into();
+        let paths = tree.paths_of(&ids).unwrap();
+        let want: HashMap<u64, String> = [
+            (ino(&root), "/".to_owned()),
+            (ino(&app.join("worker")), "/system.slice/app.service/worker".to_owned()),
+        ]
+        .into();
+        assert_eq!(paths, want, "cgroups only (not their files), removed ones absent");
+        assert_eq!(tree.paths_of(&HashSet::new()).unwrap(), HashMap::new());
+        let err = CgroupTree { mount: None }.paths_of(&ids).unwrap_err();
         assert!(err.contains("no cgroup2"), "{err}");
         let _ = std::fs::remove_dir_all(&root);
     }

@@ -126,6 +126,24 @@ impl Socktap for SocktapService {
     async fn get_status(&self, _: Request<pb::GetStatusRequest>) -> Result<Response<pb::GetStatusResponse>, Status> {
         Ok(Response::new(status(&self.hub)))
     }
+
+    async fn get_cgroup_paths(
+        &self,
+        request: Request<pb::GetCgroupPathsRequest>,
+    ) -> Result<Response<pb::GetCgroupPathsResponse>, Status> {
+        let ids = validate::cgroup_paths(request.get_ref()).map_err(|e| Status::invalid_argument(e.to_string()))?;
+        if ids.is_empty() {
+            return Ok(Response::new(pb::GetCgroupPathsResponse::default()));
+        }
+        let tree = self.cgroups.clone();
+        // Walking the cgroup file system: off the runtime's worker, which
+        // every stream shares.
+        let paths = tokio::task::spawn_blocking(move || tree.paths_of(&ids))
+            .await
+            .map_err(|e| Status::internal(format!("looking up cgroups: {e}")))?
+            .map_err(Status::failed_precondition)?;
+        Ok(Response::new(pb::GetCgroupPathsResponse { paths }))
+    }
 }
 
 /// The most encoded event bytes in one EventBatch message (a message may

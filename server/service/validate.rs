@@ -1,6 +1,8 @@
-//! Checks a WatchEvents request before anything is subscribed. Every error
+//! Checks requests: a WatchEvents request before anything is subscribed,
+//! a GetCgroupPaths request before the cgroups are looked up. Every error
 //! names the field at fault.
 
+use std::collections::HashSet;
 use std::time::Duration;
 
 use socktap_proto::v1 as pb;
@@ -25,6 +27,23 @@ pub struct StreamControls {
     pub max_batch: usize,
     /// How long to hold events to fill a batch.
     pub flush_delay: Duration,
+}
+
+/// The most ids one GetCgroupPaths request may name.
+pub const MAX_CGROUP_IDS: usize = 1024;
+
+/// Checks a GetCgroupPaths request and gives the distinct ids it names.
+pub fn cgroup_paths(req: &pb::GetCgroupPathsRequest) -> Result<HashSet<u64>, FieldError> {
+    if req.cgroup_ids.len() > MAX_CGROUP_IDS {
+        return Err(FieldError::new(
+            "cgroup_ids",
+            format!(
+                "names {} cgroups, more than the {MAX_CGROUP_IDS} one request may; ask in parts",
+                req.cgroup_ids.len()
+            ),
+        ));
+    }
+    Ok(req.cgroup_ids.iter().copied().collect())
 }
 
 /// A validated request.
