@@ -682,7 +682,7 @@ pub async fn run(cli: Cli, out: &mut (dyn Write + Send), err: &mut (dyn Write + 
         Ok(session) => match &cli.command {
             Command::Watch(a) => watch(&session, a, &mut interrupt, out, err).await,
             Command::Status(a) => status(&session, a, out).await,
-            Command::Top(a) => top(&session, a, &mut interrupt, out).await,
+            Command::Top(a) => top(&session, a, &mut interrupt, out, err).await,
         },
     };
     match result {
@@ -887,6 +887,7 @@ async fn top(
     a: &TopArgs,
     interrupt: &mut tokio::signal::unix::Signal,
     out: &mut (dyn Write + Send),
+    err: &mut (dyn Write + Send),
 ) -> Result<(), Failure> {
     use std::io::IsTerminal;
     let clear = io::stdout().is_terminal();
@@ -899,6 +900,9 @@ async fn top(
     };
     // None while (re)connecting under --reconnect.
     let mut stream = None;
+    // The stream's client, which names the cgroups shown.
+    let mut lookups = None;
+    let mut names = CgroupNames::default();
     // While disconnected: the next attempt, and the wait after it.
     let mut retry_at = Instant::now();
     let mut wait = FIRST_RECONNECT_WAIT;
@@ -908,17 +912,18 @@ async fn top(
     let mut frame = Top::default();
     let mut frames = 0u64;
     let mut last = Instant::now();
-    let show = |frame: &Top, last: &mut Instant, out: &mut (dyn Write + Send)| -> Result<(), Failure> {
-        let now = Instant::now();
-        let text = frame.render(a.rows, now.duration_since(*last).as_secs_f64());
-        *last = now;
-        if clear {
-            out.write_all(b"\x1b[H\x1b[2J").map_err(io_failure)?;
-        }
-        out.write_all(text.as_bytes()).map_err(io_failure)?;
-        write_line(out, "")?;
-        flush(out)
-    };
+    let show =
+        |frame: &Top, names: &CgroupNames, last: &mut Instant, out: &mut (dyn Write + Send)| -> Result<(), Failure> {
+            let now = Instant::now();
+            let text = frame.render(a.rows, now.duration_since(*last).as_secs_f64(), names);
+            *last = now;
+            if clear {
+                out.write_all(b"\x1b[H\x1b[2J").map_err(io_failure)?;
+            }
+            out.write_all(text.as_bytes()).map_err(io_failure)?;
+            write_line(out, "")?;
+            flush(out)
+        };
     loop {
         if stream.is_none() && Instant::now() >= retry_at {
             let opened = tokio::select! {
@@ -926,7 +931,8 @@ async fn top(
                 _ = interrupt.recv() => return Ok(()),
             };
             match opened {
-                Ok((_, s)) => {
+                Ok((client, s)) => {
+                    lookups = Some(client);
                     stream = Some(s);
                     wait = FIRST_RECONNECT_WAIT;
                     down = None;
@@ -958,7 +964,7 @@ async fn top(
                 };
                 if !a.reconnect || !ended.passes() {
                     // Show what there is, then say why it stopped.
-                    show(&frame, &mut last, out)?;
+                    show(&frame, &names, &mut last, out)?;
                     return Err(ended);
                 }
                 let why = format!("{ended}; reconnecting");
@@ -969,7 +975,11 @@ async fn top(
             }
             _ = tokio::time::sleep_until(retry_at), if stream.is_none() => {}
             _ = ticker.tick() => {
-                show(&frame, &mut last, out)?;
+                if let Some(client) = lookups.as_mut() {
+                    let shown = frame.cgroups().into_iter().take(a.rows).map(|c| c.cgroup_id);
+                    name_cgroups(session, client, &mut names, shown, err).await;
+                }
+                show(&frame, &names, &mut last, out)?;
                 frame = Top::default();
                 if let Some(why) = &down {
                     frame.disconnected(why);

@@ -1,11 +1,12 @@
-//! `socktap top`: per-socket and per-process totals over each refresh
-//! interval, computed on the client from the event stream.
+//! `socktap top`: per-socket, per-process and per-cgroup totals over each
+//! refresh interval, computed on the client from the event stream.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::fmt::Write as _;
 
 use socktap_proto::v1 as api;
 
+use crate::cgroups::CgroupNames;
 use crate::format::endpoint;
 
 /// Bytes and calls in each direction.
@@ -69,11 +70,26 @@ pub struct ProcessRow {
     pub traffic: Traffic,
 }
 
+/// One cgroup's row: a service's or a container's traffic.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct CgroupRow {
+    /// The cgroup v2 id.
+    pub cgroup_id: u64,
+    /// Distinct processes seen.
+    pub processes: usize,
+    /// Distinct sockets seen.
+    pub sockets: usize,
+    /// Its traffic.
+    pub traffic: Traffic,
+}
+
 /// Aggregates one interval of events.
 #[derive(Debug, Default)]
 pub struct Top {
     sockets: HashMap<u64, SocketRow>,
-    processes: HashMap<u32, (ProcessRow, std::collections::HashSet<u64>)>,
+    processes: HashMap<u32, (ProcessRow, HashSet<u64>)>,
+    /// Each cgroup with its processes and sockets.
+    cgroups: HashMap<u64, (CgroupRow, HashSet<u32>, HashSet<u64>)>,
     events: u64,
     lost: u64,
     /// Why the stream was down during the interval, if it was.
@@ -102,6 +118,12 @@ impl Top {
         p.traffic.add(e);
         cookies.insert(e.cookie);
         p.sockets = cookies.len();
+        let (c, pids, cookies) = self.cgroups.entry(e.cgroup_id).or_default();
+        c.cgroup_id = e.cgroup_id;
+        c.traffic.add(e);
+        pids.insert(e.pid);
+        cookies.insert(e.cookie);
+        (c.processes, c.sockets) = (pids.len(), cookies.len());
     }
 
     /// Counts lost events (they are missing from the totals).
@@ -129,8 +151,21 @@ impl Top {
         v
     }
 
-    /// The frame for this interval, at most `rows` rows per table.
-    pub fn render(&self, rows: usize, interval_secs: f64) -> String {
+    /// cgroups, busiest first.
+    pub fn cgroups(&self) -> Vec<&CgroupRow> {
+        let mut v: Vec<_> = self.cgroups.values().map(|(c, _, _)| c).collect();
+        v.sort_by(|a, b| {
+            b.traffic
+                .total()
+                .cmp(&a.traffic.total())
+                .then(a.cgroup_id.cmp(&b.cgroup_id))
+        });
+        v
+    }
+
+    /// The frame for this interval, at most `rows` rows per table; each
+    /// cgroup by its path in `names`, or its id.
+    pub fn render(&self, rows: usize, interval_secs: f64, names: &CgroupNames) -> String {
         let mut out = String::new();
         let lost = if self.lost > 0 {
             format!("  lost {} (totals are short)", self.lost)
@@ -169,6 +204,27 @@ impl Top {
                 p.pid, p.comm, p.sockets, t.tx_bytes, t.rx_bytes, t.tx_calls, t.rx_calls
             );
         }
+        let _ = writeln!(out);
+        let _ = writeln!(
+            out,
+            "{:>7} {:>7} {:>10} {:>10} {:>7} {:>7}  CGROUP",
+            "PROCS", "SOCKETS", "TX_BYTES", "RX_BYTES", "TX", "RX"
+        );
+        for c in self.cgroups().into_iter().take(rows) {
+            let t = &c.traffic;
+            let id = c.cgroup_id.to_string();
+            let _ = writeln!(
+                out,
+                "{:>7} {:>7} {:>10} {:>10} {:>7} {:>7}  {}",
+                c.processes,
+                c.sockets,
+                t.tx_bytes,
+                t.rx_bytes,
+                t.tx_calls,
+                t.rx_calls,
+                names.name(c.cgroup_id).unwrap_or(&id)
+            );
+        }
         out
     }
 }
@@ -184,6 +240,8 @@ mod tests {
             kind: kind as i32,
             bytes,
             comm: format!("p{pid}"),
+            // Two processes per cgroup.
+            cgroup_id: u64::from(pid / 20),
             ..Default::default()
         }
     }
@@ -209,10 +267,43 @@ mod tests {
         );
         let p = t.processes();
         assert_eq!((p[0].pid, p[0].sockets, p[0].traffic.total()), (10, 2, 5150));
-        assert!(t.render(10, 1.0).contains("lost 4"));
-        assert!(!t.render(10, 1.0).contains("disconnected"));
+        t.add(&ev(4, 30, api::EventKind::Send, 7));
+        t.add(&ev(5, 40, api::EventKind::Send, 3));
+        let c = t.cgroups();
+        let row = |c: &CgroupRow| (c.cgroup_id, c.processes, c.sockets, c.traffic.total());
+        assert_eq!(
+            c.iter().map(|c| row(c)).collect::<Vec<_>>(),
+            vec![(0, 1, 2, 5150), (1, 2, 2, 8), (2, 1, 1, 3)]
+        );
+        let mut names = CgroupNames::default();
+        names.learn(
+            &[1],
+            api::GetCgroupPathsResponse {
+                paths: [(1, "/system.slice/app.service".to_owned())].into(),
+            },
+        );
+        let text = t.render(10, 1.0, &names);
+        let cgroups: Vec<&str> = text.lines().skip_while(|l| !l.ends_with("CGROUP")).collect();
+        assert_eq!(
+            cgroups,
+            [
+                "  PROCS SOCKETS   TX_BYTES   RX_BYTES      TX      RX  CGROUP",
+                "      1       2        100       5050       1       2  0",
+                "      2       2          8          0       2       0  /system.slice/app.service",
+                "      1       1          3          0       1       0  2",
+            ]
+        );
+        assert_eq!(
+            t.render(2, 1.0, &names)
+                .lines()
+                .filter(|l| l.ends_with("app.service"))
+                .count(),
+            1
+        );
+        assert!(t.render(10, 1.0, &names).contains("lost 4"));
+        assert!(!t.render(10, 1.0, &names).contains("disconnected"));
         t.disconnected("socktapd at x ended the stream; reconnecting");
-        let text = t.render(10, 1.0);
+        let text = t.render(10, 1.0, &names);
         assert_eq!(
             text.lines().nth(1),
             Some("disconnected (totals are short): socktapd at x ended the stream; reconnecting"),

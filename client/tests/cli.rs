@@ -740,6 +740,39 @@ fn top_sums_per_socket_and_process_and_marks_losses() {
     );
 }
 
+/// top's third table sums each cgroup's traffic and shows it by its path,
+/// which socktapd gives (GetCgroupPaths), or by its id where it has none.
+#[test]
+fn top_names_the_busiest_cgroups() {
+    let fake = Fake {
+        endless: true,
+        ..Fake::default()
+    };
+    let asked = fake.cgroup_requests.clone();
+    let addr = serve(fake);
+    let r = socktap(&["--addr", &addr, "top", "--interval", "300ms", "--iterations", "2"]);
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    let last = r.stdout.split("socktap top: ").last().unwrap();
+    let cgroups: Vec<Vec<&str>> = last
+        .lines()
+        .skip_while(|l| !l.ends_with("CGROUP"))
+        .skip(1)
+        .take_while(|l| !l.is_empty())
+        .map(|l| l.split_whitespace().collect())
+        .collect();
+    // The fake's first event (1448 bytes sent) is curl's in cgroup 55, its
+    // second (0 bytes) nginx's in cgroup 0.
+    assert_eq!(cgroups.len(), 2, "{last}");
+    assert_eq!(&cgroups[0][..2], &["1", "1"], "{last}");
+    assert_eq!(cgroups[0].last(), Some(&CGROUP_55), "{last}");
+    assert_eq!(cgroups[1].last(), Some(&"0"), "{last}");
+    let asked = asked.lock().unwrap();
+    assert!(
+        !asked.is_empty() && asked.iter().flatten().filter(|&&id| id == 55).count() == 1,
+        "each id asked once: {asked:?}"
+    );
+}
+
 /// Serves `fake` on a unix socket at `path` on a background thread, and
 /// returns once the socket is there.
 fn serve_unix(fake: Fake, path: &std::path::Path) {
