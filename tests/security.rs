@@ -42,6 +42,14 @@ async fn a_bearer_token_is_required_when_configured() {
     assert_eq!(err.code(), Code::Unauthenticated, "wrong token");
     let err = c.watch_events(pb::WatchEventsRequest::default()).await.unwrap_err();
     assert_eq!(err.code(), Code::Unauthenticated, "streams too");
+    let cgroups = || pb::GetCgroupPathsRequest { cgroup_ids: vec![1] };
+    let err = c.get_cgroup_paths(cgroups()).await.unwrap_err();
+    assert_eq!(err.code(), Code::Unauthenticated, "cgroup paths too");
+    let named = c.get_cgroup_paths(authed(cgroups(), "s3cret")).await;
+    assert!(
+        !named.is_err_and(|s| s.code() == Code::Unauthenticated),
+        "cgroup paths with the right token"
+    );
     c.get_status(authed(pb::GetStatusRequest {}, "s3cret"))
         .await
         .expect("the right token");
