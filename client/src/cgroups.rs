@@ -2,7 +2,8 @@
 //! on socktapd's host, asked of socktapd (`GetCgroupPaths`) once per id and
 //! kept. cgroup ids are never reused, so an answer holds for the id's life,
 //! and an id socktapd could not name (its cgroup already removed) is not
-//! asked again.
+//! asked again. An id whose request failed was not answered: it is asked
+//! again with the next request that names it.
 //!
 //! The cache does no I/O: it says what to ask ([`CgroupNames::requests`])
 //! and takes the answers ([`CgroupNames::learn`]), so a pipeline can send
@@ -31,13 +32,11 @@ use crate::api;
 /// The most ids socktapd takes in one `GetCgroupPaths` request.
 pub const MAX_IDS_PER_REQUEST: usize = 1024;
 
-/// What is known of each cgroup id asked about: its path, or that it has
-/// none (removed before it was asked about, or the lookup failed).
+/// What socktapd said of each cgroup id asked about: its path, or that it
+/// has none (removed before it was asked about).
 #[derive(Clone, Debug, Default)]
 pub struct CgroupNames {
     known: HashMap<u64, Option<String>>,
-    /// Why lookups stopped, once one failed.
-    unavailable: Option<String>,
 }
 
 impl CgroupNames {
@@ -46,13 +45,9 @@ impl CgroupNames {
         self.known.get(&id).and_then(|p| p.as_deref())
     }
 
-    /// The requests that would name every id among `ids` not asked about
-    /// yet (each id once, at most [`MAX_IDS_PER_REQUEST`] per request);
-    /// none once a lookup failed.
+    /// The requests that would name every id among `ids` not answered
+    /// yet (each id once, at most [`MAX_IDS_PER_REQUEST`] per request).
     pub fn requests(&self, ids: impl IntoIterator<Item = u64>) -> Vec<api::GetCgroupPathsRequest> {
-        if self.unavailable.is_some() {
-            return Vec::new();
-        }
         let new: BTreeSet<u64> = ids.into_iter().filter(|id| !self.known.contains_key(id)).collect();
         let new: Vec<u64> = new.into_iter().collect();
         new.chunks(MAX_IDS_PER_REQUEST)
@@ -68,19 +63,6 @@ impl CgroupNames {
         for id in asked {
             self.known.insert(*id, answer.paths.remove(id));
         }
-    }
-
-    /// Records that a request for `asked` failed with `why`: those ids stay
-    /// unnamed, and no more requests are made. Returns `why` the first time,
-    /// for the caller to say once.
-    pub fn failed(&mut self, asked: &[u64], why: String) -> Option<&str> {
-        for id in asked {
-            self.known.insert(*id, None);
-        }
-        if self.unavailable.is_some() {
-            return None;
-        }
-        Some(self.unavailable.insert(why).as_str())
     }
 }
 
@@ -108,14 +90,5 @@ mod tests {
         let many = names.requests(1000..3100);
         let sizes: Vec<usize> = many.iter().map(|r| r.cgroup_ids.len()).collect();
         assert_eq!(sizes, vec![1024, 1024, 52]);
-    }
-
-    #[test]
-    fn a_failed_lookup_is_reported_once_and_stops_the_asking() {
-        let mut names = CgroupNames::default();
-        assert_eq!(names.failed(&[5], "Unimplemented".into()), Some("Unimplemented"));
-        assert_eq!(names.name(5), None);
-        assert!(names.requests([6]).is_empty());
-        assert_eq!(names.failed(&[6], "again".into()), None, "said once");
     }
 }

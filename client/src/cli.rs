@@ -716,6 +716,7 @@ async fn watch(
     } else {
         format::Table::default()
     };
+    let mut lookups = CgroupLookups::default();
     // Set while (re)connecting: how long to wait before the next attempt.
     let mut retry: Option<Duration> = None;
     let mut connected = false;
@@ -730,7 +731,7 @@ async fn watch(
             o = open_stream(session, &request) => o,
             _ = interrupt.recv() => return Ok(()),
         };
-        let (mut lookups, mut stream) = match opened {
+        let (mut client, mut stream) = match opened {
             Ok(s) => s,
             Err(f) if a.reconnect && f.passes() => {
                 retry = Some(match retry {
@@ -778,7 +779,7 @@ async fn watch(
                     received += batch.events.len() as u64;
                     if table.is_wide() && !json {
                         let ids = batch.events.iter().map(|e| e.cgroup_id);
-                        name_cgroups(session, &mut lookups, table.cgroups_mut(), ids, err).await;
+                        lookups.name(session, &mut client, table.cgroups_mut(), ids, err).await;
                     }
                     for e in &batch.events {
                         if json {
@@ -831,36 +832,58 @@ async fn open_stream(
     Ok((client, stream))
 }
 
-/// How long `watch --wide` waits for socktapd to name cgroups before it
-/// shows their ids instead.
+/// How long `watch --wide` and `top` wait for socktapd to name cgroups
+/// before they show their ids instead.
 const CGROUP_LOOKUP_WAIT: Duration = Duration::from_secs(2);
+/// How long they show ids after a failed lookup before they ask again.
+const CGROUP_LOOKUP_RETRY: Duration = Duration::from_secs(1);
 
-/// Asks socktapd for the paths of the cgroups among `ids` that `names`
-/// does not know yet. When a lookup fails (a socktapd without
-/// GetCgroupPaths, no cgroup2 on its host), says so once on `err`; the
-/// table then shows ids.
-async fn name_cgroups(
-    session: &Session,
-    client: &mut SocktapClient<Channel>,
-    names: &mut CgroupNames,
-    ids: impl Iterator<Item = u64>,
-    err: &mut (dyn Write + Send),
-) {
-    for request in names.requests(ids) {
-        let asked = request.cgroup_ids.clone();
-        let answer = match session.request(request) {
-            Ok(r) => match tokio::time::timeout(CGROUP_LOOKUP_WAIT, client.get_cgroup_paths(r)).await {
-                Ok(Ok(answer)) => Ok(answer.into_inner()),
-                Ok(Err(s)) => Err(Failure::rpc(&session.addr, s).to_string()),
-                Err(_) => Err(format!("socktapd did not answer within {CGROUP_LOOKUP_WAIT:?}")),
-            },
-            Err(f) => Err(f.to_string()),
-        };
-        match answer {
-            Ok(answer) => names.learn(&asked, answer),
-            Err(why) => {
-                if let Some(why) = names.failed(&asked, why) {
-                    let _ = writeln!(err, "socktap: cannot name cgroups ({why}); CGROUP shows their ids");
+/// Asks socktapd to name cgroups, and holds off after a failure.
+#[derive(Default)]
+struct CgroupLookups {
+    /// After a failure: no lookups before then.
+    paused_until: Option<Instant>,
+}
+
+impl CgroupLookups {
+    /// Asks socktapd (through `client`) for the paths of the cgroups among
+    /// `ids` that `names` does not know yet. When a lookup fails (a
+    /// socktapd without GetCgroupPaths, no cgroup2 on its host, no answer
+    /// in time), those cgroups show their ids, it says why on `err` (once
+    /// until a lookup succeeds again), and asks again after
+    /// [`CGROUP_LOOKUP_RETRY`].
+    async fn name(
+        &mut self,
+        session: &Session,
+        client: &mut SocktapClient<Channel>,
+        names: &mut CgroupNames,
+        ids: impl Iterator<Item = u64>,
+        err: &mut (dyn Write + Send),
+    ) {
+        if self.paused_until.is_some_and(|t| Instant::now() < t) {
+            return;
+        }
+        for request in names.requests(ids) {
+            let asked = request.cgroup_ids.clone();
+            let answer = match session.request(request) {
+                Ok(r) => match tokio::time::timeout(CGROUP_LOOKUP_WAIT, client.get_cgroup_paths(r)).await {
+                    Ok(Ok(answer)) => Ok(answer.into_inner()),
+                    Ok(Err(s)) => Err(Failure::rpc(&session.addr, s).to_string()),
+                    Err(_) => Err(format!("socktapd did not answer within {CGROUP_LOOKUP_WAIT:?}")),
+                },
+                Err(f) => Err(f.to_string()),
+            };
+            match answer {
+                Ok(answer) => {
+                    names.learn(&asked, answer);
+                    self.paused_until = None;
+                }
+                Err(why) => {
+                    if self.paused_until.is_none() {
+                        let _ = writeln!(err, "socktap: cannot name cgroups ({why}); CGROUP shows their ids");
+                    }
+                    self.paused_until = Some(Instant::now() + CGROUP_LOOKUP_RETRY);
+                    return;
                 }
             }
         }
@@ -901,8 +924,9 @@ async fn top(
     // None while (re)connecting under --reconnect.
     let mut stream = None;
     // The stream's client, which names the cgroups shown.
-    let mut lookups = None;
+    let mut client = None;
     let mut names = CgroupNames::default();
+    let mut lookups = CgroupLookups::default();
     // While disconnected: the next attempt, and the wait after it.
     let mut retry_at = Instant::now();
     let mut wait = FIRST_RECONNECT_WAIT;
@@ -931,8 +955,8 @@ async fn top(
                 _ = interrupt.recv() => return Ok(()),
             };
             match opened {
-                Ok((client, s)) => {
-                    lookups = Some(client);
+                Ok((c, s)) => {
+                    client = Some(c);
                     stream = Some(s);
                     wait = FIRST_RECONNECT_WAIT;
                     down = None;
@@ -975,9 +999,9 @@ async fn top(
             }
             _ = tokio::time::sleep_until(retry_at), if stream.is_none() => {}
             _ = ticker.tick() => {
-                if let Some(client) = lookups.as_mut() {
+                if let Some(client) = client.as_mut() {
                     let shown = frame.cgroups().into_iter().take(a.rows).map(|c| c.cgroup_id);
-                    name_cgroups(session, client, &mut names, shown, err).await;
+                    lookups.name(session, client, &mut names, shown, err).await;
                 }
                 show(&frame, &names, &mut last, out)?;
                 frame = Top::default();

@@ -3,6 +3,7 @@
 
 use std::io::{BufRead, BufReader, Read};
 use std::process::{Command, Stdio};
+use std::sync::atomic::Ordering::SeqCst;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -87,6 +88,8 @@ struct Fake {
     restarting: bool,
     /// Act as a socktapd without GetCgroupPaths.
     no_cgroup_paths: bool,
+    /// Fail this many GetCgroupPaths calls (UNAVAILABLE) before answering.
+    cgroup_failures: Arc<std::sync::atomic::AtomicUsize>,
     /// The cgroup ids asked about, request by request.
     cgroup_requests: Arc<Mutex<Vec<Vec<u64>>>>,
 }
@@ -186,6 +189,10 @@ impl Socktap for Fake {
     ) -> Result<Response<api::GetCgroupPathsResponse>, Status> {
         if self.no_cgroup_paths {
             return Err(Status::unimplemented("unknown method GetCgroupPaths"));
+        }
+        let failures = &self.cgroup_failures;
+        if failures.fetch_update(SeqCst, SeqCst, |n| n.checked_sub(1)).is_ok() {
+            return Err(Status::unavailable("busy"));
         }
         let ids = req.into_inner().cgroup_ids;
         self.cgroup_requests.lock().unwrap().push(ids.clone());
@@ -771,6 +778,38 @@ fn top_names_the_busiest_cgroups() {
         !asked.is_empty() && asked.iter().flatten().filter(|&&id| id == 55).count() == 1,
         "each id asked once: {asked:?}"
     );
+}
+
+/// A lookup that fails shows ids, says why once, and is tried again a
+/// second later: the cgroups then get their paths.
+#[test]
+fn a_failed_cgroup_lookup_is_tried_again() {
+    let fake = Fake {
+        endless: true,
+        cgroup_failures: Arc::new(1.into()),
+        ..Fake::default()
+    };
+    let asked = fake.cgroup_requests.clone();
+    let addr = serve(fake);
+    let r = socktap(&["--addr", &addr, "top", "--interval", "300ms", "--iterations", "8"]);
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    assert_eq!(
+        r.stderr,
+        format!("socktap: cannot name cgroups (socktapd at {addr}: Unavailable: busy); CGROUP shows their ids\n")
+    );
+    let frames: Vec<&str> = r.stdout.split("socktap top: ").skip(1).collect();
+    let curl = |f: &str| {
+        f.lines()
+            .skip_while(|l| !l.ends_with("CGROUP"))
+            .nth(1)
+            .unwrap_or("")
+            .to_owned()
+    };
+    assert!(curl(frames[0]).ends_with(" 55"), "{}", frames[0]);
+    let last = frames.last().unwrap();
+    assert!(curl(last).ends_with(CGROUP_55), "{last}");
+    // Only answered calls are recorded: one, however many frames followed.
+    assert_eq!(asked.lock().unwrap().len(), 1, "{:?}", asked.lock().unwrap());
 }
 
 /// Serves `fake` on a unix socket at `path` on a background thread, and
