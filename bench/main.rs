@@ -113,6 +113,9 @@ struct Run {
     events_delivered: u64,
     delivered_per_sec: f64,
     lost_kernel: u64,
+    /// Calls the kernel skipped socktapd's programs on (an upper bound of
+    /// events lost); counted with `lost_kernel` in the table.
+    lost_skipped: u64,
     lost_queue: u64,
     lost_history: u64,
     latency_us: Option<[f64; 3]>,
@@ -215,6 +218,7 @@ async fn measure(args: &Args, socktapd: &Path, w: Workload, c: Config, round: u3
             run.ops_per_sec = out.rate();
             run.events_produced = after.kernel_events_produced - before.kernel_events_produced;
             run.lost_kernel = after.kernel_drops - before.kernel_drops;
+            run.lost_skipped = after.kernel_skipped - before.kernel_skipped;
             run.events_delivered = seen.iter().map(|s| s.events).sum();
             run.delivered_per_sec = run.events_delivered as f64 / out.seconds;
             run.lost_queue = seen.iter().map(|s| s.lost_queue).sum();
@@ -466,7 +470,7 @@ async fn async_main(args: Args, socktapd: PathBuf) -> ExitCode {
     };
     let mut failures = Vec::new();
     if let (true, Some(r)) = (low.quick, &paced) {
-        let lost = r.lost_kernel + r.lost_queue + r.lost_history;
+        let lost = r.lost_kernel + r.lost_skipped + r.lost_queue + r.lost_history;
         if lost > 0 || r.events_delivered == 0 || r.note.is_some() {
             failures.push(format!(
                 "zero-loss check: delivered {}, lost {lost} {}",
@@ -550,8 +554,11 @@ fn report(args: &Args, table_seconds: f64, runs: &[Run], zero_loss: Option<&Run>
             let usage = rs.iter().filter_map(|r| r.usage).collect::<Vec<_>>();
             let cores = (!usage.is_empty()).then(|| usage.iter().map(|u| u.cores).sum::<f64>() / usage.len() as f64);
             let rss = usage.iter().map(|u| u.peak_rss_mib).reduce(f64::max);
+            // In the kernel (ring buffer full, or the programs skipped), in
+            // the subscribers' queues, from history.
+            let skipped = rs.iter().map(|r| r.lost_skipped).sum::<u64>();
             let lost = [
-                rs.iter().map(|r| r.lost_kernel).sum::<u64>(),
+                rs.iter().map(|r| r.lost_kernel).sum::<u64>() + skipped,
                 rs.iter().map(|r| r.lost_queue).sum::<u64>(),
                 rs.iter().map(|r| r.lost_history).sum::<u64>(),
             ];
@@ -594,7 +601,7 @@ fn report(args: &Args, table_seconds: f64, runs: &[Run], zero_loss: Option<&Run>
                 "ops_spread": ops_spread,
                 "added_ns_per_event": ns_per_event, "events_produced_per_run": produced,
                 "delivered_per_sec": delivered,
-                "lost": {"kernel_ring_buffer": lost[0], "subscriber_queue": lost[1], "history": lost[2]},
+                "lost": {"kernel_ring_buffer": lost[0] - skipped, "kernel_skipped": skipped, "subscriber_queue": lost[1], "history": lost[2]},
                 "latency_us": lat.map(|l| json!({"p50": l[0], "p99": l[1], "p99_9": l[2]})),
                 "socktapd_cores": cores, "socktapd_peak_rss_mib": rss, "max_steal_pct": steal, "note": note,
             }));
@@ -621,7 +628,7 @@ fn report(args: &Args, table_seconds: f64, runs: &[Run], zero_loss: Option<&Run>
             4.0 * args.paced_round_trips,
             args.seconds,
             z.events_delivered,
-            z.lost_kernel,
+            z.lost_kernel + z.lost_skipped,
             z.lost_queue,
             z.lost_history,
             z.steal_pct.map(|s| format!("{s:.1} %")).unwrap_or_else(|| "-".into())
@@ -667,13 +674,13 @@ fn report(args: &Args, table_seconds: f64, runs: &[Run], zero_loss: Option<&Run>
         "runs": runs.iter().map(|r| json!({
             "workload": r.workload, "config": r.config, "round": r.round, "ops_per_sec": r.ops_per_sec,
             "events_produced": r.events_produced, "events_delivered": r.events_delivered,
-            "lost": {"kernel_ring_buffer": r.lost_kernel, "subscriber_queue": r.lost_queue, "history": r.lost_history},
+            "lost": {"kernel_ring_buffer": r.lost_kernel, "kernel_skipped": r.lost_skipped, "subscriber_queue": r.lost_queue, "history": r.lost_history},
             "latency_us": r.latency_us, "socktapd_cores": r.usage.map(|u| u.cores),
             "socktapd_peak_rss_mib": r.usage.map(|u| u.peak_rss_mib), "steal_pct": r.steal_pct, "note": r.note,
         })).collect::<Vec<_>>(),
         "paced": zero_loss.map(|z| json!({
             "events_per_sec": 4.0 * args.paced_round_trips, "delivered": z.events_delivered,
-            "lost": z.lost_kernel + z.lost_queue + z.lost_history, "latency_us": z.latency_us,
+            "lost": z.lost_kernel + z.lost_skipped + z.lost_queue + z.lost_history, "latency_us": z.latency_us,
             "socktapd_cores": z.usage.map(|u| u.cores),
             "socktapd_ns_per_delivered_event": z.usage.map(|u| 1e9 * u.cores / z.delivered_per_sec.max(1.0)),
             "steal_pct": z.steal_pct,

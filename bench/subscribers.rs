@@ -354,7 +354,9 @@ where
                 }
             }
             Err(l) => match l.source() {
-                LossSource::KernelRingBuffer => seen.lost_kernel += l.count,
+                // Both lost in the kernel: the ring full, or the program
+                // skipped on a call (an upper bound).
+                LossSource::KernelRingBuffer | LossSource::KernelSkipped => seen.lost_kernel += l.count,
                 LossSource::SubscriberQueue => seen.lost_queue += l.count,
                 _ => seen.lost_history += l.count,
             },

@@ -422,6 +422,7 @@ pub fn loss(l: &Loss, clock: &WallClock) -> pb::LostEvents {
             LossSource::SubscriberQueue => pb::LossSource::SubscriberQueue,
             LossSource::History => pb::LossSource::History,
             LossSource::Restart => pb::LossSource::Restart,
+            LossSource::KernelSkipped => pb::LossSource::KernelSkipped,
         } as i32,
         count: l.count,
         first_seq: l.first_seq,

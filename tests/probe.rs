@@ -395,6 +395,80 @@ fn ten_megabytes_lose_nothing_and_sum_exactly() {
     assert_eq!(probe.counters().kernel_drops, 0, "nothing dropped");
 }
 
+/// Every call is an event, or one of the calls the kernel skipped the
+/// program on and said so. 8 threads ping-pong on 2 CPUs, so that in
+/// fentry mode on a kernel that preempts kernel code (Linux 7's default) a
+/// program is now and then preempted mid-run, and the next call on its CPU
+/// skipped: the batches must then carry that many skipped calls, as the
+/// programs' counters have them, and the events must fall short by no
+/// more than that and the ring buffer's drops (also counted). Where
+/// nothing is skipped (tracepoint and kprobe programs run with preemption
+/// off), every call must be there but for drops.
+#[test]
+fn every_call_is_an_event_or_announced_as_skipped() {
+    let Some(_bpf) = bpf_available("skipped") else {
+        return;
+    };
+    let mut probe = start_probe(ProbeOptions::default());
+    let (tx, rx) = std::sync::mpsc::channel::<Batch>();
+    probe.deliver_to(move |b| {
+        let _ = tx.send(b);
+    });
+    let control = probe.control().clone();
+    let skipped_before = control.skipped_calls();
+    let threads: Vec<_> = (0..8)
+        .map(|_| {
+            std::thread::spawn(|| {
+                let (c, s) = tcp_pair(false);
+                let cookies = [so_cookie(&c), so_cookie(&s)];
+                let calls = ping_pong_on(c, s, Duration::from_millis(700));
+                (cookies, calls)
+            })
+        })
+        .collect::<Vec<_>>();
+    let runs: Vec<([u64; 2], u64)> = threads.into_iter().map(|t| t.join().unwrap()).collect();
+    let cookies: HashSet<u64> = runs.iter().flat_map(|(c, _)| *c).collect();
+    let calls: u64 = runs.iter().map(|(_, n)| n).sum();
+    // The reader reads the counters at most every 100 ms while records
+    // come, and once more at a quiet pass (every 200 ms at most).
+    let skipped_total = control.skipped_calls() - skipped_before;
+    let (mut events, mut announced, mut dropped) = (0u64, 0u64, 0u64);
+    let deadline = std::time::Instant::now() + WAIT;
+    let mut settle_until = None;
+    loop {
+        if let Ok(b) = rx.recv_timeout(Duration::from_millis(10)) {
+            events += b.events.iter().filter(|e| cookies.contains(&e.cookie)).count() as u64;
+            announced += b.kernel_skipped;
+            dropped += b.kernel_drops;
+        }
+        let now = std::time::Instant::now();
+        match settle_until {
+            Some(t) if now >= t => break,
+            Some(_) => {}
+            // Then anything more that would come.
+            None if events + announced + dropped >= calls && announced >= skipped_total => {
+                settle_until = Some(now + SETTLE)
+            }
+            None if now >= deadline => break,
+            None => {}
+        }
+    }
+    eprintln!(
+        "{:?} mode: {calls} calls, {events} events, {dropped} dropped, {skipped_total} skipped by the kernel (all its calls), {announced} announced",
+        probe.mode()
+    );
+    assert!(events <= calls, "{events} events of {calls} calls");
+    assert!(
+        announced >= skipped_total,
+        "the skipped calls are announced: {announced} of {skipped_total}"
+    );
+    assert!(
+        calls - events <= announced + dropped,
+        "{} calls missing, {announced} announced as skipped, {dropped} dropped",
+        calls - events
+    );
+}
+
 /// The documented receive-path gap, measured: data consumed in the kernel
 /// through tcp_read_sock() (here splice() from the socket into a pipe)
 /// passes neither tcp_recvmsg() nor sock_recvmsg(), so no mode reports it.

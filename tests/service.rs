@@ -99,7 +99,7 @@ async fn two_subscribers_get_their_own_events_field_by_field() {
     let events: Vec<Event> = (0..30).map(|i| event(i, 1 + i % 3, 77)).collect();
     tx.send(Batch {
         events: events.clone(),
-        kernel_drops: 0,
+        ..Default::default()
     })
     .await
     .unwrap();
@@ -166,7 +166,7 @@ async fn a_stalled_subscriber_costs_a_fast_one_nothing_and_its_losses_add_up() {
         let events = (chunk * BATCH..(chunk + 1) * BATCH).map(|s| event(s, 9, 1)).collect();
         tx.send(Batch {
             events,
-            kernel_drops: 0,
+            ..Default::default()
         })
         .await
         .unwrap();
@@ -236,7 +236,7 @@ async fn replay_resume_since_and_limit() {
     let d = TestDaemon::start(hub.clone()).await;
     tx.send(Batch {
         events: (0..150).map(|s| event(s, s % 2, 1)).collect(),
-        kernel_drops: 0,
+        ..Default::default()
     })
     .await
     .unwrap();
@@ -317,7 +317,7 @@ async fn replay_resume_since_and_limit() {
     assert_eq!(ev.len(), 100);
     tx.send(Batch {
         events: vec![event(150, 0, 1)],
-        kernel_drops: 0,
+        ..Default::default()
     })
     .await
     .unwrap();
@@ -365,6 +365,7 @@ async fn a_resume_names_its_instance_and_a_restart_is_announced() {
         .send(Batch {
             events: (0..5).map(|seq| event(seq, 1, 1)).collect(),
             kernel_drops: 3,
+            ..Default::default()
         })
         .await
         .unwrap();
@@ -386,7 +387,7 @@ async fn a_resume_names_its_instance_and_a_restart_is_announced() {
     tx_after
         .send(Batch {
             events: (0..3).map(|seq| event(seq, 1, 1)).collect(),
-            kernel_drops: 0,
+            ..Default::default()
         })
         .await
         .unwrap();
@@ -439,8 +440,11 @@ async fn a_resume_names_its_instance_and_a_restart_is_announced() {
     d.stop().await;
 }
 
+/// Ring buffer drops and calls the kernel skipped the programs on are lost
+/// for every subscriber (which would have matched is unknown): each gets
+/// a notice, and the status counts them.
 #[tokio::test]
-async fn kernel_drops_are_announced_to_every_subscriber() {
+async fn kernel_drops_and_skipped_calls_are_announced_to_every_subscriber() {
     let (hub, tx) = synthetic(HubConfig::default());
     let d = TestDaemon::start(hub.clone()).await;
     let mut a = d
@@ -461,6 +465,7 @@ async fn kernel_drops_are_announced_to_every_subscriber() {
     tx.send(Batch {
         events: vec![],
         kernel_drops: 17,
+        kernel_skipped: 4,
     })
     .await
     .unwrap();
@@ -469,6 +474,11 @@ async fn kernel_drops_are_announced_to_every_subscriber() {
             panic!("loss notice")
         };
         assert_eq!((l.source, l.count), (pb::LossSource::KernelRingBuffer as i32, 17));
+        let Some(Message::Lost(l)) = next_msg(s).await else {
+            panic!("loss notice")
+        };
+        assert_eq!((l.source, l.count), (pb::LossSource::KernelSkipped as i32, 4));
+        assert_eq!((l.first_seq, l.last_seq), (0, 0), "skipped calls took no seq");
     }
     let st = d
         .client()
@@ -477,7 +487,7 @@ async fn kernel_drops_are_announced_to_every_subscriber() {
         .await
         .unwrap()
         .into_inner();
-    assert_eq!(st.kernel_drops, 17);
+    assert_eq!((st.kernel_drops, st.kernel_skipped), (17, 4));
     d.stop().await;
 }
 
@@ -839,7 +849,7 @@ async fn status_reports_source_subscribers_and_counters() {
     wait_subscribers(&hub, 1).await;
     tx.send(Batch {
         events: (0..20).map(|i| event(i, 5, 1)).collect(),
-        kernel_drops: 0,
+        ..Default::default()
     })
     .await
     .unwrap();
@@ -900,7 +910,7 @@ async fn a_large_max_batch_never_makes_a_message_a_default_client_refuses() {
     wait_subscribers(&hub, 1).await;
     tx.send(Batch {
         events: (0..N).map(|i| event(i, 1, 1)).collect(),
-        kernel_drops: 0,
+        ..Default::default()
     })
     .await
     .unwrap();
@@ -947,7 +957,7 @@ async fn max_flush_delay_gathers_separate_dispatches_into_one_message() {
         let events = (chunk * 10..chunk * 10 + 10).map(|i| event(i, 1, 1)).collect();
         tx.send(Batch {
             events,
-            kernel_drops: 0,
+            ..Default::default()
         })
         .await
         .unwrap();

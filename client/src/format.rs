@@ -160,6 +160,12 @@ pub fn lost_line(l: &api::LostEvents) -> String {
         api::LossSource::Restart => {
             return "-- socktapd restarted: what it had not sent, and calls made while it was down, are lost (how many is unknown) --".into();
         }
+        api::LossSource::KernelSkipped => {
+            return format!(
+                "-- up to {} calls not traced: the kernel skipped socktap's program on them (it was already running on that CPU) --",
+                l.count
+            );
+        }
         api::LossSource::Unspecified => "(unknown source)",
     };
     let mut s = format!("-- lost {} events {source}", l.count);
@@ -209,6 +215,16 @@ fn not_yet_read(s: &api::GetStatusResponse) -> u64 {
         .saturating_sub(s.events_read.saturating_add(s.kernel_drops))
 }
 
+/// ", skipped N (calls the kernel did not run the program on)", or
+/// nothing while there are none.
+fn skipped(n: u64) -> String {
+    if n == 0 {
+        String::new()
+    } else {
+        format!(", skipped {n} calls (the program was already running on that CPU)")
+    }
+}
+
 /// The status for people.
 pub fn status_text(s: &api::GetStatusResponse) -> String {
     let mode = match s.attach_mode() {
@@ -230,10 +246,11 @@ pub fn status_text(s: &api::GetStatusResponse) -> String {
     }
     let _ = writeln!(
         out,
-        "events: {} read, {:.0}/s, kernel drops {}, kernel produced {} ({} not yet read), gate {}",
+        "events: {} read, {:.0}/s, kernel drops {}{}, kernel produced {} ({} not yet read), gate {}",
         s.events_read,
         s.events_per_second,
         s.kernel_drops,
+        skipped(s.kernel_skipped),
         s.kernel_events_produced,
         not_yet_read(s),
         if s.kernel_gate_open {
@@ -296,7 +313,7 @@ pub fn status_text(s: &api::GetStatusResponse) -> String {
             );
         }
         for p in &s.programs {
-            let _ = writeln!(out, "  {} (id {})", p.name, p.id);
+            let _ = writeln!(out, "  {} (id {}){}", p.name, p.id, skipped(p.recursion_misses));
         }
     } else {
         let _ = writeln!(out, "programs:");
@@ -306,7 +323,14 @@ pub fn status_text(s: &api::GetStatusResponse) -> String {
             } else {
                 0.0
             };
-            let _ = writeln!(out, "  {} (id {})  runs {}  avg {avg:.0} ns", p.name, p.id, p.run_count);
+            let _ = writeln!(
+                out,
+                "  {} (id {})  runs {}  avg {avg:.0} ns{}",
+                p.name,
+                p.id,
+                p.run_count,
+                skipped(p.recursion_misses)
+            );
         }
     }
     out
@@ -530,6 +554,7 @@ mod tests {
             id: 7,
             run_count,
             run_time_ns,
+            recursion_misses: 0,
         };
         let off = status_text(&api::GetStatusResponse {
             programs: vec![program(0, 0)],
@@ -542,5 +567,50 @@ mod tests {
             ..Default::default()
         });
         assert!(on.contains("st_tp_send (id 7)  runs 4  avg 500 ns"), "{on}");
+        assert!(!on.contains("skipped"), "{on}");
+    }
+
+    #[test]
+    fn calls_the_kernel_skipped_are_shown_where_there_are_some() {
+        let skipping = api::ProgramStatus {
+            name: "st_fexit_send".into(),
+            id: 9,
+            recursion_misses: 3,
+            ..Default::default()
+        };
+        let text = status_text(&api::GetStatusResponse {
+            kernel_drops: 2,
+            kernel_skipped: 3,
+            programs: vec![skipping.clone()],
+            ..Default::default()
+        });
+        assert!(
+            text.contains(
+                "kernel drops 2, skipped 3 calls (the program was already running on that CPU), kernel produced"
+            ),
+            "{text}"
+        );
+        assert!(
+            text.contains("  st_fexit_send (id 9), skipped 3 calls (the program was already running on that CPU)"),
+            "{text}"
+        );
+        let counted = status_text(&api::GetStatusResponse {
+            programs: vec![api::ProgramStatus {
+                run_count: 10,
+                run_time_ns: 1000,
+                ..skipping
+            }],
+            ..Default::default()
+        });
+        assert!(counted.contains("runs 10  avg 100 ns, skipped 3 calls"), "{counted}");
+        let line = lost_line(&api::LostEvents {
+            source: api::LossSource::KernelSkipped as i32,
+            count: 5,
+            ..Default::default()
+        });
+        assert_eq!(
+            line,
+            "-- up to 5 calls not traced: the kernel skipped socktap's program on them (it was already running on that CPU) --"
+        );
     }
 }

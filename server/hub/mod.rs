@@ -141,6 +141,8 @@ pub struct HubStatus {
     pub events_per_second: f64,
     /// Kernel ring buffer drops reported by the source.
     pub kernel_drops: u64,
+    /// Calls the kernel skipped the programs on, reported by the source.
+    pub kernel_skipped: u64,
     /// Events in history / its capacity.
     pub history_len: usize,
     /// See `history_len`.
@@ -179,6 +181,7 @@ struct Inner {
     state: Mutex<State>,
     events_read: AtomicU64,
     kernel_drops: AtomicU64,
+    kernel_skipped: AtomicU64,
 }
 
 /// The fan-out hub. Cheap to clone.
@@ -210,6 +213,7 @@ impl Hub {
                 }),
                 events_read: AtomicU64::new(0),
                 kernel_drops: AtomicU64::new(0),
+                kernel_skipped: AtomicU64::new(0),
             }),
         };
         hub.update_gate(&mut hub.lock());
@@ -272,7 +276,11 @@ impl Hub {
 
     /// Hands one batch to every subscriber and to history.
     pub fn dispatch(&self, batch: Batch) {
-        let Batch { events, kernel_drops } = batch;
+        let Batch {
+            events,
+            kernel_drops,
+            kernel_skipped,
+        } = batch;
         self.inner.events_read.fetch_add(events.len() as u64, Ordering::Relaxed);
         let mut st = self.lock();
         // A batch is in sequence order.
@@ -285,12 +293,20 @@ impl Hub {
             st.rate = read.saturating_sub(st.rate_mark.1) as f64 / secs;
             st.rate_mark = (Instant::now(), read);
         }
-        if kernel_drops > 0 {
-            self.inner.kernel_drops.fetch_add(kernel_drops, Ordering::Relaxed);
+        // Lost for every subscriber: which of them would have matched is
+        // unknown.
+        for (count, total, source) in [
+            (kernel_drops, &self.inner.kernel_drops, LossSource::KernelRingBuffer),
+            (kernel_skipped, &self.inner.kernel_skipped, LossSource::KernelSkipped),
+        ] {
+            if count == 0 {
+                continue;
+            }
+            total.fetch_add(count, Ordering::Relaxed);
             let now = monotonic_now_ns();
             let loss = Loss {
-                source: LossSource::KernelRingBuffer,
-                count: kernel_drops,
+                source,
+                count,
                 first_seq: 0,
                 last_seq: 0,
                 first_ns: now,
@@ -493,6 +509,7 @@ impl Hub {
             events_read: self.inner.events_read.load(Ordering::Relaxed),
             events_per_second: self.events_per_second(&st),
             kernel_drops: self.inner.kernel_drops.load(Ordering::Relaxed),
+            kernel_skipped: self.inner.kernel_skipped.load(Ordering::Relaxed),
             history_len: st.history.len(),
             history_capacity: self.inner.config.history_events,
             gate_open: st.gate_open,
@@ -725,7 +742,7 @@ mod tests {
         assert!(err.to_string().contains("(none yet)"), "{err}");
         hub.dispatch(Batch {
             events: vec![event(4, 1), event(5, 1)],
-            kernel_drops: 0,
+            ..Default::default()
         });
         assert!(resume(5).is_ok(), "after the newest: nothing to replay, then live");
         match resume(6) {
@@ -746,7 +763,7 @@ mod tests {
         assert_ne!(hub.instance_id(), 0);
         hub.dispatch(Batch {
             events: vec![event(1, 7), event(2, 8), event(3, 7)],
-            kernel_drops: 0,
+            ..Default::default()
         });
         let resume = |seq, instance, selector| {
             hub.subscribe(
@@ -795,7 +812,7 @@ mod tests {
         let odd = cookie_subscriber(&hub, "b", 1);
         hub.dispatch(Batch {
             events: (0..FAN_OUT_CHUNK as u64).map(|seq| event(seq, seq % 2)).collect(),
-            kernel_drops: 0,
+            ..Default::default()
         });
         for (sub, want) in [(&all, FAN_OUT_CHUNK), (&odd, FAN_OUT_CHUNK / 2)] {
             let mut items = Vec::new();
@@ -831,7 +848,7 @@ mod tests {
             .unwrap();
         hub.dispatch(Batch {
             events: vec![event(1, 5), event(2, 6)],
-            kernel_drops: 0,
+            ..Default::default()
         });
         let take = |s: &Subscriber| {
             let mut v = Vec::new();
@@ -863,7 +880,7 @@ mod tests {
             .unwrap();
         hub.dispatch(Batch {
             events: (1..=5).map(|seq| event(seq, 9)).collect(),
-            kernel_drops: 0,
+            ..Default::default()
         });
         let mut items = Vec::new();
         assert!(!sub.take(2, usize::MAX, &mut items));
@@ -921,7 +938,7 @@ mod tests {
         };
         hub.dispatch(Batch {
             events: (1..=10).map(|seq| event(seq, 9)).collect(),
-            kernel_drops: 0,
+            ..Default::default()
         });
         assert_eq!(counts(&a), (9, 1, 9, 3), "its share and the whole reserve");
         assert_eq!(counts(&b), (3, 7, 3, 3), "its share: the reserve is gone");
@@ -930,7 +947,7 @@ mod tests {
         b.take(100, usize::MAX, &mut Vec::new());
         hub.dispatch(Batch {
             events: (11..=20).map(|seq| event(seq, 9)).collect(),
-            kernel_drops: 0,
+            ..Default::default()
         });
         assert_eq!(counts(&a), (9, 11, 9, 3));
         assert_eq!(counts(&b), (3, 14, 3, 3));
@@ -940,7 +957,7 @@ mod tests {
         let mut got = read(&a, 7);
         hub.dispatch(Batch {
             events: (21..=30).map(|seq| event(seq, 9)).collect(),
-            kernel_drops: 0,
+            ..Default::default()
         });
         assert_eq!(
             counts(&a),
@@ -984,7 +1001,7 @@ mod tests {
         hub.unsubscribe(e.id);
         hub.dispatch(Batch {
             events: (1..=6).map(|seq| event(seq, 7 + seq % 2)).collect(),
-            kernel_drops: 0,
+            ..Default::default()
         });
         assert_eq!(read(&a, 100), [Ok(2), Ok(4), Ok(6)]);
         assert_eq!(read(&b, 100), [Ok(2), Ok(4), Ok(6)]);
@@ -998,7 +1015,7 @@ mod tests {
         let (a, b, c) = (sub("a", 7), sub("b", 7), sub("c", 8));
         let batch = |seqs: std::ops::RangeInclusive<u64>| Batch {
             events: seqs.map(|seq| event(seq, 7 + seq % 2)).collect(),
-            kernel_drops: 0,
+            ..Default::default()
         };
         hub.dispatch(batch(1..=4));
         assert!(!hub.reselect(a.id, only_cookie(7)), "the same filters: nothing changes");
@@ -1027,7 +1044,7 @@ mod tests {
         let mut send = |n: u64| {
             hub.dispatch(Batch {
                 events: (next..next + n).map(|seq| event(seq, 9)).collect(),
-                kernel_drops: 0,
+                ..Default::default()
             });
             next += n;
         };
@@ -1065,7 +1082,7 @@ mod tests {
             .unwrap();
         hub.dispatch(Batch {
             events: (1..=10).map(|seq| event(seq, 9)).collect(),
-            kernel_drops: 0,
+            ..Default::default()
         });
         let per_event = sub.counters().queued_bytes as usize / 10;
         let counts = |max_bytes| {
@@ -1097,7 +1114,7 @@ mod tests {
             .unwrap();
         hub.dispatch(Batch {
             events: (1..=8).map(|seq| event(seq, seq)).collect(),
-            kernel_drops: 0,
+            ..Default::default()
         });
         let run = |s: &Subscriber| {
             let mut items = Vec::new();

@@ -29,6 +29,9 @@ pub enum LossSource {
     History,
     /// A resume named another instance: socktapd restarted since.
     Restart,
+    /// The kernel skipped the probe's program on some calls (it was
+    /// already running on that CPU): an upper bound of the events lost.
+    KernelSkipped,
 }
 
 /// A run of lost events.

@@ -21,7 +21,7 @@ pub mod skel;
 use std::collections::BTreeSet;
 use std::fmt;
 use std::mem::MaybeUninit;
-use std::os::fd::{AsFd, AsRawFd, FromRawFd, OwnedFd};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd};
 use std::str::FromStr;
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, Once};
@@ -204,6 +204,9 @@ pub struct Batch {
     pub events: Vec<Event>,
     /// Events the kernel dropped (ring buffer full) since the previous batch.
     pub kernel_drops: u64,
+    /// Calls on which the kernel skipped the programs since the previous
+    /// batch ([`ProbeControl::skipped_calls`]).
+    pub kernel_skipped: u64,
 }
 
 /// A function the reader thread hands each batch to, on its own thread (see
@@ -252,6 +255,8 @@ pub(crate) struct Shared {
     cgroup_trees: AtomicU32,
     events_read: AtomicU64,
     kernel_drops: AtomicU64,
+    /// [`ProbeControl::skipped_calls`] as the reader last read it.
+    kernel_skipped: AtomicU64,
     decode_errors: AtomicU64,
     /// The ring is read on the consumer's runtime now (not on a thread).
     on_runtime: AtomicBool,
@@ -266,6 +271,9 @@ pub struct ProbeCounters {
     pub events_read: u64,
     /// Events the kernel dropped because the ring buffer was full.
     pub kernel_drops: u64,
+    /// Calls on which the kernel skipped the programs, as the reader last
+    /// read them ([`ProbeControl::skipped_calls`]).
+    pub kernel_skipped: u64,
     /// Records that could not be decoded (never expected).
     pub decode_errors: u64,
 }
@@ -281,6 +289,9 @@ pub struct ProgramStats {
     pub run_time_ns: u64,
     /// Number of runs (0 unless BPF stats are enabled).
     pub run_count: u64,
+    /// Calls on which the kernel skipped the program: it was already
+    /// running on that CPU (counted whether or not stats are enabled).
+    pub recursion_misses: u64,
 }
 
 /// A cloneable handle to a running probe's controls and counters, for use
@@ -292,6 +303,9 @@ pub struct ProbeControl {
     shared: Arc<Shared>,
     ignore_tgid: u32,
     program_ids: Arc<[u32]>,
+    /// The loaded programs, for their counters; emptied when the probe is
+    /// dropped, so that they unload.
+    program_fds: Arc<Mutex<Vec<OwnedFd>>>,
     /// Also serializes writes of the control entry.
     attachments: Arc<Mutex<Attachments>>,
     prefilter: Arc<Mutex<KernelPrefilter>>,
@@ -483,6 +497,7 @@ impl ProbeControl {
             produced: c.next_seq,
             events_read: self.shared.events_read.load(Ordering::Relaxed),
             kernel_drops: self.shared.kernel_drops.load(Ordering::Relaxed),
+            kernel_skipped: self.shared.kernel_skipped.load(Ordering::Relaxed),
             decode_errors: self.shared.decode_errors.load(Ordering::Relaxed),
         }
     }
@@ -496,6 +511,7 @@ impl ProbeControl {
                 id: p.id,
                 run_time_ns: p.run_time_ns,
                 run_count: p.run_cnt,
+                recursion_misses: p.recursion_misses,
             })
             .collect()
     }
@@ -503,6 +519,18 @@ impl ProbeControl {
     /// The kernel ids of the loaded programs.
     pub fn program_ids(&self) -> &[u32] {
         &self.program_ids
+    }
+
+    /// Calls on which the kernel skipped the probe's programs since they
+    /// were loaded: the sum of their `recursion_misses`. A tracing program
+    /// does not run on a CPU where it is already running, and fentry
+    /// programs can be preempted mid-run on kernels that preempt kernel
+    /// code (Linux 7's default), so the next call on that CPU goes
+    /// unrecorded. Two `bpf()` calls: the reader asks about every
+    /// [`SKIPPED_CHECK`] while events flow.
+    pub fn skipped_calls(&self) -> u64 {
+        let fds = self.program_fds.lock().unwrap_or_else(|e| e.into_inner());
+        fds.iter().filter_map(|fd| recursion_misses(fd.as_fd())).sum()
     }
 }
 
@@ -677,6 +705,11 @@ impl Drop for Probe {
         // Clones of the control may outlive the probe: let go of the links
         // and program fds they hold, so everything unloads now.
         *self.control.attachments.lock().unwrap_or_else(|e| e.into_inner()) = Attachments::default();
+        self.control
+            .program_fds
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clear();
         self.control.shared.stop.store(true, Ordering::Release);
         if let Some(t) = self.thread.take() {
             t.thread().unpark();
@@ -721,6 +754,14 @@ fn control_of(
         },
         ignore_tgid: opts.ignore_pid.unwrap_or(0),
         program_ids: program_ids.into(),
+        program_fds: skel
+            .object()
+            .progs()
+            .filter(|p| p.autoload())
+            .map(|p| p.as_fd().try_clone_to_owned())
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|e| ProbeError::Setup(format!("duplicating a program fd: {e}")))
+            .map(|fds| Arc::new(Mutex::new(fds)))?,
         attachments: Arc::new(Mutex::new(Attachments {
             programs,
             links: Vec::new(),
@@ -731,6 +772,21 @@ fn control_of(
             "cgroup_roots",
         )?)?)),
     })
+}
+
+/// How often the reader reads [`ProbeControl::skipped_calls`] while events
+/// flow.
+pub const SKIPPED_CHECK: Duration = Duration::from_millis(100);
+
+/// A program's `recursion_misses`, or None if the kernel does not say.
+fn recursion_misses(fd: BorrowedFd<'_>) -> Option<u64> {
+    let mut info = libbpf_rs::libbpf_sys::bpf_prog_info::default();
+    let mut len = std::mem::size_of_val(&info) as u32;
+    // SAFETY: FFI; `info` is a zeroed bpf_prog_info of `len` bytes, which
+    // the kernel fills up to `len`. Its pointer fields are null with zero
+    // counts, so the kernel writes nowhere else.
+    let rc = unsafe { libbpf_rs::libbpf_sys::bpf_prog_get_info_by_fd(fd.as_raw_fd(), &mut info, &mut len) };
+    (rc == 0).then_some(info.recursion_misses)
 }
 
 fn enable_bpf_stats() -> Option<OwnedFd> {

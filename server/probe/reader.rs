@@ -21,7 +21,8 @@ use super::priority::RaisedPriority;
 use super::ring::MappedRing;
 use super::skel::SocktapSkel;
 use super::{
-    Batch, Consumer, ProbeControl, ProbeOptions, Sink, BATCH_ABOVE_RATE, RATE_WINDOW, UNBATCH_BELOW_RATE, WAKEUPS_OFF,
+    Batch, Consumer, ProbeControl, ProbeOptions, Sink, BATCH_ABOVE_RATE, RATE_WINDOW, SKIPPED_CHECK,
+    UNBATCH_BELOW_RATE, WAKEUPS_OFF,
 };
 use crate::event::Event;
 
@@ -60,6 +61,11 @@ pub(crate) struct Reader {
     broken: bool,
     /// The nice value of a thread while it reads ([`ProbeOptions::reader_nice`]).
     nice: i32,
+    /// [`ProbeControl::skipped_calls`] when last read, and when.
+    skipped_seen: u64,
+    skipped_read_at: Instant,
+    /// Records came since it was last read: it may have grown.
+    skipped_stale: bool,
 }
 
 impl Reader {
@@ -81,6 +87,9 @@ impl Reader {
             full_batch: false,
             broken: false,
             nice: opts.reader_nice,
+            skipped_seen: control.skipped_calls(),
+            skipped_read_at: Instant::now(),
+            skipped_stale: false,
         })
     }
 
@@ -145,7 +154,24 @@ impl Reader {
         self.drops_seen = drops_total;
         shared.kernel_drops.store(drops_total, Ordering::Relaxed);
 
-        if let Some(ns) = self.pacing.observe(taken.records, Instant::now()) {
+        // Calls the kernel skipped took no record and no seq: only the
+        // programs' counters know them. Read at most every SKIPPED_CHECK
+        // while records come, and once more at the first pass after
+        // SKIPPED_CHECK that finds none (a quiet ring is still polled every
+        // 200 ms while the gate is open), so the last ones are told too.
+        let now = Instant::now();
+        let mut new_skipped = 0;
+        self.skipped_stale |= taken.records > 0;
+        if self.skipped_stale && now.duration_since(self.skipped_read_at) >= SKIPPED_CHECK {
+            let skipped = self.control.skipped_calls();
+            new_skipped = skipped.saturating_sub(self.skipped_seen);
+            self.skipped_seen = skipped;
+            self.skipped_read_at = now;
+            self.skipped_stale = taken.records > 0;
+            shared.kernel_skipped.store(skipped, Ordering::Relaxed);
+        }
+
+        if let Some(ns) = self.pacing.observe(taken.records, now) {
             if let Err(e) = self.control.set_wakeup_interval(ns) {
                 warn!("{e}");
             }
@@ -162,7 +188,7 @@ impl Reader {
             Some(bound) => self.pending.partition_point(|e| e.seq < bound),
             None => self.pending.len(),
         };
-        if ready == 0 && new_drops == 0 {
+        if ready == 0 && new_drops == 0 && new_skipped == 0 {
             return None;
         }
         // What is held back starts the next batch, with room for a whole one
@@ -174,6 +200,7 @@ impl Reader {
         Some(Batch {
             events,
             kernel_drops: new_drops,
+            kernel_skipped: new_skipped,
         })
     }
 }

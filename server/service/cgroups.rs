@@ -366,7 +366,7 @@ mod tests {
         };
         hub.dispatch(Batch {
             events: vec![event(1)],
-            kernel_drops: 0,
+            ..Default::default()
         });
         assert_eq!((taken(&a), taken(&b)), (0, 0), "not resolved yet");
         let mut seq = 1;
@@ -376,7 +376,7 @@ mod tests {
             seq += 1;
             hub.dispatch(Batch {
                 events: vec![event(seq)],
-                kernel_drops: 0,
+                ..Default::default()
             });
             got_a += taken(&a);
             got_b += taken(&b);

@@ -318,6 +318,7 @@ pub fn status(hub: &Hub) -> pb::GetStatusResponse {
         events_read: s.events_read,
         events_per_second: s.events_per_second,
         kernel_drops: s.kernel_drops,
+        kernel_skipped: s.kernel_skipped,
         kernel_events_produced: probe
             .map(|p| p.counters().produced)
             .unwrap_or(s.events_read + s.kernel_drops),
@@ -339,6 +340,7 @@ pub fn status(hub: &Hub) -> pb::GetStatusResponse {
                         id: ps.id,
                         run_time_ns: ps.run_time_ns,
                         run_count: ps.run_count,
+                        recursion_misses: ps.recursion_misses,
                     })
                     .collect()
             })

@@ -152,8 +152,13 @@ pub fn tcp_pair(v6: bool) -> (TcpStream, TcpStream) {
 /// Ping-pongs one byte over a fresh loopback pair for `d`, as fast as it
 /// goes; returns the calls made (sends and receives).
 pub fn ping_pong_for(d: Duration) -> u64 {
+    let (c, s) = tcp_pair(false);
+    ping_pong_on(c, s, d)
+}
+
+/// Ping-pongs one byte from `c` to `s` for `d`; returns the calls made.
+pub fn ping_pong_on(mut c: TcpStream, mut s: TcpStream, d: Duration) -> u64 {
     use std::io::{Read, Write};
-    let (mut c, mut s) = tcp_pair(false);
     let end = Instant::now() + d;
     let mut b = [0u8; 1];
     let mut calls = 0u64;
