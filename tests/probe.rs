@@ -1037,7 +1037,9 @@ fn thread_state(tid: u32) -> Option<char> {
 /// programs for the calls still inside it ("the progs will be freed even if
 /// the original function is still executing or sleeping", kernel/bpf/
 /// trampoline.c), so the recv is never reported. kprobe and tracepoint
-/// modes report it. If a kernel ever keeps the fexit, this test says so.
+/// modes report it. So do fexit programs on Linux 7.3 (the kernel matrix's
+/// cell; 6.1 and 6.12 miss the call): the test expects what each kernel
+/// was measured to do, and prints what one in between does.
 #[test]
 fn fentry_misses_calls_in_flight_across_a_trampoline_update() {
     let Some(_bpf) = bpf_available("in_flight") else {
@@ -1086,12 +1088,22 @@ fn fentry_misses_calls_in_flight_across_a_trampoline_update() {
         "{:?} mode: receives reported across the update: {sizes:?}",
         probe.mode()
     );
-    let expected: &[u32] = if probe.mode() == socktap::event::AttachMode::Fentry {
-        &[10]
-    } else {
-        &[100, 10]
-    };
-    assert_eq!(sizes, expected, "{:?} mode", probe.mode());
+    let reported: &[u32] = &[100, 10];
+    if probe.mode() != socktap::event::AttachMode::Fentry {
+        assert_eq!(sizes, reported, "{:?} mode", probe.mode());
+        return;
+    }
+    match socktap::probe::kernel_version() {
+        Some(v) if v <= (6, 12) => assert_eq!(sizes, [10], "fentry mode on {v:?} misses the call in flight"),
+        Some(v) if v >= (7, 3) => assert_eq!(sizes, reported, "fentry mode on {v:?} keeps its fexit"),
+        v => {
+            assert!(sizes == [10] || sizes == reported, "{sizes:?}");
+            eprintln!(
+                "fentry mode on {v:?}, not measured before: the call in flight was {}",
+                if sizes == reported { "reported" } else { "missed" }
+            );
+        }
+    }
 }
 
 /// A recv that reads data after the peer reset the connection: the kernel

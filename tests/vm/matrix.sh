@@ -59,8 +59,16 @@ fetch_kernel() { # name suite -> path of vmlinuz
     local pkg
     pkg=$(apt-cache "${opts[@]}" depends linux-image-cloud-amd64 | awk '/Depends: linux-image-[0-9]/ { print $2; exit }')
     [ -n "$pkg" ] || { echo "matrix: no linux-image-cloud-amd64 in $suite" >&2; return 1; }
-    echo "matrix: fetching $pkg ($suite)" >&2
-    (cd "$dir" && apt-get "${opts[@]}" -qq download "$pkg" >&2 && dpkg-deb -x ./*.deb x && cp x/boot/vmlinuz-* vmlinuz && rm -rf x ./*.deb)
+    # Since Linux 7.x, Debian's linux-image-VERSION only depends on the
+    # package that holds the kernel itself, linux-binary-VERSION, which
+    # keeps it as /usr/lib/modules/VERSION/vmlinuz (not /boot/vmlinuz-VERSION).
+    local binary
+    binary=$(apt-cache "${opts[@]}" depends "$pkg" | awk '/Depends: linux-binary-[0-9]/ { print $2; exit }')
+    echo "matrix: fetching $pkg $binary ($suite)" >&2
+    # shellcheck disable=SC2086 # $binary is one word, or none
+    (cd "$dir" && rm -rf x ./*.deb && apt-get "${opts[@]}" -qq download "$pkg" $binary >&2 &&
+       for deb in ./*.deb; do dpkg-deb -x "$deb" x; done &&
+       cp "$(find x/boot x/usr/lib/modules -name 'vmlinuz*' -type f 2>/dev/null | head -1)" vmlinuz && rm -rf x ./*.deb)
   fi
   echo "$dir/vmlinuz"
 }
