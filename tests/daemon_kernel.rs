@@ -27,7 +27,7 @@ fn by_cookie(cookie: u64) -> pb::WatchEventsRequest {
 /// Sums bytes per kind from a stream until `send` and `recv` bytes are seen
 /// (or the stream stalls), then checks nothing more arrives for a while.
 /// Calls the kernel skipped the program on (announced by KERNEL_SKIPPED
-/// notices: fentry mode on a kernel that preempts kernel code) may leave
+/// notices: on a kernel that preempts kernel code) may leave
 /// the sums short: by at most `largest_call` bytes each, the test's
 /// biggest single call, such a shortfall counts as arrived (and says so).
 async fn sums(
@@ -401,8 +401,8 @@ async fn every_prefilter_field_lets_its_calls_through() {
 /// While other subscribers come and go (each changing the prefilter: other
 /// values, another field, off and on again), a connected subscriber's
 /// socket keeps moving bytes, and every byte is reported, but for calls
-/// the kernel skipped the program on and said so (fentry mode on a kernel
-/// that preempts kernel code: the 7.3 cell of the kernel matrix).
+/// the kernel skipped the program on and said so (fentry or tracepoint
+/// mode on a kernel that preempts kernel code: the kernel matrix's 7.3).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn prefilter_changes_never_drop_a_connected_subscribers_calls() {
     let Some(_bpf) = bpf_available("daemon_kernel") else {

@@ -396,14 +396,14 @@ fn ten_megabytes_lose_nothing_and_sum_exactly() {
 }
 
 /// Every call is an event, or one of the calls the kernel skipped the
-/// program on and said so. 8 threads ping-pong on 2 CPUs, so that in
-/// fentry mode on a kernel that preempts kernel code (Linux 7's default) a
-/// program is now and then preempted mid-run, and the next call on its CPU
-/// skipped: the batches must then carry that many skipped calls, as the
-/// programs' counters have them, and the events must fall short by no
-/// more than that and the ring buffer's drops (also counted). Where
-/// nothing is skipped (tracepoint and kprobe programs run with preemption
-/// off), every call must be there but for drops.
+/// program on and said so. 8 threads ping-pong on 2 CPUs, so that on a
+/// kernel that preempts kernel code (Linux 7's default) a fentry or
+/// tracepoint program is now and then preempted mid-run, and the next call
+/// on its CPU skipped: the batches must then carry that many skipped
+/// calls, as the programs' counters have them, and the events must fall
+/// short by no more than that and the ring buffer's drops (also counted).
+/// Where nothing is skipped (kprobe handlers run with preemption off, and
+/// kernels that do not preempt), every call must be there but for drops.
 #[test]
 fn every_call_is_an_event_or_announced_as_skipped() {
     let Some(_bpf) = bpf_available("skipped") else {

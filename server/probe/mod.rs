@@ -523,10 +523,10 @@ impl ProbeControl {
 
     /// Calls on which the kernel skipped the probe's programs since they
     /// were loaded: the sum of their `recursion_misses`. A tracing program
-    /// does not run on a CPU where it is already running, and fentry
-    /// programs can be preempted mid-run on kernels that preempt kernel
-    /// code (Linux 7's default), so the next call on that CPU goes
-    /// unrecorded. Two `bpf()` calls: the reader asks about every
+    /// does not run on a CPU where it is already running, and fentry and
+    /// tp_btf programs can be preempted mid-run on kernels that preempt
+    /// kernel code (Linux 7's default), so the next call on that CPU goes
+    /// unrecorded (kprobe handlers run with preemption off). Two `bpf()` calls: the reader asks about every
     /// [`SKIPPED_CHECK`] while events flow.
     pub fn skipped_calls(&self) -> u64 {
         let fds = self.program_fds.lock().unwrap_or_else(|e| e.into_inner());
