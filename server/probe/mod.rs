@@ -727,21 +727,25 @@ fn control_of(
     let handle = |m: &libbpf_rs::MapMut<'_>, what: &str| {
         MapHandle::try_from(m).map_err(|e| ProbeError::Setup(format!("duplicating the {what} map: {e:#}")))
     };
-    let program_ids = skel
-        .object()
-        .progs()
-        .filter(|p| p.autoload())
-        .filter_map(|p| libbpf_rs::Program::id_from_fd(p.as_fd()).ok())
-        .collect::<Vec<_>>();
-    let programs = if mode == AttachMode::Kprobe {
-        Vec::new()
-    } else {
+    // Copies of the loaded programs' fds: one set for their counters, one
+    // for re-attaching (each let go of on its own when the probe drops).
+    let loaded = || {
         skel.object()
             .progs()
             .filter(|p| p.autoload())
             .map(|p| p.as_fd().try_clone_to_owned())
             .collect::<Result<Vec<_>, _>>()
-            .map_err(|e| ProbeError::Setup(format!("duplicating a program fd: {e}")))?
+            .map_err(|e| ProbeError::Setup(format!("duplicating a program fd: {e}")))
+    };
+    let program_fds = loaded()?;
+    let program_ids = program_fds
+        .iter()
+        .filter_map(|fd| libbpf_rs::Program::id_from_fd(fd.as_fd()).ok())
+        .collect::<Vec<_>>();
+    let programs = if mode == AttachMode::Kprobe {
+        Vec::new()
+    } else {
+        loaded()?
     };
     Ok(ProbeControl {
         control: Arc::new(handle(&skel.maps.control, "control")?),
@@ -754,14 +758,7 @@ fn control_of(
         },
         ignore_tgid: opts.ignore_pid.unwrap_or(0),
         program_ids: program_ids.into(),
-        program_fds: skel
-            .object()
-            .progs()
-            .filter(|p| p.autoload())
-            .map(|p| p.as_fd().try_clone_to_owned())
-            .collect::<Result<Vec<_>, _>>()
-            .map_err(|e| ProbeError::Setup(format!("duplicating a program fd: {e}")))
-            .map(|fds| Arc::new(Mutex::new(fds)))?,
+        program_fds: Arc::new(Mutex::new(program_fds)),
         attachments: Arc::new(Mutex::new(Attachments {
             programs,
             links: Vec::new(),
