@@ -27,10 +27,9 @@
 
 use std::collections::{BTreeSet, HashMap};
 
-use crate::api;
+pub use socktap_proto::MAX_CGROUP_IDS_PER_REQUEST as MAX_IDS_PER_REQUEST;
 
-/// The most ids socktapd takes in one `GetCgroupPaths` request.
-pub const MAX_IDS_PER_REQUEST: usize = 1024;
+use crate::api;
 
 /// What socktapd said of each cgroup id asked about: its path, or that it
 /// has none (removed before it was asked about).

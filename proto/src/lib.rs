@@ -18,6 +18,10 @@ pub const FILE_DESCRIPTOR_SET: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "
 
 pub use pbjson_types::{Duration, Timestamp};
 
+/// The most ids one `GetCgroupPaths` request may name (socktapd refuses
+/// more with INVALID_ARGUMENT).
+pub const MAX_CGROUP_IDS_PER_REQUEST: usize = 1024;
+
 /// The server's view of `socktap.v1.Socktap`, identical on the wire: an
 /// [`EventBatch`](v1::EventBatch) travels as [`EncodedEventBatch`], runs of
 /// events that the server encoded once, each event already framed as an

@@ -6,6 +6,7 @@ use std::collections::HashSet;
 use std::time::Duration;
 
 use socktap_proto::v1 as pb;
+use socktap_proto::MAX_CGROUP_IDS_PER_REQUEST as MAX_CGROUP_IDS;
 
 use crate::event::WallClock;
 use crate::hub::filter::CgroupResolver;
@@ -28,9 +29,6 @@ pub struct StreamControls {
     /// How long to hold events to fill a batch.
     pub flush_delay: Duration,
 }
-
-/// The most ids one GetCgroupPaths request may name.
-pub const MAX_CGROUP_IDS: usize = 1024;
 
 /// Checks a GetCgroupPaths request and gives the distinct ids it names.
 pub fn cgroup_paths(req: &pb::GetCgroupPathsRequest) -> Result<HashSet<u64>, FieldError> {
