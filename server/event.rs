@@ -130,7 +130,7 @@ impl From<Endpoint> for SocketAddr {
 
 impl std::str::FromStr for Endpoint {
     type Err = std::net::AddrParseError;
-    /// "127.0.0.1:80" or "[::1]:80".
+    /// `"127.0.0.1:80"` or `"[::1]:80"`.
     fn from_str(s: &str) -> Result<Self, Self::Err> {
         s.parse::<SocketAddr>().map(Endpoint::from)
     }

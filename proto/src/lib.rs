@@ -23,7 +23,7 @@ pub use pbjson_types::{Duration, Timestamp};
 pub const MAX_CGROUP_IDS_PER_REQUEST: usize = 1024;
 
 /// The server's view of `socktap.v1.Socktap`, identical on the wire: an
-/// [`EventBatch`](v1::EventBatch) travels as [`EncodedEventBatch`], runs of
+/// [`EventBatch`](v1::EventBatch) travels as [`EncodedEventBatch`](wire::EncodedEventBatch), runs of
 /// events that the server encoded once, each event already framed as an
 /// entry of the batch's `events` field, and shared by every stream that
 /// sends them. Clients use [`v1`].
