@@ -25,7 +25,7 @@ tests=$(cargo test --locked --no-run --message-format=json \
         grep '"kind":\["test"\]' | sed -n 's/.*"executable":"\([^"]*\)".*/\1/p')
 daemon=$(cargo build --locked --bin socktapd --message-format=json 2>/dev/null |
          sed -n 's/.*"executable":"\([^"]*socktapd\)".*/\1/p')
-[ -n "$tests" ] && [ -n "$daemon" ] || { echo "matrix: building the test binaries failed" >&2; exit 1; }
+if [ -z "$tests" ] || [ -z "$daemon" ]; then echo "matrix: building the test binaries failed" >&2; exit 1; fi
 
 # --- the initramfs: busybox, the binaries (stripped) and their libraries ----
 initrd=$vm/initramfs.cpio
