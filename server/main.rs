@@ -34,6 +34,13 @@ struct Args {
     /// RLIMIT_NICE (systemd: LimitNICE=); without, socktapd warns once.
     #[arg(long, help_heading = "Kernel", env = "SOCKTAPD_READER_NICE", default_value_t = -5, allow_negative_numbers = true, value_parser = clap::value_parser!(i32).range(-20..=19))]
     reader_nice: i32,
+    /// kprobe mode: calls in flight each return probe tracks (0..=4096).
+    /// The returns of calls beyond it are missed (counted as skipped
+    /// calls): a server with many threads blocked in recv needs many.
+    /// Above the kernel's default (max(10, 2 × CPUs)) it takes writing to
+    /// tracefs, i.e. root; 0, or no tracefs, uses the kernel's default.
+    #[arg(long, help_heading = "Kernel", env = "SOCKTAPD_KRETPROBE_MAXACTIVE", default_value_t = 4096, value_parser = clap::value_parser!(u32).range(0..=4096))]
+    kretprobe_maxactive: u32,
     /// Kernel ring buffer size in bytes (a power of two, at least 4096).
     #[arg(long, help_heading = "Kernel", env = "SOCKTAPD_RING_BUFFER_BYTES", default_value_t = 8 << 20)]
     ring_buffer_bytes: u32,
@@ -249,6 +256,7 @@ impl Prepared {
             ignore_pid: (!args.trace_self).then(std::process::id),
             bpf_stats: args.bpf_stats,
             reader_nice: args.reader_nice,
+            kretprobe_maxactive: args.kretprobe_maxactive,
             ..Default::default()
         };
         match probe.validate() {
@@ -258,6 +266,7 @@ impl Prepared {
                     "ring_buffer_bytes" => "ring-buffer-bytes",
                     "wakeup_interval" => "wakeup-interval-us",
                     "batch_interval" => "batch-interval-us",
+                    "kretprobe_maxactive" => "kretprobe-maxactive",
                     other => anyhow::bail!("invalid probe option {other}: {reason}"),
                 };
                 anyhow::bail!("--{flag}: {reason}");

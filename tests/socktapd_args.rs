@@ -51,6 +51,7 @@ fn bad_flags_exit_2_with_one_line_naming_the_flag() {
         (&["--queue-events", "0"], "--queue-events"),
         (&["--reader-nice", "-21"], "--reader-nice"),
         (&["--reader-nice", "20"], "--reader-nice"),
+        (&["--kretprobe-maxactive", "4097"], "--kretprobe-maxactive"),
         (&["--user", "no-such-user-socktap"], "--user"),
         (&["--socket-group", "no-such-group-socktap"], "--socket-group"),
         (&["--auth-token-file", "/nonexistent/token"], "--auth-token-file"),

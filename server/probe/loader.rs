@@ -9,6 +9,7 @@ use tracing::debug;
 
 use super::drops;
 use super::error::{errno_of, ModeRefusal, ProbeError, Stage};
+use super::kretprobes::{self, ReturnProbes};
 use super::skel::{OpenSocktapSkel, SocktapSkel, SocktapSkelBuilder};
 use super::{ModeRequest, ProbeOptions};
 use crate::event::AttachMode;
@@ -21,6 +22,10 @@ const CAP_BPF: u32 = 39;
 /// A loaded and attached skeleton, with the refusals met on the way.
 pub(crate) struct Loaded<'obj> {
     pub skel: SocktapSkel<'obj>,
+    /// kprobe mode's return probes, attached apart from the skeleton.
+    pub _return_links: kretprobes::Attached,
+    /// How to count what they miss.
+    pub return_probes: ReturnProbes,
     pub mode: AttachMode,
     pub refused: Vec<ModeRefusal>,
 }
@@ -62,9 +67,15 @@ pub(crate) fn load<'obj>(
     let mut refused = Vec::new();
     for (mode, slot) in modes.into_iter().zip(storage.iter_mut()) {
         match try_mode(mode, opts, slot) {
-            Ok(skel) => {
+            Ok((skel, return_links, return_probes)) => {
                 debug!(mode = %mode, "attached");
-                return Ok(Loaded { skel, mode, refused });
+                return Ok(Loaded {
+                    skel,
+                    _return_links: return_links,
+                    return_probes,
+                    mode,
+                    refused,
+                });
             }
             Err(r) => {
                 debug!(mode = %mode, "refused: {r} ({})", r.detail);
@@ -91,7 +102,7 @@ fn try_mode<'obj>(
     mode: AttachMode,
     opts: &ProbeOptions,
     slot: &'obj mut MaybeUninit<OpenObject>,
-) -> Result<SocktapSkel<'obj>, ModeRefusal> {
+) -> Result<(SocktapSkel<'obj>, kretprobes::Attached, ReturnProbes), ModeRefusal> {
     let mut open = SocktapSkelBuilder::default()
         .open(slot)
         .map_err(|e| refusal(mode, Stage::Open, e))?;
@@ -111,7 +122,20 @@ fn try_mode<'obj>(
     }
     let mut skel = open.load().map_err(|e| refusal(mode, Stage::Load, e))?;
     skel.attach().map_err(|e| refusal(mode, Stage::Attach, e))?;
-    Ok(skel)
+    if mode != AttachMode::Kprobe {
+        return Ok((skel, kretprobes::Attached::default(), ReturnProbes::None));
+    }
+    let p = &mut skel.progs;
+    let (links, probes) = kretprobes::attach(
+        &mut [
+            ("tcp_sendmsg", &mut p.st_kret_send),
+            ("tcp_recvmsg", &mut p.st_kret_recv),
+        ],
+        opts.kretprobe_maxactive,
+    )
+    .map_err(|e| refusal(mode, Stage::Attach, e))?;
+    tracing::info!("kprobe mode: {}", probes.describe());
+    Ok((skel, links, probes))
 }
 
 /// Loads only the programs of `mode`.
@@ -124,6 +148,9 @@ fn select_programs(open: &mut OpenSocktapSkel<'_>, mode: AttachMode) {
     p.st_fexit_recv.set_autoload(fentry);
     p.st_kp_send.set_autoload(kprobe);
     p.st_kret_send.set_autoload(kprobe);
+    // Attached apart, with room for more calls in flight (kretprobes.rs).
+    p.st_kret_send.set_autoattach(false);
+    p.st_kret_recv.set_autoattach(false);
     p.st_kp_recv.set_autoload(kprobe);
     p.st_kret_recv.set_autoload(kprobe);
     p.st_tp_send.set_autoload(tracepoint);
@@ -146,6 +173,6 @@ pub fn kernel_version() -> Option<(u32, u32)> {
     Some((parts.next()?, parts.next()?))
 }
 
-fn kernel_before(major: u32, minor: u32) -> bool {
+pub(crate) fn kernel_before(major: u32, minor: u32) -> bool {
     kernel_version().is_some_and(|v| v < (major, minor))
 }

@@ -11,6 +11,7 @@
 mod cgroup_trees;
 mod drops;
 mod error;
+mod kretprobes;
 mod loader;
 mod prefilter;
 mod priority;
@@ -123,6 +124,12 @@ pub struct ProbeOptions {
     /// once and reads at its own priority. A value at or above the
     /// thread's own changes nothing.
     pub reader_nice: i32,
+    /// kprobe mode: how many calls in flight each return probe tracks
+    /// (1..=4096, the default 4096; the returns of calls beyond it are
+    /// missed, and counted as skipped calls). Raising it past the kernel's
+    /// default of max(10, 2 × CPUs) takes writing to tracefs, i.e. root;
+    /// without, or with 0, the kernel's default is used.
+    pub kretprobe_maxactive: u32,
 }
 
 impl Default for ProbeOptions {
@@ -138,6 +145,7 @@ impl Default for ProbeOptions {
             ignore_pid: None,
             bpf_stats: false,
             reader_nice: -5,
+            kretprobe_maxactive: kretprobes::MAXACTIVE,
         }
     }
 }
@@ -170,6 +178,16 @@ impl ProbeOptions {
                     reason: "must be below 4.29 s".into(),
                 });
             }
+        }
+        if self.kretprobe_maxactive > kretprobes::MAXACTIVE {
+            return Err(ProbeError::InvalidOption {
+                option: "kretprobe_maxactive",
+                reason: format!(
+                    "{} is above the kernel's limit of {}",
+                    self.kretprobe_maxactive,
+                    kretprobes::MAXACTIVE
+                ),
+            });
         }
         if !(-20..=19).contains(&self.reader_nice) {
             return Err(ProbeError::InvalidOption {
@@ -257,6 +275,10 @@ pub(crate) struct Shared {
     kernel_drops: AtomicU64,
     /// [`ProbeControl::skipped_calls`] as the reader last read it.
     kernel_skipped: AtomicU64,
+    /// [`ProbeControl::skipped_calls`] when the gate last opened: what the
+    /// kernel skipped before (kprobe mode stays attached while the gate is
+    /// closed) was no one's loss, and is not announced.
+    skipped_floor: AtomicU64,
     decode_errors: AtomicU64,
     /// The ring is read on the consumer's runtime now (not on a thread).
     on_runtime: AtomicBool,
@@ -306,6 +328,9 @@ pub struct ProbeControl {
     /// The loaded programs, for their counters; emptied when the probe is
     /// dropped, so that they unload.
     program_fds: Arc<Mutex<Vec<OwnedFd>>>,
+    /// kprobe mode's return probes, for the returns they missed; emptied
+    /// when the probe is dropped, so that their links go.
+    return_probes: Arc<Mutex<kretprobes::ReturnProbes>>,
     /// Also serializes writes of the control entry.
     attachments: Arc<Mutex<Attachments>>,
     prefilter: Arc<Mutex<KernelPrefilter>>,
@@ -364,6 +389,11 @@ impl ProbeControl {
         let mut attachments = self.attachments.lock().unwrap_or_else(|e| e.into_inner());
         if enabled {
             attachments.attach()?;
+            if !self.shared.enabled.load(Ordering::Relaxed) {
+                self.shared
+                    .skipped_floor
+                    .fetch_max(self.skipped_calls(), Ordering::Release);
+            }
         }
         self.write_control(enabled, self.shared.wakeup_interval_ns.load(Ordering::Relaxed))?;
         if !enabled {
@@ -522,7 +552,9 @@ impl ProbeControl {
     }
 
     /// Calls on which the kernel skipped the probe's programs since they
-    /// were loaded: the sum of their `recursion_misses`. A tracing program
+    /// were loaded: the sum of their `recursion_misses`, and in kprobe
+    /// mode the returns its return probes missed (more calls in flight at
+    /// once than they track; kretprobes.rs). A tracing program
     /// does not run on a CPU where it is already running, and fentry and
     /// tp_btf programs can be preempted mid-run on kernels that preempt
     /// kernel code (Linux 7's default), so the next call on that CPU goes
@@ -530,7 +562,9 @@ impl ProbeControl {
     /// [`SKIPPED_CHECK`] while events flow.
     pub fn skipped_calls(&self) -> u64 {
         let fds = self.program_fds.lock().unwrap_or_else(|e| e.into_inner());
-        fds.iter().filter_map(|fd| recursion_misses(fd.as_fd())).sum()
+        let skipped: u64 = fds.iter().filter_map(|fd| recursion_misses(fd.as_fd())).sum();
+        let missed = self.return_probes.lock().unwrap_or_else(|e| e.into_inner()).missed();
+        skipped + missed.unwrap_or(0)
     }
 }
 
@@ -577,21 +611,23 @@ impl Probe {
                     }
                 };
                 let mut loaded = loaded;
-                let started = control_of(&loaded.skel, loaded.mode, &thread_shared, &opts).and_then(|control| {
-                    if loaded.mode != AttachMode::Kprobe {
-                        // From here on the control owns the links: it keeps
-                        // duplicates of the skeleton's link fds (a BPF link
-                        // lives while any fd refers to it) and detaches and
-                        // re-attaches with the gate.
-                        control.adopt_links(&mut loaded.skel)?;
-                    }
-                    control.set_enabled(opts.enabled)?;
-                    Ok(Started {
-                        mode: loaded.mode,
-                        refused: loaded.refused,
-                        control,
-                    })
-                });
+                let return_probes = std::mem::take(&mut loaded.return_probes);
+                let started =
+                    control_of(&loaded.skel, loaded.mode, return_probes, &thread_shared, &opts).and_then(|control| {
+                        if loaded.mode != AttachMode::Kprobe {
+                            // From here on the control owns the links: it keeps
+                            // duplicates of the skeleton's link fds (a BPF link
+                            // lives while any fd refers to it) and detaches and
+                            // re-attaches with the gate.
+                            control.adopt_links(&mut loaded.skel)?;
+                        }
+                        control.set_enabled(opts.enabled)?;
+                        Ok(Started {
+                            mode: loaded.mode,
+                            refused: loaded.refused,
+                            control,
+                        })
+                    });
                 let control = started.as_ref().ok().map(|s| s.control.clone());
                 let _ = ready_tx.send(started);
                 if let Some(control) = control {
@@ -710,6 +746,7 @@ impl Drop for Probe {
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .clear();
+        *self.control.return_probes.lock().unwrap_or_else(|e| e.into_inner()) = Default::default();
         self.control.shared.stop.store(true, Ordering::Release);
         if let Some(t) = self.thread.take() {
             t.thread().unpark();
@@ -721,6 +758,7 @@ impl Drop for Probe {
 fn control_of(
     skel: &skel::SocktapSkel<'_>,
     mode: AttachMode,
+    return_probes: kretprobes::ReturnProbes,
     shared: &Arc<Shared>,
     opts: &ProbeOptions,
 ) -> Result<ProbeControl, ProbeError> {
@@ -759,6 +797,7 @@ fn control_of(
         ignore_tgid: opts.ignore_pid.unwrap_or(0),
         program_ids: program_ids.into(),
         program_fds: Arc::new(Mutex::new(program_fds)),
+        return_probes: Arc::new(Mutex::new(return_probes)),
         attachments: Arc::new(Mutex::new(Attachments {
             programs,
             links: Vec::new(),

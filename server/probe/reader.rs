@@ -163,6 +163,7 @@ impl Reader {
         let mut new_skipped = 0;
         self.skipped_stale |= taken.records > 0;
         if self.skipped_stale && now.duration_since(self.skipped_read_at) >= SKIPPED_CHECK {
+            self.skipped_seen = self.skipped_seen.max(shared.skipped_floor.load(Ordering::Acquire));
             let skipped = self.control.skipped_calls();
             new_skipped = skipped.saturating_sub(self.skipped_seen);
             self.skipped_seen = skipped;
