@@ -26,6 +26,27 @@ fn links_to(ids: &HashSet<u32>) -> Vec<u32> {
         .collect()
 }
 
+/// tracefs' kprobe_events, if tracefs is mounted.
+fn kprobe_events() -> Option<(std::path::PathBuf, String)> {
+    ["/sys/kernel/tracing", "/sys/kernel/debug/tracing"]
+        .iter()
+        .find_map(|d| {
+            let path = std::path::Path::new(d).join("kprobe_events");
+            Some((path.clone(), std::fs::read_to_string(&path).ok()?))
+        })
+}
+
+/// The kprobe events this process made (kprobe mode's return probes).
+fn our_kprobe_events() -> Vec<String> {
+    let ours = format!("socktap/st{}_", std::process::id());
+    let events = kprobe_events().map(|(_, e)| e).unwrap_or_default();
+    events
+        .lines()
+        .filter(|l| l.contains(&ours))
+        .map(str::to_owned)
+        .collect()
+}
+
 #[test]
 fn auto_picks_the_first_mode_the_kernel_accepts_and_says_why() {
     let Some(_bpf) = bpf_available("auto_mode") else {
@@ -137,7 +158,20 @@ fn dropping_the_probe_leaves_no_program_or_link_behind() {
     let live = our_programs();
     assert!(ids.is_subset(&live), "loaded programs are listed by the kernel");
     assert_eq!(links_to(&ids).len(), ids.len(), "each program is attached by one link");
+    if probe.mode() == AttachMode::Kprobe && kprobe_events().is_some() {
+        assert_eq!(
+            our_kprobe_events().len(),
+            2,
+            "return probes in tracefs: {:?}",
+            our_kprobe_events()
+        );
+    }
     drop(probe);
+    assert_eq!(
+        our_kprobe_events(),
+        Vec::<String>::new(),
+        "tracefs events left after drop"
+    );
     // The kernel frees programs after an RCU grace period, from a workqueue.
     let mut after = our_programs();
     for _ in 0..500 {
@@ -391,4 +425,44 @@ fn trailing_events_of_a_burst_wake_the_reader() {
             std::thread::sleep(Duration::from_millis(1));
         }
     }
+}
+
+/// A socktapd killed before it could remove its return probes from tracefs
+/// leaves them behind; the next one in kprobe mode removes them (their
+/// names carry the pid that made them).
+#[test]
+fn return_probes_a_killed_socktapd_left_in_tracefs_are_removed() {
+    let Some(_bpf) = bpf_available("stale_kprobes") else {
+        return;
+    };
+    let Some((path, _)) = kprobe_events() else {
+        eprintln!("no kprobe_events in tracefs (not mounted, or no kprobes in this kernel): nothing to leave behind");
+        return;
+    };
+    let mut gone = std::process::Command::new("true").spawn().unwrap();
+    let dead = gone.id();
+    gone.wait().unwrap();
+    let stale = format!("st{dead}_0_tcp_sendmsg");
+    let mut f = std::fs::OpenOptions::new().append(true).open(&path).unwrap();
+    use std::io::Write;
+    if let Err(e) = f.write_all(format!("r:socktap/{stale} tcp_sendmsg\n").as_bytes()) {
+        eprintln!("this kernel makes no kprobes ({e}): kprobe mode is refused here (tested above)");
+        return;
+    }
+    drop(f);
+    let listed = || kprobe_events().unwrap().1.contains(&stale);
+    assert!(listed(), "the stale event was made");
+    let probe = Probe::start(ProbeOptions {
+        mode: ModeRequest::Only(AttachMode::Kprobe),
+        ..Default::default()
+    });
+    if let Err(e) = &probe {
+        // Remove it ourselves, so that no other run trips on it.
+        let _ = std::fs::OpenOptions::new()
+            .append(true)
+            .open(&path)
+            .and_then(|mut f| f.write_all(format!("-:socktap/{stale}\n").as_bytes()));
+        panic!("kprobe mode, on a kernel that makes kprobes: {e}");
+    }
+    assert!(!listed(), "the stale event was removed");
 }

@@ -188,7 +188,7 @@ fn attach_through_tracefs(
         .iter()
         .map(Path::new)
         .find(|p| p.join("kprobe_events").exists())
-        .ok_or("no tracefs mounted")?;
+        .ok_or("no kprobe_events in tracefs: is it mounted?")?;
     remove_stale_events(tracefs);
     let mut attached = Attached::default();
     for (function, prog) in programs.iter_mut() {
