@@ -89,14 +89,17 @@ struct {
 	__type(value, struct socktap_cgroup_tree);
 } cgroup_tree_cache SEC(".maps");
 
-/* kprobe mode only: the socket and flags of a call in flight, by thread. */
+/* kprobe mode only: the socket and flags of a call in flight, by thread.
+ * An LRU map: a call whose return probe missed its return (more calls in
+ * flight than it tracks) leaves its entry behind, and a thread that then
+ * exits would keep it for good; the oldest go first when the map is full. */
 struct call_args {
 	struct sock *sk;
 	int flags;
 };
 
 struct {
-	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(type, BPF_MAP_TYPE_LRU_HASH);
 	__uint(max_entries, 16384);
 	__type(key, __u64);
 	__type(value, struct call_args);
@@ -377,8 +380,13 @@ static __always_inline int remember(struct sock *sk, int flags)
 	__u64 id = bpf_get_current_pid_tgid();
 	struct call_args args = { .sk = sk, .flags = flags };
 
-	if (!gate(id >> 32))
+	if (!gate(id >> 32)) {
+		/* An entry left by an earlier call of this thread whose return
+		 * was missed must not be taken for this call's at its return
+		 * (the gate may open meanwhile). */
+		bpf_map_delete_elem(&inflight, &id);
 		return 0;
+	}
 	bpf_map_update_elem(&inflight, &id, &args, BPF_ANY);
 	return 0;
 }

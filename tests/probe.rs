@@ -1321,3 +1321,101 @@ fn returns_missed_while_the_gate_is_closed_are_not_announced() {
     assert_eq!(recvs, 20, "the receives after the gate opened");
     assert_eq!(announced, 0, "nothing was skipped while the gate was open");
 }
+
+/// kprobe mode pairs a call's return with what its entry saw, by thread.
+/// A call whose return was missed (past the kernel's default maxactive
+/// here) leaves its entry behind; the thread's next call, entered while
+/// the gate was closed and returning after it opened, must not be taken
+/// for it: that event would carry the first call's socket and the second
+/// call's bytes. Each thread receives on one socket with the gate open,
+/// then on another across the gate's closing and opening: every event
+/// must carry its own socket's bytes (kprobe mode reports no second
+/// receive, its entry having passed a closed gate; the other modes report
+/// them at their return).
+#[test]
+fn a_return_is_never_paired_with_an_earlier_calls_entry() {
+    let Some(_bpf) = bpf_available("stale_entries") else {
+        return;
+    };
+    let mut probe = start_probe(ProbeOptions {
+        kretprobe_maxactive: 0,
+        ..ProbeOptions::default()
+    });
+    let mut rx = probe.take_receiver().unwrap();
+    let control = probe.control().clone();
+    let mut first = HashMap::new();
+    let mut second = HashMap::new();
+    let mut writers = Vec::new();
+    let mut readers = Vec::new();
+    let (tid_tx, tid_rx) = std::sync::mpsc::channel();
+    let (done_tx, done_rx) = std::sync::mpsc::channel();
+    let go = Arc::new(std::sync::Barrier::new(IN_FLIGHT + 1));
+    for i in 0..IN_FLIGHT {
+        let (xc, mut xs) = tcp_pair(false);
+        let (yc, mut ys) = tcp_pair(false);
+        let (a, b) = (10 + i, 200 + i);
+        first.insert(so_cookie(&xs), a as u32);
+        second.insert(so_cookie(&ys), b as u32);
+        let (tid_tx, done_tx, go) = (tid_tx.clone(), done_tx.clone(), go.clone());
+        readers.push(std::thread::spawn(move || {
+            tid_tx.send(gettid()).unwrap();
+            xs.read_exact(&mut vec![0u8; a]).unwrap();
+            done_tx.send(()).unwrap();
+            go.wait(); // the gate is closed now
+            ys.read_exact(&mut vec![0u8; b]).unwrap();
+        }));
+        writers.push((xc, a, yc, b));
+    }
+    let tids: Vec<u32> = (0..IN_FLIGHT).map(|_| tid_rx.recv().unwrap()).collect();
+    let all_blocked = || {
+        let deadline = std::time::Instant::now() + WAIT;
+        while !tids.iter().all(|&t| thread_state(t) == Some('S')) {
+            assert!(std::time::Instant::now() < deadline, "the readers never all blocked");
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    all_blocked();
+    for (xc, a, _, _) in &mut writers {
+        xc.write_all(&vec![1u8; *a]).unwrap();
+    }
+    for _ in 0..IN_FLIGHT {
+        done_rx.recv().unwrap();
+    }
+    control.set_enabled(false).unwrap();
+    go.wait();
+    all_blocked();
+    control.set_enabled(true).unwrap();
+    for (_, _, yc, b) in &mut writers {
+        yc.write_all(&vec![2u8; *b]).unwrap();
+    }
+    for r in readers {
+        r.join().unwrap();
+    }
+    let events = collect(
+        &mut rx,
+        |e| e.kind == EventKind::Recv && (first.contains_key(&e.cookie) || second.contains_key(&e.cookie)),
+        |_| false,
+        Duration::from_millis(500),
+        SETTLE,
+    );
+    let own = |e: &Event| first.get(&e.cookie).or(second.get(&e.cookie)) == Some(&e.bytes);
+    let wrong: Vec<(u64, u32)> = events.iter().filter(|e| !own(e)).map(|e| (e.cookie, e.bytes)).collect();
+    eprintln!(
+        "{:?} mode: {} first and {} second receives reported, {} events otherwise",
+        probe.mode(),
+        events
+            .iter()
+            .filter(|e| first.contains_key(&e.cookie) && own(e))
+            .count(),
+        events
+            .iter()
+            .filter(|e| second.contains_key(&e.cookie) && own(e))
+            .count(),
+        wrong.len()
+    );
+    assert!(
+        wrong.is_empty(),
+        "events whose bytes are not their socket's receive (cookie, bytes): {wrong:?}"
+    );
+}
