@@ -125,7 +125,7 @@ pub struct ProbeOptions {
     /// thread's own changes nothing.
     pub reader_nice: i32,
     /// kprobe mode: how many calls in flight each return probe tracks
-    /// (1..=4096, the default 4096; the returns of calls beyond it are
+    /// (0..=4096, the default 4096; the returns of calls beyond it are
     /// missed, and counted as skipped calls). Raising it past the kernel's
     /// default of max(10, 2 × CPUs) takes writing to tracefs, i.e. root;
     /// without, or with 0, the kernel's default is used.
@@ -558,8 +558,10 @@ impl ProbeControl {
     /// does not run on a CPU where it is already running, and fentry and
     /// tp_btf programs can be preempted mid-run on kernels that preempt
     /// kernel code (Linux 7's default), so the next call on that CPU goes
-    /// unrecorded (kprobe handlers run with preemption off). Two `bpf()` calls: the reader asks about every
-    /// [`SKIPPED_CHECK`] while events flow.
+    /// unrecorded (kprobe handlers run with preemption off). A `bpf()`
+    /// call per program (in kprobe mode also a read of tracefs'
+    /// `kprobe_profile`, or a `bpf()` call per return probe): the reader
+    /// asks about every [`SKIPPED_CHECK`] while events flow.
     pub fn skipped_calls(&self) -> u64 {
         let fds = self.program_fds.lock().unwrap_or_else(|e| e.into_inner());
         let skipped: u64 = fds.iter().filter_map(|fd| recursion_misses(fd.as_fd())).sum();
