@@ -1231,8 +1231,22 @@ fn many_receives_in_flight_at_once_are_all_reported() {
     let Some(_bpf) = bpf_available("many_in_flight") else {
         return;
     };
-    let (reported, expected, _, _) = receives_in_flight(ProbeOptions::default());
-    assert_eq!(reported, expected, "each receive, with its bytes");
+    let (reported, expected, skipped, mode) = receives_in_flight(ProbeOptions::default());
+    if mode == AttachMode::Kprobe {
+        assert_eq!(reported, expected, "each receive, with its bytes");
+        return;
+    }
+    // fentry and tracepoint programs may be skipped on a kernel that
+    // preempts them (7.3 in the kernel matrix): such a receive is missing,
+    // and counted.
+    for (cookie, bytes) in &reported {
+        assert_eq!(expected.get(cookie), Some(bytes), "a reported receive has its bytes");
+    }
+    let missing = (expected.len() - reported.len()) as u64;
+    assert!(
+        missing <= skipped,
+        "{mode:?} mode: {missing} receives missing, {skipped} calls counted as skipped"
+    );
 }
 
 /// With the kernel's default `maxactive` (`--kretprobe-maxactive 0`, or
@@ -1254,7 +1268,12 @@ fn returns_missed_past_the_default_maxactive_are_counted() {
     }
     let missing = (expected.len() - reported.len()) as u64;
     if mode != AttachMode::Kprobe {
-        assert_eq!(missing, 0, "{mode:?} mode has no limit on calls in flight");
+        // No limit on calls in flight; a call skipped on a kernel that
+        // preempts the programs is counted.
+        assert!(
+            missing <= skipped,
+            "{mode:?} mode: {missing} receives missing, {skipped} calls counted as skipped"
+        );
         return;
     }
     assert!(
@@ -1288,7 +1307,8 @@ fn returns_missed_while_the_gate_is_closed_are_not_announced() {
     let mut rx = probe.take_receiver().unwrap();
     let before = probe.control().skipped_calls();
     receives_blocked_at_once(IN_FLIGHT);
-    let missed_closed = probe.control().skipped_calls() - before;
+    let at_open = probe.control().skipped_calls();
+    let missed_closed = at_open - before;
     probe.control().set_enabled(true).unwrap();
     // Calls for long enough that the reader reads the counters (every
     // SKIPPED_CHECK while records come), then its quiet pass.
@@ -1314,12 +1334,22 @@ fn returns_missed_while_the_gate_is_closed_are_not_announced() {
             Err(_) => std::thread::sleep(Duration::from_millis(5)),
         }
     }
+    // Calls skipped while the gate was open (fentry and tracepoint
+    // programs on a kernel that preempts them) are announced, as they
+    // should be; nothing from before.
+    let open_skipped = probe.control().skipped_calls() - at_open;
     eprintln!(
-        "{:?} mode: {missed_closed} returns missed while the gate was closed; {recvs} receives after, {announced} announced as skipped",
+        "{:?} mode: {missed_closed} returns missed while the gate was closed; {recvs} receives after, {announced} announced as skipped, {open_skipped} skipped since the gate opened",
         probe.mode()
     );
-    assert_eq!(recvs, 20, "the receives after the gate opened");
-    assert_eq!(announced, 0, "nothing was skipped while the gate was open");
+    assert!(
+        recvs as u64 + open_skipped >= 20,
+        "the receives after the gate opened: {recvs}"
+    );
+    assert!(
+        announced <= open_skipped,
+        "only calls skipped while the gate was open are announced: {announced} announced, {open_skipped} skipped since it opened"
+    );
 }
 
 /// kprobe mode pairs a call's return with what its entry saw, by thread.
