@@ -152,6 +152,13 @@ async fn filtered_subscribers_get_exactly_their_sockets_bytes_and_shutdown_detac
     assert_eq!(st.subscribers.len(), 2);
     assert_eq!(st.attach_mode, socktap::convert::mode(Some(probe.mode())) as i32);
     assert_eq!(st.programs.len(), ids.len(), "status lists the loaded programs");
+    // kprobe mode's return probes, made in tracefs (the tests run as root).
+    let return_probes = (probe.mode() == socktap::event::AttachMode::Kprobe).then_some(pb::ReturnProbeStatus {
+        max_active: 4096,
+        tracefs: true,
+        misses_counted: true,
+    });
+    assert_eq!(st.return_probes, return_probes);
     assert!(st.kernel_events_produced >= st.events_read);
 
     // Shutdown ends both streams and, with the probe dropped, unloads everything.

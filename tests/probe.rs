@@ -13,7 +13,7 @@ use std::time::Duration;
 
 use common::*;
 use socktap::event::{AttachMode, Event, EventKind};
-use socktap::probe::{Batch, ProbeOptions, MAX_BATCH_EVENTS, WAKEUPS_OFF};
+use socktap::probe::{Batch, ProbeOptions, ReturnProbeInfo, MAX_BATCH_EVENTS, WAKEUPS_OFF};
 
 const WAIT: Duration = Duration::from_secs(10);
 const SETTLE: Duration = Duration::from_millis(100);
@@ -1193,11 +1193,22 @@ fn receives_blocked_at_once(n: usize) -> HashMap<u64, u32> {
     expected
 }
 
+/// What [`receives_in_flight`] saw.
+struct InFlight {
+    /// What the probe reported for the receives: cookie → bytes.
+    reported: HashMap<u64, u32>,
+    /// What was sent to each: cookie → bytes.
+    expected: HashMap<u64, u32>,
+    /// The calls the kernel skipped meanwhile.
+    skipped: u64,
+    mode: AttachMode,
+    /// The probe's return probes, as its status reports them.
+    return_probes: Option<ReturnProbeInfo>,
+}
+
 /// [`IN_FLIGHT`] receives blocked at once, like a thread-per-connection
-/// server's, then each given its data: what the probe reported for them
-/// (cookie → bytes), what was sent (the same), and the calls the kernel
-/// skipped meanwhile.
-fn receives_in_flight(opts: ProbeOptions) -> (HashMap<u64, u32>, HashMap<u64, u32>, u64, AttachMode) {
+/// server's, then each given its data.
+fn receives_in_flight(opts: ProbeOptions) -> InFlight {
     let mut probe = start_probe(opts);
     let mut rx = probe.take_receiver().unwrap();
     let skipped_before = probe.control().skipped_calls();
@@ -1217,7 +1228,13 @@ fn receives_in_flight(opts: ProbeOptions) -> (HashMap<u64, u32>, HashMap<u64, u3
         probe.mode(),
         reported.len()
     );
-    (reported, expected, skipped, probe.mode())
+    InFlight {
+        reported,
+        expected,
+        skipped,
+        mode: probe.mode(),
+        return_probes: probe.control().return_probes(),
+    }
 }
 
 /// Many receives in flight at once are each reported, with their bytes.
@@ -1231,8 +1248,23 @@ fn many_receives_in_flight_at_once_are_all_reported() {
     let Some(_bpf) = bpf_available("many_in_flight") else {
         return;
     };
-    let (reported, expected, skipped, mode) = receives_in_flight(ProbeOptions::default());
+    let InFlight {
+        reported,
+        expected,
+        skipped,
+        mode,
+        return_probes,
+    } = receives_in_flight(ProbeOptions::default());
     if mode == AttachMode::Kprobe {
+        // The tests run as root, so the probes are made in tracefs.
+        assert_eq!(
+            return_probes,
+            Some(ReturnProbeInfo {
+                max_active: 4096,
+                tracefs: true,
+                misses_counted: true
+            })
+        );
         assert_eq!(reported, expected, "each receive, with its bytes");
         return;
     }
@@ -1242,6 +1274,7 @@ fn many_receives_in_flight_at_once_are_all_reported() {
     for (cookie, bytes) in &reported {
         assert_eq!(expected.get(cookie), Some(bytes), "a reported receive has its bytes");
     }
+    assert_eq!(return_probes, None, "{mode:?} mode has no return probes");
     let missing = (expected.len() - reported.len()) as u64;
     assert!(
         missing <= skipped,
@@ -1259,7 +1292,13 @@ fn returns_missed_past_the_default_maxactive_are_counted() {
     let Some(_bpf) = bpf_available("default_maxactive") else {
         return;
     };
-    let (reported, expected, skipped, mode) = receives_in_flight(ProbeOptions {
+    let InFlight {
+        reported,
+        expected,
+        skipped,
+        mode,
+        return_probes,
+    } = receives_in_flight(ProbeOptions {
         kretprobe_maxactive: 0,
         ..ProbeOptions::default()
     });
@@ -1268,6 +1307,7 @@ fn returns_missed_past_the_default_maxactive_are_counted() {
     }
     let missing = (expected.len() - reported.len()) as u64;
     if mode != AttachMode::Kprobe {
+        assert_eq!(return_probes, None, "{mode:?} mode has no return probes");
         // No limit on calls in flight; a call skipped on a kernel that
         // preempts the programs is counted.
         assert!(
@@ -1279,6 +1319,17 @@ fn returns_missed_past_the_default_maxactive_are_counted() {
     assert!(
         missing > 0,
         "the kernel's default maxactive is below 64 calls in flight here"
+    );
+    let counted = socktap::probe::kernel_version().is_some_and(|v| v >= (6, 7));
+    let cpus = libbpf_rs::num_possible_cpus().unwrap() as u32;
+    assert_eq!(
+        return_probes,
+        Some(ReturnProbeInfo {
+            max_active: (2 * cpus).max(10),
+            tracefs: false,
+            misses_counted: counted
+        }),
+        "the status says what the kernel counts"
     );
     match socktap::probe::kernel_version() {
         Some(v) if v >= (6, 7) => assert!(

@@ -225,6 +225,25 @@ fn skipped(n: u64) -> String {
     }
 }
 
+/// kprobe mode's return probes: the calls in flight they track, and
+/// whether what they miss is counted.
+fn return_probes_text(r: &api::ReturnProbeStatus) -> String {
+    let made = if r.tracefs {
+        "made in tracefs"
+    } else {
+        "the kernel's default: socktapd could not write to tracefs, or --kretprobe-maxactive 0"
+    };
+    let missed = if r.misses_counted {
+        "returns missed beyond that are counted as skipped calls"
+    } else {
+        "returns missed beyond that are NOT counted on this kernel (before 6.7): run socktapd as root to track more"
+    };
+    format!(
+        "return probes: {} calls in flight each ({made}); {missed}",
+        r.max_active
+    )
+}
+
 /// The status for people.
 pub fn status_text(s: &api::GetStatusResponse) -> String {
     let mode = match s.attach_mode() {
@@ -250,7 +269,14 @@ pub fn status_text(s: &api::GetStatusResponse) -> String {
         s.events_read,
         s.events_per_second,
         s.kernel_drops,
-        skipped(s.kernel_skipped),
+        if s.return_probes.is_some() && s.kernel_skipped > 0 {
+            format!(
+                ", skipped {} calls (the program was already running on that CPU, or more calls were in flight than the return probes track)",
+                s.kernel_skipped
+            )
+        } else {
+            skipped(s.kernel_skipped)
+        },
         s.kernel_events_produced,
         not_yet_read(s),
         if s.kernel_gate_open {
@@ -259,6 +285,9 @@ pub fn status_text(s: &api::GetStatusResponse) -> String {
             "closed (no subscriber)"
         }
     );
+    if let Some(r) = &s.return_probes {
+        let _ = writeln!(out, "{}", return_probes_text(r));
+    }
     if s.kernel_gate_open {
         let _ = writeln!(
             out,
@@ -568,6 +597,43 @@ mod tests {
         });
         assert!(on.contains("st_tp_send (id 7)  runs 4  avg 500 ns"), "{on}");
         assert!(!on.contains("skipped"), "{on}");
+    }
+
+    #[test]
+    fn kprobe_modes_return_probes_are_shown_with_whether_their_misses_count() {
+        let none = status_text(&api::GetStatusResponse::default());
+        assert!(!none.contains("return probes"), "{none}");
+        let tracefs = status_text(&api::GetStatusResponse {
+            kernel_skipped: 5,
+            return_probes: Some(api::ReturnProbeStatus {
+                max_active: 4096,
+                tracefs: true,
+                misses_counted: true,
+            }),
+            ..Default::default()
+        });
+        assert!(
+            tracefs.contains(
+                "return probes: 4096 calls in flight each (made in tracefs); returns missed beyond that are counted as skipped calls\n"
+            ),
+            "{tracefs}"
+        );
+        assert!(
+            tracefs.contains("skipped 5 calls (the program was already running on that CPU, or more calls were in flight than the return probes track)"),
+            "{tracefs}"
+        );
+        let uncounted = status_text(&api::GetStatusResponse {
+            return_probes: Some(api::ReturnProbeStatus {
+                max_active: 10,
+                tracefs: false,
+                misses_counted: false,
+            }),
+            ..Default::default()
+        });
+        assert!(
+            uncounted.contains("return probes: 10 calls in flight each (the kernel's default: socktapd could not write to tracefs, or --kretprobe-maxactive 0); returns missed beyond that are NOT counted on this kernel (before 6.7)"),
+            "{uncounted}"
+        );
     }
 
     #[test]

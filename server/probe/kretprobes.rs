@@ -70,6 +70,20 @@ impl ReturnProbes {
         }
     }
 
+    /// What they are, for a status; None when not kprobe mode.
+    pub fn info(&self) -> Option<ReturnProbeInfo> {
+        let (max_active, tracefs) = match self {
+            ReturnProbes::None => return None,
+            ReturnProbes::Tracefs { maxactive, .. } => (*maxactive, true),
+            ReturnProbes::Default { .. } => (default_maxactive(), false),
+        };
+        Some(ReturnProbeInfo {
+            max_active,
+            tracefs,
+            misses_counted: self.missed().is_some(),
+        })
+    }
+
     /// What they are, for the log.
     pub fn describe(&self) -> String {
         match self {
@@ -88,6 +102,17 @@ impl ReturnProbes {
             ),
         }
     }
+}
+
+/// kprobe mode's return probes, as a status reports them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ReturnProbeInfo {
+    /// How many calls in flight each tracks (its `maxactive`).
+    pub max_active: u32,
+    /// Made in tracefs' `kprobe_events`; else at the kernel's default.
+    pub tracefs: bool,
+    /// Whether the returns they miss are counted (as skipped calls).
+    pub misses_counted: bool,
 }
 
 /// The kernel's default `maxactive` for a kretprobe made without one.

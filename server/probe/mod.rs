@@ -35,6 +35,7 @@ use tokio::sync::mpsc;
 
 pub use cgroup_trees::CGROUP_ROOTS_CAPACITY;
 pub use error::{errno_name, ModeRefusal, ProbeError, Stage};
+pub use kretprobes::ReturnProbeInfo;
 pub use loader::{kernel_release, kernel_version};
 pub use prefilter::{comm_key, Prefilter, PrefilterStatus, WantDim, WantKey, PREFILTER_CAPACITY};
 pub use reader::MAX_BATCH_EVENTS;
@@ -544,6 +545,12 @@ impl ProbeControl {
                 recursion_misses: p.recursion_misses,
             })
             .collect()
+    }
+
+    /// kprobe mode's return probes: how many calls in flight each tracks,
+    /// and whether what they miss is counted. None in the other modes.
+    pub fn return_probes(&self) -> Option<ReturnProbeInfo> {
+        self.return_probes.lock().unwrap_or_else(|e| e.into_inner()).info()
     }
 
     /// The kernel ids of the loaded programs.

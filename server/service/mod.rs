@@ -319,6 +319,11 @@ pub fn status(hub: &Hub) -> pb::GetStatusResponse {
         events_per_second: s.events_per_second,
         kernel_drops: s.kernel_drops,
         kernel_skipped: s.kernel_skipped,
+        return_probes: probe.and_then(|p| p.return_probes()).map(|r| pb::ReturnProbeStatus {
+            max_active: r.max_active,
+            tracefs: r.tracefs,
+            misses_counted: r.misses_counted,
+        }),
         kernel_events_produced: probe
             .map(|p| p.counters().produced)
             .unwrap_or(s.events_read + s.kernel_drops),
