@@ -398,7 +398,17 @@ async fn watch_wide_names_the_callers_cgroup() {
     } = kernel_daemon(ProbeOptions::default(), HubConfig::default()).await;
     let addr = d.url.trim_start_matches("http://");
     let watch = InProcessCli::start(&["--addr", addr, "watch", "--wide", "--cgroup", &cgroup.path]);
-    wait_for("the watch to subscribe", || d.hub.subscriber_count() == 1).await;
+    let json = InProcessCli::start(&[
+        "--addr",
+        addr,
+        "watch",
+        "-o",
+        "json",
+        "--wide",
+        "--cgroup",
+        &cgroup.path,
+    ]);
+    wait_for("the watches to subscribe", || d.hub.subscriber_count() == 2).await;
 
     let nc = nc_in(&cgroup.inner, 1234);
     let inner = format!("{}/inner", cgroup.path);
@@ -412,8 +422,25 @@ async fn watch_wide_names_the_callers_cgroup() {
             .map(str::to_owned)
             .collect()
     };
-    wait_for("nc's send in the table", || !rows().is_empty()).await;
+    let objects = || -> Vec<serde_json::Value> {
+        json.out
+            .text()
+            .lines()
+            .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
+            .filter(|v| v["pid"] == nc.pid)
+            .collect()
+    };
+    wait_for("nc's send in the table and the JSON lines", || {
+        !rows().is_empty() && !objects().is_empty()
+    })
+    .await;
     watch.run.abort();
+    json.run.abort();
+    for v in objects() {
+        assert_eq!(v["cgroupId"], nc.cgroup_id.to_string(), "{v}");
+        assert_eq!(v["cgroupPath"], inner.as_str(), "nc's cgroup by its path: {v}");
+    }
+    assert_eq!(json.err.text(), "");
     let text = watch.out.text();
     assert!(
         text.starts_with("TIME") && text.lines().next().unwrap().ends_with("CGROUP"),

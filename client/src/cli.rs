@@ -271,7 +271,7 @@ pub struct WatchArgs {
     /// Same as -o json.
     #[arg(long)]
     pub json: bool,
-    /// Table: also each call's thread id, uid and network namespace, and its cgroup's path (asked of socktapd; the id when it has none) last. JSON lines always have every field.
+    /// Table: also each call's thread id, uid and network namespace, and its cgroup's path (asked of socktapd; the id when it has none) last. JSON lines always have every field; with --wide also `cgroupPath`, where socktapd can name the cgroup.
     #[arg(short, long)]
     pub wide: bool,
     #[command(flatten)]
@@ -716,7 +716,11 @@ async fn watch(
     } else {
         format::Table::default()
     };
-    let mut lookups = CgroupLookups::default();
+    let mut lookups = if json {
+        CgroupLookups::for_json()
+    } else {
+        CgroupLookups::for_table()
+    };
     // Set while (re)connecting: how long to wait before the next attempt.
     let mut retry: Option<Duration> = None;
     let mut connected = false;
@@ -777,13 +781,18 @@ async fn watch(
             match msg.message {
                 Some(api::watch_events_response::Message::Events(batch)) => {
                     received += batch.events.len() as u64;
-                    if table.is_wide() && !json {
+                    if table.is_wide() {
                         let ids = batch.events.iter().map(|e| e.cgroup_id);
                         lookups.name(session, &mut client, table.cgroups_mut(), ids, err).await;
                     }
                     for e in &batch.events {
                         if json {
-                            write_line(out, &format::json_line(e))?;
+                            let path = if table.is_wide() {
+                                table.cgroups().name(e.cgroup_id)
+                            } else {
+                                None
+                            };
+                            write_line(out, &format::event_json_line(e, path))?;
                         } else {
                             for line in table.rows(e) {
                                 write_line(out, &line)?;
@@ -839,13 +848,31 @@ const CGROUP_LOOKUP_WAIT: Duration = Duration::from_secs(2);
 const CGROUP_LOOKUP_RETRY: Duration = Duration::from_secs(1);
 
 /// Asks socktapd to name cgroups, and holds off after a failure.
-#[derive(Default)]
 struct CgroupLookups {
     /// After a failure: no lookups before then.
     paused_until: Option<Instant>,
+    /// What the output shows of a cgroup it cannot name, for the notice.
+    unnamed: &'static str,
 }
 
 impl CgroupLookups {
+    /// For a table, whose CGROUP column shows the ids of cgroups it cannot
+    /// name.
+    fn for_table() -> Self {
+        CgroupLookups {
+            paused_until: None,
+            unnamed: "CGROUP shows their ids",
+        }
+    }
+
+    /// For JSON lines, which then have no `cgroupPath`.
+    fn for_json() -> Self {
+        CgroupLookups {
+            paused_until: None,
+            unnamed: "lines have no cgroupPath until it can",
+        }
+    }
+
     /// Asks socktapd (through `client`) for the paths of the cgroups among
     /// `ids` that `names` does not know yet. When a lookup fails (a
     /// socktapd without GetCgroupPaths, no cgroup2 on its host, no answer
@@ -880,7 +907,7 @@ impl CgroupLookups {
                 }
                 Err(why) => {
                     if self.paused_until.is_none() {
-                        let _ = writeln!(err, "socktap: cannot name cgroups ({why}); CGROUP shows their ids");
+                        let _ = writeln!(err, "socktap: cannot name cgroups ({why}); {}", self.unnamed);
                     }
                     self.paused_until = Some(Instant::now() + CGROUP_LOOKUP_RETRY);
                     return;
@@ -926,7 +953,7 @@ async fn top(
     // The stream's client, which names the cgroups shown.
     let mut client = None;
     let mut names = CgroupNames::default();
-    let mut lookups = CgroupLookups::default();
+    let mut lookups = CgroupLookups::for_table();
     // While disconnected: the next attempt, and the wait after it.
     let mut retry_at = Instant::now();
     let mut wait = FIRST_RECONNECT_WAIT;

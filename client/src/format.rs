@@ -50,6 +50,11 @@ impl Table {
         self.wide
     }
 
+    /// The cgroup paths it knows.
+    pub fn cgroups(&self) -> &CgroupNames {
+        &self.cgroups
+    }
+
     /// The cgroup paths it shows, for the caller to fill.
     pub fn cgroups_mut(&mut self) -> &mut CgroupNames {
         &mut self.cgroups
@@ -179,6 +184,32 @@ pub fn lost_line(l: &api::LostEvents) -> String {
 /// Any API message as one line of proto3 JSON.
 pub fn json_line<T: serde::Serialize>(msg: &T) -> String {
     serde_json::to_string(msg).unwrap_or_else(|e| format!("{{\"error\":\"cannot encode: {e}\"}}"))
+}
+
+/// An event's JSON line; with `cgroup_path`, it also has a `cgroupPath`
+/// field, the path of its cgroup on socktapd's host (`watch -o json
+/// --wide`), after the proto3 JSON mapping's fields.
+pub fn event_json_line(e: &api::Event, cgroup_path: Option<&str>) -> String {
+    let line = json_line(e);
+    match cgroup_path {
+        Some(path) => with_string_field(line, "cgroupPath", path),
+        None => line,
+    }
+}
+
+/// A JSON object's text with one more string field at its end.
+fn with_string_field(mut object: String, key: &str, value: &str) -> String {
+    if object.ends_with('}') {
+        object.pop();
+        if !object.ends_with('{') {
+            object.push(',');
+        }
+        object.push_str(&json_line(&key));
+        object.push(':');
+        object.push_str(&json_line(&value));
+        object.push('}');
+    }
+    object
 }
 
 /// The symbolic name of a socket errno (Linux numbering).
@@ -597,6 +628,22 @@ mod tests {
         });
         assert!(on.contains("st_tp_send (id 7)  runs 4  avg 500 ns"), "{on}");
         assert!(!on.contains("skipped"), "{on}");
+    }
+
+    #[test]
+    fn a_cgroup_path_is_added_to_an_events_json_as_a_json_string() {
+        let e = api::Event {
+            cookie: 7,
+            cgroup_id: 9,
+            ..Default::default()
+        };
+        assert_eq!(event_json_line(&e, None), json_line(&e));
+        let line = event_json_line(&e, Some("/a \"b\"\\c"));
+        let v: serde_json::Value = serde_json::from_str(&line).unwrap();
+        assert_eq!(v["cgroupPath"], "/a \"b\"\\c", "{line}");
+        assert_eq!(v["cookie"], "7", "{line}");
+        assert!(line.ends_with(r#","cgroupPath":"/a \"b\"\\c"}"#), "{line}");
+        assert_eq!(with_string_field("{}".into(), "k", "v"), r#"{"k":"v"}"#);
     }
 
     #[test]

@@ -335,15 +335,37 @@ fn a_wide_table_shows_thread_uid_netns_and_the_cgroups_path() {
     let last = lines.last().unwrap();
     assert!(last.ends_with("EAGAIN       0"), "{}", r.stdout);
     assert_eq!(*asked.lock().unwrap(), vec![vec![55], vec![0]]);
-    // -w is the same; JSON lines are unchanged by it.
+    // -w is the same.
     assert_eq!(
         socktap(&["--addr", &addr, "watch", "--limit", "2", "-w"]).stdout,
         r.stdout
     );
+}
+
+/// JSON lines with --wide also carry the cgroup's path, where socktapd
+/// names it, after the proto3 JSON fields, which are unchanged.
+#[test]
+fn wide_json_lines_add_the_cgroups_path() {
+    let addr = serve(Fake::default());
+    let wide = socktap(&["--addr", &addr, "watch", "--limit", "2", "-o", "json", "-w"]);
+    assert_eq!(wide.code, 0, "{}", wide.stderr);
+    // The fake's loss notice, as JSON lines have it; nothing else.
     assert_eq!(
-        socktap(&["--addr", &addr, "watch", "--limit", "2", "-o", "json", "-w"]).stdout,
-        socktap(&["--addr", &addr, "watch", "--limit", "2", "-o", "json"]).stdout
+        wide.stderr.lines().filter(|l| !l.contains("LOSS_SOURCE")).count(),
+        0,
+        "{}",
+        wide.stderr
     );
+    let plain = socktap(&["--addr", &addr, "watch", "--limit", "2", "-o", "json"]);
+    let (wide, plain): (Vec<&str>, Vec<&str>) = (wide.stdout.lines().collect(), plain.stdout.lines().collect());
+    assert_eq!(wide.len(), 2);
+    let mut first: serde_json::Value = serde_json::from_str(wide[0]).unwrap();
+    assert_eq!(first["cgroupId"], "55");
+    assert_eq!(first["cgroupPath"], CGROUP_55, "{}", wide[0]);
+    first.as_object_mut().unwrap().remove("cgroupPath");
+    assert_eq!(first, serde_json::from_str::<serde_json::Value>(plain[0]).unwrap());
+    // cgroup 0 has no path: the line is as without --wide.
+    assert_eq!(wide[1], plain[1]);
 }
 
 /// A socktapd that cannot name cgroups (older, or no cgroup2 on its host):
@@ -365,6 +387,17 @@ fn a_wide_table_without_cgroup_paths_shows_ids_and_says_why_once() {
     let lines: Vec<&str> = r.stdout.lines().collect();
     assert!(lines[1].ends_with(" 55"), "{}", lines[1]);
     assert!(lines.last().unwrap().ends_with(" 0"), "{}", r.stdout);
+    // JSON lines go without cgroupPath, and say so.
+    let r = socktap(&["--addr", &addr, "watch", "--limit", "2", "-o", "json", "-w"]);
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    assert_eq!(
+        r.stderr.lines().filter(|l| !l.contains("LOSS_SOURCE")).collect::<Vec<_>>(),
+        [format!(
+            "socktap: cannot name cgroups (socktapd at {addr}: Unimplemented: unknown method GetCgroupPaths); lines have no cgroupPath until it can"
+        )]
+    );
+    assert!(!r.stdout.contains("cgroupPath"), "{}", r.stdout);
+    assert_eq!(r.stdout.lines().count(), 2);
 }
 
 #[test]
