@@ -137,7 +137,7 @@ pub enum Command {
     Status(StatusArgs),
     /// A live view refreshed every interval: busiest sockets and processes.
     #[command(
-        after_help = "Examples:\n  socktap top\n  socktap top --comm postgres --rows 10\n  socktap top --interval 5s --iterations 1"
+        after_help = "Examples:\n  socktap top\n  socktap top --comm postgres --rows 10\n  socktap top --interval 5s --iterations 1\n  socktap top -o json --interval 10s     a JSON object per interval, every row"
     )]
     Top(TopArgs),
 }
@@ -292,9 +292,12 @@ pub struct TopArgs {
     /// Refresh interval (1s, 500ms, 5s).
     #[arg(long, value_parser = interval, default_value = "1s")]
     pub interval: Duration,
-    /// Rows per table.
-    #[arg(long, default_value_t = 20)]
-    pub rows: usize,
+    /// Rows per table (default 20; JSON lines have every row unless given).
+    #[arg(long)]
+    pub rows: Option<usize>,
+    /// Output format: a table per interval, or one JSON object per interval (-o json).
+    #[arg(short, long, value_enum, default_value = "table")]
+    pub output: Output,
     /// Exit after this many refreshes (default: until Ctrl-C).
     #[arg(long)]
     pub iterations: Option<u64>,
@@ -865,11 +868,12 @@ impl CgroupLookups {
         }
     }
 
-    /// For JSON lines, which then have no `cgroupPath`.
+    /// For JSON lines (`watch`) or objects (`top`), which then have no
+    /// `cgroupPath`.
     fn for_json() -> Self {
         CgroupLookups {
             paused_until: None,
-            unnamed: "lines have no cgroupPath until it can",
+            unnamed: "no cgroupPath until it can",
         }
     }
 
@@ -953,7 +957,11 @@ async fn top(
     // The stream's client, which names the cgroups shown.
     let mut client = None;
     let mut names = CgroupNames::default();
-    let mut lookups = CgroupLookups::for_table();
+    let mut lookups = if a.output == Output::Json {
+        CgroupLookups::for_json()
+    } else {
+        CgroupLookups::for_table()
+    };
     // While disconnected: the next attempt, and the wait after it.
     let mut retry_at = Instant::now();
     let mut wait = FIRST_RECONNECT_WAIT;
@@ -963,11 +971,17 @@ async fn top(
     let mut frame = Top::default();
     let mut frames = 0u64;
     let mut last = Instant::now();
+    let json = a.output == Output::Json;
     let show =
         |frame: &Top, names: &CgroupNames, last: &mut Instant, out: &mut (dyn Write + Send)| -> Result<(), Failure> {
             let now = Instant::now();
-            let text = frame.render(a.rows, now.duration_since(*last).as_secs_f64(), names);
+            let secs = now.duration_since(*last).as_secs_f64();
             *last = now;
+            if json {
+                write_line(out, &frame.json(a.rows, secs, SystemTime::now(), names))?;
+                return flush(out);
+            }
+            let text = frame.render(a.rows.unwrap_or(TOP_ROWS), secs, names);
             if clear {
                 out.write_all(b"\x1b[H\x1b[2J").map_err(io_failure)?;
             }
@@ -1027,7 +1041,12 @@ async fn top(
             _ = tokio::time::sleep_until(retry_at), if stream.is_none() => {}
             _ = ticker.tick() => {
                 if let Some(client) = client.as_mut() {
-                    let shown = frame.cgroups().into_iter().take(a.rows).map(|c| c.cgroup_id);
+                    let rows = match (a.rows, json) {
+                        (Some(n), _) => n,
+                        (None, true) => usize::MAX,
+                        (None, false) => TOP_ROWS,
+                    };
+                    let shown = frame.cgroups().into_iter().take(rows).map(|c| c.cgroup_id);
                     lookups.name(session, client, &mut names, shown, err).await;
                 }
                 show(&frame, &names, &mut last, out)?;
@@ -1044,6 +1063,9 @@ async fn top(
         }
     }
 }
+
+/// `socktap top`'s rows per table in a table, unless `--rows`.
+const TOP_ROWS: usize = 20;
 
 /// The next message of `stream`, or never while there is none.
 async fn next_message(

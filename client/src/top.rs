@@ -3,6 +3,9 @@
 
 use std::collections::{HashMap, HashSet};
 use std::fmt::Write as _;
+use std::time::SystemTime;
+
+use serde_json::{json, Value};
 
 use socktap_proto::v1 as api;
 
@@ -51,8 +54,10 @@ pub struct SocketRow {
     pub pid: u32,
     /// Its thread name.
     pub comm: String,
-    /// local → remote.
-    pub flow: String,
+    /// Its local address and port (`10.0.0.2:40000`, `[::1]:8080`).
+    pub local: String,
+    /// Its remote address and port.
+    pub remote: String,
     /// Its traffic.
     pub traffic: Traffic,
 }
@@ -102,11 +107,8 @@ impl Top {
         self.events += 1;
         let s = self.sockets.entry(e.cookie).or_insert_with(|| SocketRow {
             cookie: e.cookie,
-            flow: format!(
-                "{} → {}",
-                endpoint(&e.local_addr, e.local_port),
-                endpoint(&e.remote_addr, e.remote_port)
-            ),
+            local: endpoint(&e.local_addr, e.local_port),
+            remote: endpoint(&e.remote_addr, e.remote_port),
             ..Default::default()
         });
         s.pid = e.pid;
@@ -186,8 +188,8 @@ impl Top {
             let t = &s.traffic;
             let _ = writeln!(
                 out,
-                "{:>12} {:<15} {:>7} {:>10} {:>10} {:>7} {:>7}  {}",
-                s.cookie, s.comm, s.pid, t.tx_bytes, t.rx_bytes, t.tx_calls, t.rx_calls, s.flow
+                "{:>12} {:<15} {:>7} {:>10} {:>10} {:>7} {:>7}  {} → {}",
+                s.cookie, s.comm, s.pid, t.tx_bytes, t.rx_bytes, t.tx_calls, t.rx_calls, s.local, s.remote
             );
         }
         let _ = writeln!(out);
@@ -226,6 +228,67 @@ impl Top {
             );
         }
         out
+    }
+
+    /// The interval as one JSON object (`socktap top -o json`, a line per
+    /// interval): when it ended, its length, the events counted and lost,
+    /// why the stream was down (if it was), and the three tables, busiest
+    /// first, each at most `rows` rows (every row without). Field names
+    /// and 64-bit ids are as in the events' proto3 JSON (`cookie` and
+    /// `cgroupId` strings); counts and bytes are numbers; a cgroup has
+    /// `cgroupPath` where `names` knows it.
+    pub fn json(&self, rows: Option<usize>, interval_secs: f64, ended: SystemTime, names: &CgroupNames) -> String {
+        let rows = rows.unwrap_or(usize::MAX);
+        let traffic = |t: &Traffic| json!({"txBytes": t.tx_bytes, "rxBytes": t.rx_bytes, "txCalls": t.tx_calls, "rxCalls": t.rx_calls});
+        let with = |mut row: Value, t: &Traffic| {
+            if let (Some(row), Value::Object(t)) = (row.as_object_mut(), traffic(t)) {
+                row.extend(t);
+            }
+            row
+        };
+        let sockets: Vec<Value> = self
+            .sockets()
+            .into_iter()
+            .take(rows)
+            .map(|s| {
+                with(
+                    json!({"cookie": s.cookie.to_string(), "pid": s.pid, "comm": s.comm, "local": s.local, "remote": s.remote}),
+                    &s.traffic,
+                )
+            })
+            .collect();
+        let processes: Vec<Value> = self
+            .processes()
+            .into_iter()
+            .take(rows)
+            .map(|p| with(json!({"pid": p.pid, "comm": p.comm, "sockets": p.sockets}), &p.traffic))
+            .collect();
+        let cgroups: Vec<Value> = self
+            .cgroups()
+            .into_iter()
+            .take(rows)
+            .map(|c| {
+                let mut row =
+                    json!({"cgroupId": c.cgroup_id.to_string(), "processes": c.processes, "sockets": c.sockets});
+                if let (Some(path), Some(o)) = (names.name(c.cgroup_id), row.as_object_mut()) {
+                    o.insert("cgroupPath".into(), path.into());
+                }
+                with(row, &c.traffic)
+            })
+            .collect();
+        let mut frame = json!({
+            "time": chrono::DateTime::<chrono::Utc>::from(ended).to_rfc3339_opts(chrono::SecondsFormat::Micros, true),
+            "intervalSeconds": interval_secs,
+            "events": self.events,
+            "lost": self.lost,
+            "sockets": sockets,
+            "processes": processes,
+            "cgroups": cgroups,
+        });
+        if let (Some(why), Some(o)) = (&self.disconnected, frame.as_object_mut()) {
+            o.insert("disconnected".into(), why.as_str().into());
+        }
+        frame.to_string()
     }
 }
 
@@ -282,6 +345,29 @@ mod tests {
                 paths: [(1, "/system.slice/app.service".to_owned())].into(),
             },
         );
+        let frame: Value = serde_json::from_str(&t.json(None, 1.5, SystemTime::UNIX_EPOCH, &names)).unwrap();
+        assert_eq!(frame["time"], "1970-01-01T00:00:00.000000Z");
+        assert_eq!(
+            (&frame["intervalSeconds"], &frame["events"], &frame["lost"]),
+            (&1.5.into(), &6.into(), &4.into())
+        );
+        assert!(frame.get("disconnected").is_none());
+        assert_eq!(
+            frame["cgroups"],
+            json!([
+                {"cgroupId": "0", "processes": 1, "sockets": 2, "txBytes": 100, "rxBytes": 5050, "txCalls": 1, "rxCalls": 2},
+                {"cgroupId": "1", "cgroupPath": "/system.slice/app.service", "processes": 2, "sockets": 2, "txBytes": 8, "rxBytes": 0, "txCalls": 2, "rxCalls": 0},
+                {"cgroupId": "2", "processes": 1, "sockets": 1, "txBytes": 3, "rxBytes": 0, "txCalls": 1, "rxCalls": 0},
+            ])
+        );
+        assert_eq!(
+            frame["processes"][0],
+            json!({"pid": 10, "comm": "p10", "sockets": 2, "txBytes": 100, "rxBytes": 5050, "txCalls": 1, "rxCalls": 2})
+        );
+        assert_eq!(frame["sockets"].as_array().unwrap().len(), 5);
+        assert_eq!(frame["sockets"][0]["cookie"], "2");
+        let two: Value = serde_json::from_str(&t.json(Some(2), 1.0, SystemTime::UNIX_EPOCH, &names)).unwrap();
+        assert_eq!(two["sockets"].as_array().unwrap().len(), 2);
         let text = t.render(10, 1.0, &names);
         let cgroups: Vec<&str> = text.lines().skip_while(|l| !l.ends_with("CGROUP")).collect();
         assert_eq!(
@@ -309,5 +395,7 @@ mod tests {
             Some("disconnected (totals are short): socktapd at x ended the stream; reconnecting"),
             "{text}"
         );
+        let frame: Value = serde_json::from_str(&t.json(None, 1.0, SystemTime::UNIX_EPOCH, &names)).unwrap();
+        assert_eq!(frame["disconnected"], "socktapd at x ended the stream; reconnecting");
     }
 }

@@ -393,7 +393,7 @@ fn a_wide_table_without_cgroup_paths_shows_ids_and_says_why_once() {
     assert_eq!(
         r.stderr.lines().filter(|l| !l.contains("LOSS_SOURCE")).collect::<Vec<_>>(),
         [format!(
-            "socktap: cannot name cgroups (socktapd at {addr}: Unimplemented: unknown method GetCgroupPaths); lines have no cgroupPath until it can"
+            "socktap: cannot name cgroups (socktapd at {addr}: Unimplemented: unknown method GetCgroupPaths); no cgroupPath until it can"
         )]
     );
     assert!(!r.stdout.contains("cgroupPath"), "{}", r.stdout);
@@ -811,6 +811,87 @@ fn top_names_the_busiest_cgroups() {
         !asked.is_empty() && asked.iter().flatten().filter(|&&id| id == 55).count() == 1,
         "each id asked once: {asked:?}"
     );
+}
+
+/// `top -o json`: an object per interval, with every row unless --rows,
+/// each cgroup by its path where socktapd names it.
+#[test]
+fn top_as_json_lines_has_every_row_and_the_cgroups_paths() {
+    let fake = Fake {
+        endless: true,
+        ..Fake::default()
+    };
+    let addr = serve(fake);
+    let r = socktap(&[
+        "--addr",
+        &addr,
+        "top",
+        "-o",
+        "json",
+        "--interval",
+        "300ms",
+        "--iterations",
+        "2",
+    ]);
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    assert_eq!(r.stderr, "");
+    let frames: Vec<serde_json::Value> = r.stdout.lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    assert_eq!(frames.len(), 2, "{}", r.stdout);
+    let last = &frames[1];
+    assert!(last["time"].as_str().unwrap().ends_with('Z'), "{last}");
+    assert!(last["intervalSeconds"].as_f64().unwrap() > 0.2, "{last}");
+    let events = last["events"].as_u64().unwrap();
+    assert!(events > 0, "{last}");
+    // The fake's events come in pairs: curl sends 1448 bytes on 4097, nginx
+    // receives 0 on 4098.
+    let sockets = last["sockets"].as_array().unwrap();
+    assert_eq!(sockets.len(), 2, "{last}");
+    let curl = &sockets[0];
+    assert_eq!(
+        (
+            &curl["cookie"],
+            &curl["comm"],
+            &curl["pid"],
+            &curl["local"],
+            &curl["remote"]
+        ),
+        (
+            &"4097".into(),
+            &"curl".into(),
+            &321.into(),
+            &"10.0.0.2:40000".into(),
+            &"10.0.0.9:443".into()
+        ),
+        "{last}"
+    );
+    let sends = curl["txCalls"].as_u64().unwrap();
+    assert_eq!(curl["txBytes"].as_u64().unwrap(), 1448 * sends, "{last}");
+    assert_eq!(sockets[1]["rxCalls"].as_u64().unwrap() + sends, events, "{last}");
+    let cgroups = last["cgroups"].as_array().unwrap();
+    assert_eq!(cgroups[0]["cgroupId"], "55", "{last}");
+    assert_eq!(cgroups[0]["cgroupPath"], CGROUP_55, "{last}");
+    assert_eq!(cgroups[1]["cgroupId"], "0", "{last}");
+    assert!(cgroups[1].get("cgroupPath").is_none(), "no path for cgroup 0: {last}");
+    assert_eq!(last["processes"].as_array().unwrap().len(), 2, "{last}");
+    // --rows bounds each table.
+    let r = socktap(&[
+        "--addr",
+        &addr,
+        "top",
+        "-o",
+        "json",
+        "--rows",
+        "1",
+        "--interval",
+        "300ms",
+        "--iterations",
+        "1",
+    ]);
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    let frame: serde_json::Value = serde_json::from_str(r.stdout.trim()).unwrap();
+    for table in ["sockets", "processes", "cgroups"] {
+        assert_eq!(frame[table].as_array().unwrap().len(), 1, "{table}: {frame}");
+    }
 }
 
 /// A lookup that fails shows ids, says why once, and is tried again a
