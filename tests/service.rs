@@ -224,6 +224,25 @@ async fn a_stalled_subscriber_costs_a_fast_one_nothing_and_its_losses_add_up() {
         .expect("slow subscriber in status");
     assert_eq!(s.lost, lost_count);
     assert_eq!(s.matched, TOTAL);
+    // The daemon's totals: both subscribers' deliveries, the slow one's
+    // losses; and they stay when the subscribers go.
+    assert_eq!(status.subscriber_lost, lost_count);
+    assert_eq!(status.events_delivered, TOTAL + delivered);
+    drop((fast, slow));
+    wait_subscribers(&hub, 0).await;
+    let after = d
+        .client()
+        .await
+        .get_status(pb::GetStatusRequest {})
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(after.subscribers.is_empty());
+    assert_eq!(
+        (after.subscriber_lost, after.events_delivered),
+        (lost_count, TOTAL + delivered),
+        "totals of subscribers gone"
+    );
     d.stop().await;
 }
 

@@ -347,7 +347,13 @@ pub fn status_text(s: &api::GetStatusResponse) -> String {
         s.queued_bytes.div_ceil(1024),
         s.queue_bytes_limit / 1024
     );
-    let _ = writeln!(out, "subscribers: {}", s.subscribers.len());
+    let _ = writeln!(
+        out,
+        "subscribers: {} (since start, all together: {} events delivered, {} lost in their queues)",
+        s.subscribers.len(),
+        s.events_delivered,
+        s.subscriber_lost
+    );
     for sub in &s.subscribers {
         let filters = sub.request.as_ref().map(json_line).unwrap_or_default();
         let _ = writeln!(
@@ -644,6 +650,21 @@ mod tests {
         assert_eq!(v["cookie"], "7", "{line}");
         assert!(line.ends_with(r#","cgroupPath":"/a \"b\"\\c"}"#), "{line}");
         assert_eq!(with_string_field("{}".into(), "k", "v"), r#"{"k":"v"}"#);
+    }
+
+    #[test]
+    fn the_subscribers_totals_are_shown() {
+        let text = status_text(&api::GetStatusResponse {
+            events_delivered: 900,
+            subscriber_lost: 12,
+            ..Default::default()
+        });
+        assert!(
+            text.contains(
+                "subscribers: 0 (since start, all together: 900 events delivered, 12 lost in their queues)\n"
+            ),
+            "{text}"
+        );
     }
 
     #[test]

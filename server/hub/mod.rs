@@ -153,6 +153,12 @@ pub struct HubStatus {
     pub prefilter: PrefilterStatus,
     /// The live subscribers.
     pub subscribers: Vec<Arc<Subscriber>>,
+    /// Events handed to subscribers' streams since start, all subscribers
+    /// together (those gone too).
+    pub delivered_total: u64,
+    /// Events lost in subscribers' queues since start, all subscribers
+    /// together (those gone too).
+    pub subscriber_lost_total: u64,
 }
 
 struct State {
@@ -160,6 +166,9 @@ struct State {
     /// The newest event's sequence number read so far (history or not).
     newest_seq: Option<u64>,
     subscribers: Vec<Arc<Subscriber>>,
+    /// What the subscribers gone had delivered and lost, for the totals.
+    departed_delivered: u64,
+    departed_lost: u64,
     next_id: u64,
     gate_open: bool,
     shutting_down: bool,
@@ -204,6 +213,8 @@ impl Hub {
                     history: History::new(config.history_events),
                     newest_seq: None,
                     subscribers: Vec::new(),
+                    departed_delivered: 0,
+                    departed_lost: 0,
                     next_id: 1,
                     gate_open: true,
                     shutting_down: false,
@@ -462,7 +473,11 @@ impl Hub {
     /// Removes a subscriber (its stream ended or its client went away).
     pub fn unsubscribe(&self, id: u64) {
         let mut st = self.lock();
-        st.subscribers.retain(|s| s.id != id);
+        if let Some(i) = st.subscribers.iter().position(|s| s.id == id) {
+            let gone = st.subscribers.remove(i).counters();
+            st.departed_delivered += gone.delivered;
+            st.departed_lost += gone.lost;
+        }
         debug!(id, subscribers = st.subscribers.len(), "unsubscribed");
         self.share_queue_memory(&st);
         self.update_gate(&mut st);
@@ -505,6 +520,7 @@ impl Hub {
     /// A snapshot for the status RPC.
     pub fn status(&self) -> HubStatus {
         let st = self.lock();
+        let live: Vec<_> = st.subscribers.iter().map(|s| s.counters()).collect();
         HubStatus {
             events_read: self.inner.events_read.load(Ordering::Relaxed),
             events_per_second: self.events_per_second(&st),
@@ -521,6 +537,8 @@ impl Hub {
                 .map(|p| p.prefilter())
                 .unwrap_or_default(),
             subscribers: st.subscribers.clone(),
+            delivered_total: st.departed_delivered + live.iter().map(|c| c.delivered).sum::<u64>(),
+            subscriber_lost_total: st.departed_lost + live.iter().map(|c| c.lost).sum::<u64>(),
         }
     }
 

@@ -319,6 +319,8 @@ pub fn status(hub: &Hub) -> pb::GetStatusResponse {
         events_per_second: s.events_per_second,
         kernel_drops: s.kernel_drops,
         kernel_skipped: s.kernel_skipped,
+        subscriber_lost: s.subscriber_lost_total,
+        events_delivered: s.delivered_total,
         return_probes: probe.and_then(|p| p.return_probes()).map(|r| pb::ReturnProbeStatus {
             max_active: r.max_active,
             tracefs: r.tracefs,
