@@ -20,6 +20,7 @@ pub mod convert;
 pub mod daemon;
 pub mod event;
 pub mod hub;
+pub mod metrics;
 pub mod privileges;
 pub mod probe;
 pub mod service;

@@ -94,6 +94,12 @@ struct Args {
     /// Group that may connect to a unix socket listener (the socket gets mode 0660).
     #[arg(long, help_heading = "Access", env = "SOCKTAPD_SOCKET_GROUP")]
     socket_group: Option<String>,
+    /// Serve socktapd's own counters (events read, delivered and lost by
+    /// source, subscribers, queues, programs) for Prometheus at
+    /// http://ADDR/metrics, e.g. 127.0.0.1:9464. Plain HTTP, no token: the
+    /// counts only, nothing per socket or process. Off by default.
+    #[arg(long, help_heading = "Access", env = "SOCKTAPD_METRICS_LISTEN")]
+    metrics_listen: Option<std::net::SocketAddr>,
     /// File holding a bearer token that Socktap RPCs must present
     /// (`authorization: Bearer <token>`). Health and reflection stay open.
     #[arg(long, help_heading = "Access", env = "SOCKTAPD_AUTH_TOKEN_FILE")]
@@ -311,6 +317,14 @@ async fn async_main(args: Args, prepared: Prepared) -> anyhow::Result<()> {
     let listener = Listener::bind_with(&args.listen, prepared.socket_group)
         .await
         .with_context(|| format!("cannot listen on {}", args.listen))?;
+    let metrics_listener = match args.metrics_listen {
+        Some(addr) => Some(
+            tokio::net::TcpListener::bind(addr)
+                .await
+                .with_context(|| format!("cannot listen on {addr} (--metrics-listen)"))?,
+        ),
+        None => None,
+    };
     let mut probe = Probe::start(prepared.probe)?;
     let refused: Vec<String> = probe.refused_modes().iter().map(|r| r.to_string()).collect();
     for r in &refused {
@@ -347,9 +361,26 @@ async fn async_main(args: Args, prepared: Prepared) -> anyhow::Result<()> {
         account.switch_to(args.reader_nice)?;
         info!(user = %account.name(), "dropped root and every capability");
     }
+    let (stop_metrics, metrics_stopped) = tokio::sync::oneshot::channel::<()>();
+    let metrics = metrics_listener.map(|l| {
+        let hub = hub.clone();
+        tokio::spawn(async move {
+            if let Err(e) = socktap::metrics::serve(hub, l, async {
+                let _ = metrics_stopped.await;
+            })
+            .await
+            {
+                error!("metrics: {e}");
+            }
+        })
+    });
     let addr = listener.local_addr();
     println!("socktapd: serving socktap.v1 on {addr} (attach mode {})", probe.mode());
     let served = daemon::serve(hub, listener, prepared.serve, shutdown).await;
+    let _ = stop_metrics.send(());
+    if let Some(m) = metrics {
+        let _ = tokio::time::timeout(daemon::SHUTDOWN_GRACE, m).await;
+    }
     drop(probe); // detach and unload before exiting
     if let Err(e) = served {
         error!("{e}");

@@ -159,6 +159,15 @@ async fn filtered_subscribers_get_exactly_their_sockets_bytes_and_shutdown_detac
         misses_counted: true,
     });
     assert_eq!(st.return_probes, return_probes);
+    // The same in the metrics.
+    let metrics = socktap::metrics::encode(&d.hub).unwrap();
+    let mode = format!("{:?}", probe.mode()).to_lowercase();
+    assert!(metrics.contains(&format!(r#"attach_mode="{mode}"}} 1"#)), "{metrics}");
+    assert_eq!(
+        metrics.contains("\nsocktap_return_probe_max_active 4096\n"),
+        return_probes.is_some(),
+        "{metrics}"
+    );
     assert!(st.kernel_events_produced >= st.events_read);
 
     // Shutdown ends both streams and, with the probe dropped, unloads everything.

@@ -1050,3 +1050,102 @@ async fn accepted_connections_have_tcp_nodelay() {
     assert!(!accepted.is_empty(), "found the daemon's accepted connection");
     assert!(accepted.iter().all(|&(_, nodelay)| nodelay), "{accepted:?}");
 }
+
+/// One HTTP/1.1 GET on `addr`: the status code, the headers and the body.
+async fn http_get(addr: std::net::SocketAddr, path: &str) -> (u16, String, String) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+    s.write_all(format!("GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").as_bytes())
+        .await
+        .unwrap();
+    let mut response = String::new();
+    s.read_to_string(&mut response).await.unwrap();
+    let (head, body) = response.split_once("\r\n\r\n").unwrap();
+    let code = head.split_whitespace().nth(1).unwrap().parse().unwrap();
+    (code, head.to_owned(), body.to_owned())
+}
+
+/// `socktapd --metrics-listen`: the status's counters as OpenMetrics text,
+/// losses by source, each equal to what GetStatus says.
+#[tokio::test]
+async fn metrics_are_the_status_counters_in_openmetrics_text() {
+    let (hub, tx) = synthetic(HubConfig {
+        queue_events: 100,
+        ..Default::default()
+    });
+    let d = TestDaemon::start(hub.clone()).await;
+    // A subscriber that reads nothing: its queue overflows.
+    let _stalled = d
+        .client()
+        .await
+        .watch_events(pb::WatchEventsRequest::default())
+        .await
+        .unwrap()
+        .into_inner();
+    wait_subscribers(&hub, 1).await;
+    tx.send(Batch {
+        events: (0..1000).map(|s| event(s, 1, 7)).collect(),
+        kernel_drops: 17,
+        kernel_skipped: 4,
+    })
+    .await
+    .unwrap();
+    wait_for("the subscriber's losses", || {
+        hub.status().subscribers.iter().any(|s| s.counters().lost > 0)
+    })
+    .await;
+
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let server = tokio::spawn(socktap::metrics::serve(hub.clone(), listener, async {
+        let _ = stopped.await;
+    }));
+    let (code, head, body) = http_get(addr, "/metrics").await;
+    assert_eq!(code, 200, "{head}");
+    assert!(
+        head.to_lowercase()
+            .contains("content-type: application/openmetrics-text; version=1.0.0"),
+        "{head}"
+    );
+    assert!(body.ends_with("# EOF\n"), "{body}");
+    let value = |series: &str| -> f64 {
+        body.lines()
+            .find_map(|l| l.strip_prefix(series)?.strip_prefix(' ')?.parse().ok())
+            .unwrap_or_else(|| panic!("no {series} in\n{body}"))
+    };
+    let st = d
+        .client()
+        .await
+        .get_status(pb::GetStatusRequest {})
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(st.subscriber_lost > 0);
+    assert_eq!(value("socktap_events_read_total"), 1000.0);
+    assert_eq!(value(r#"socktap_events_lost_total{source="kernel_ring_buffer"}"#), 17.0);
+    assert_eq!(value(r#"socktap_events_lost_total{source="kernel_skipped"}"#), 4.0);
+    assert_eq!(
+        value(r#"socktap_events_lost_total{source="subscriber_queue"}"#),
+        st.subscriber_lost as f64
+    );
+    assert_eq!(value("socktap_events_delivered_total"), st.events_delivered as f64);
+    assert_eq!(value("socktap_subscribers"), 1.0);
+    assert_eq!(value("socktap_history_events"), st.history_len as f64);
+    assert_eq!(value("socktap_queued_bytes"), st.queued_bytes as f64);
+    assert!(
+        body.contains(&format!(r#"socktap_info{{version="{}","#, st.version)),
+        "{body}"
+    );
+    // A synthetic source has no return probes; kprobe mode's are in the
+    // daemon's kernel test.
+    assert!(!body.contains("socktap_return_probe"), "{body}");
+    assert_eq!(http_get(addr, "/other").await.0, 404);
+    stop.send(()).unwrap();
+    tokio::time::timeout(Duration::from_secs(5), server)
+        .await
+        .expect("the metrics server stops")
+        .unwrap()
+        .unwrap();
+    d.stop().await;
+}

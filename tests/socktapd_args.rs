@@ -52,6 +52,7 @@ fn bad_flags_exit_2_with_one_line_naming_the_flag() {
         (&["--reader-nice", "-21"], "--reader-nice"),
         (&["--reader-nice", "20"], "--reader-nice"),
         (&["--kretprobe-maxactive", "4097"], "--kretprobe-maxactive"),
+        (&["--metrics-listen", "nowhere"], "--metrics-listen"),
         (&["--user", "no-such-user-socktap"], "--user"),
         (&["--socket-group", "no-such-group-socktap"], "--socket-group"),
         (&["--auth-token-file", "/nonexistent/token"], "--auth-token-file"),
