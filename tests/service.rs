@@ -80,20 +80,8 @@ async fn read_events(
 async fn two_subscribers_get_their_own_events_field_by_field() {
     let (hub, tx) = synthetic(HubConfig::default());
     let d = TestDaemon::start(hub.clone()).await;
-    let mut a = d
-        .client()
-        .await
-        .watch_events(by_cookie(&[1]))
-        .await
-        .unwrap()
-        .into_inner();
-    let mut b = d
-        .client()
-        .await
-        .watch_events(by_cookie(&[2, 3]))
-        .await
-        .unwrap()
-        .into_inner();
+    let mut a = d.watch(by_cookie(&[1])).await;
+    let mut b = d.watch(by_cookie(&[2, 3])).await;
     wait_subscribers(&hub, 2).await;
 
     let events: Vec<Event> = (0..30).map(|i| event(i, 1 + i % 3, 77)).collect();
@@ -142,20 +130,8 @@ async fn a_stalled_subscriber_costs_a_fast_one_nothing_and_its_losses_add_up() {
         ..Default::default()
     });
     let d = TestDaemon::start(hub.clone()).await;
-    let mut fast = d
-        .client()
-        .await
-        .watch_events(pb::WatchEventsRequest::default())
-        .await
-        .unwrap()
-        .into_inner();
-    let mut slow = d
-        .client()
-        .await
-        .watch_events(pb::WatchEventsRequest::default())
-        .await
-        .unwrap()
-        .into_inner();
+    let mut fast = d.watch(pb::WatchEventsRequest::default()).await;
+    let mut slow = d.watch(pb::WatchEventsRequest::default()).await;
     wait_subscribers(&hub, 2).await;
 
     // Lockstep with the fast reader: each batch is fed once the fast one has
@@ -181,13 +157,7 @@ async fn a_stalled_subscriber_costs_a_fast_one_nothing_and_its_losses_add_up() {
     }
 
     // The slow one's queue holds what it has not read, in the status too.
-    let st = d
-        .client()
-        .await
-        .get_status(pb::GetStatusRequest {})
-        .await
-        .unwrap()
-        .into_inner();
+    let st = d.status().await;
     let per_sub: u64 = st.subscribers.iter().map(|s| s.queued_bytes).sum();
     assert!(st.queued_bytes > 0, "the stalled subscriber's queue is not empty");
     assert_eq!(st.queued_bytes, per_sub, "the daemon's total is the subscribers' sum");
@@ -210,13 +180,7 @@ async fn a_stalled_subscriber_costs_a_fast_one_nothing_and_its_losses_add_up() {
     }
     assert!(lost_count > 0 && notices > 0, "the stalled subscriber lost events");
     assert_eq!(delivered + lost_count, TOTAL);
-    let status = d
-        .client()
-        .await
-        .get_status(pb::GetStatusRequest {})
-        .await
-        .unwrap()
-        .into_inner();
+    let status = d.status().await;
     let s = status
         .subscribers
         .iter()
@@ -230,13 +194,7 @@ async fn a_stalled_subscriber_costs_a_fast_one_nothing_and_its_losses_add_up() {
     assert_eq!(status.events_delivered, TOTAL + delivered);
     drop((fast, slow));
     wait_subscribers(&hub, 0).await;
-    let after = d
-        .client()
-        .await
-        .get_status(pb::GetStatusRequest {})
-        .await
-        .unwrap()
-        .into_inner();
+    let after = d.status().await;
     assert!(after.subscribers.is_empty());
     assert_eq!(
         (after.subscriber_lost, after.events_delivered),
@@ -466,20 +424,8 @@ async fn a_resume_names_its_instance_and_a_restart_is_announced() {
 async fn kernel_drops_and_skipped_calls_are_announced_to_every_subscriber() {
     let (hub, tx) = synthetic(HubConfig::default());
     let d = TestDaemon::start(hub.clone()).await;
-    let mut a = d
-        .client()
-        .await
-        .watch_events(by_cookie(&[1]))
-        .await
-        .unwrap()
-        .into_inner();
-    let mut b = d
-        .client()
-        .await
-        .watch_events(by_cookie(&[2]))
-        .await
-        .unwrap()
-        .into_inner();
+    let mut a = d.watch(by_cookie(&[1])).await;
+    let mut b = d.watch(by_cookie(&[2])).await;
     wait_subscribers(&hub, 2).await;
     tx.send(Batch {
         events: vec![],
@@ -499,13 +445,7 @@ async fn kernel_drops_and_skipped_calls_are_announced_to_every_subscriber() {
         assert_eq!((l.source, l.count), (pb::LossSource::KernelSkipped as i32, 4));
         assert_eq!((l.first_seq, l.last_seq), (0, 0), "skipped calls took no seq");
     }
-    let st = d
-        .client()
-        .await
-        .get_status(pb::GetStatusRequest {})
-        .await
-        .unwrap()
-        .into_inner();
+    let st = d.status().await;
     assert_eq!((st.kernel_drops, st.kernel_skipped), (17, 4));
     d.stop().await;
 }
@@ -735,13 +675,7 @@ async fn health_serving_then_not_serving_and_shutdown_ends_streams() {
         .into_inner();
     assert_eq!(watch.message().await.unwrap().unwrap().status, 1);
 
-    let mut stream = d
-        .client()
-        .await
-        .watch_events(pb::WatchEventsRequest::default())
-        .await
-        .unwrap()
-        .into_inner();
+    let mut stream = d.watch(pb::WatchEventsRequest::default()).await;
     wait_subscribers(&hub, 1).await;
     let stop = tokio::spawn(d.stop());
     let not_serving = tokio::time::timeout(Duration::from_secs(10), watch.message())
@@ -925,7 +859,7 @@ async fn a_large_max_batch_never_makes_a_message_a_default_client_refuses() {
         limit: N,
         ..Default::default()
     };
-    let mut s = d.client().await.watch_events(req).await.unwrap().into_inner();
+    let mut s = d.watch(req).await;
     wait_subscribers(&hub, 1).await;
     tx.send(Batch {
         events: (0..N).map(|i| event(i, 1, 1)).collect(),
@@ -970,7 +904,7 @@ async fn max_flush_delay_gathers_separate_dispatches_into_one_message() {
         limit: 30,
         ..Default::default()
     };
-    let mut s = d.client().await.watch_events(req).await.unwrap().into_inner();
+    let mut s = d.watch(req).await;
     wait_subscribers(&hub, 1).await;
     for chunk in 0..3u64 {
         let events = (chunk * 10..chunk * 10 + 10).map(|i| event(i, 1, 1)).collect();
@@ -1075,13 +1009,7 @@ async fn metrics_are_the_status_counters_in_openmetrics_text() {
     });
     let d = TestDaemon::start(hub.clone()).await;
     // A subscriber that reads nothing: its queue overflows.
-    let _stalled = d
-        .client()
-        .await
-        .watch_events(pb::WatchEventsRequest::default())
-        .await
-        .unwrap()
-        .into_inner();
+    let _stalled = d.watch(pb::WatchEventsRequest::default()).await;
     wait_subscribers(&hub, 1).await;
     tx.send(Batch {
         events: (0..1000).map(|s| event(s, 1, 7)).collect(),
@@ -1114,13 +1042,7 @@ async fn metrics_are_the_status_counters_in_openmetrics_text() {
             .find_map(|l| l.strip_prefix(series)?.strip_prefix(' ')?.parse().ok())
             .unwrap_or_else(|| panic!("no {series} in\n{body}"))
     };
-    let st = d
-        .client()
-        .await
-        .get_status(pb::GetStatusRequest {})
-        .await
-        .unwrap()
-        .into_inner();
+    let st = d.status().await;
     assert!(st.subscriber_lost > 0);
     assert_eq!(value("socktap_events_read_total"), 1000.0);
     assert_eq!(value(r#"socktap_events_lost_total{source="kernel_ring_buffer"}"#), 17.0);

@@ -315,6 +315,29 @@ impl TestDaemon {
             .expect("connect")
     }
 
+    /// Opens a WatchEvents stream, on a connection of its own.
+    pub async fn watch(
+        &self,
+        req: socktap_proto::v1::WatchEventsRequest,
+    ) -> tonic::Streaming<socktap_proto::v1::WatchEventsResponse> {
+        self.client()
+            .await
+            .watch_events(req)
+            .await
+            .expect("WatchEvents")
+            .into_inner()
+    }
+
+    /// The daemon's status.
+    pub async fn status(&self) -> socktap_proto::v1::GetStatusResponse {
+        self.client()
+            .await
+            .get_status(socktap_proto::v1::GetStatusRequest {})
+            .await
+            .expect("GetStatus")
+            .into_inner()
+    }
+
     /// Triggers shutdown and waits for the server to finish.
     pub async fn stop(mut self) {
         let _ = self.shutdown.take().unwrap().send(());
