@@ -29,12 +29,22 @@ async fn socktapd_serves_as_nobody_with_no_capability() {
         eprintln!("SKIPPED privdrop: bpf() checks capabilities per command only from Linux 6.5");
         return;
     }
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
-    let mut child = spawn_socktapd(&["--listen", &format!("127.0.0.1:{port}"), "--user", "nobody"]);
+    let free_port = || {
+        std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port()
+    };
+    let (port, metrics_port) = (free_port(), free_port());
+    let mut child = spawn_socktapd(&[
+        "--listen",
+        &format!("127.0.0.1:{port}"),
+        "--metrics-listen",
+        &format!("127.0.0.1:{metrics_port}"),
+        "--user",
+        "nobody",
+    ]);
 
     // Every thread: uid nobody, no capability at all.
     let pid = child.id();
@@ -92,6 +102,19 @@ async fn socktapd_serves_as_nobody_with_no_capability() {
         panic!("events")
     };
     assert_eq!((b.events[0].cookie, b.events[0].bytes), (cookie, 1234));
+
+    // The metrics (--metrics-listen, bound before the drop) say so too.
+    let mut http = std::net::TcpStream::connect(("127.0.0.1", metrics_port)).unwrap();
+    http.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        .unwrap();
+    let mut metrics = String::new();
+    http.read_to_string(&mut metrics).unwrap();
+    assert!(metrics.starts_with("HTTP/1.1 200"), "{metrics}");
+    let delivered: u64 = metrics
+        .lines()
+        .find_map(|l| l.strip_prefix("socktap_events_delivered_total ")?.parse().ok())
+        .unwrap_or_else(|| panic!("{metrics}"));
+    assert!(delivered >= 1, "{metrics}");
 
     // SAFETY: FFI; signals our own child.
     unsafe { libc::kill(pid as i32, libc::SIGTERM) };
