@@ -140,6 +140,14 @@ pub enum Command {
         after_help = "Examples:\n  socktap top\n  socktap top --comm postgres --rows 10\n  socktap top --interval 5s --iterations 1\n  socktap top -o json --interval 10s     a JSON object per interval, every row"
     )]
     Top(TopArgs),
+    /// Print a shell completion script (bash, zsh, fish, elvish, powershell).
+    #[command(
+        after_help = "Examples:\n  socktap completions bash > /etc/bash_completion.d/socktap\n  socktap completions zsh > \"${fpath[1]}/_socktap\"\n  socktap completions fish > ~/.config/fish/completions/socktap.fish"
+    )]
+    Completions {
+        /// The shell.
+        shell: clap_complete::Shell,
+    },
 }
 
 /// Output format.
@@ -680,12 +688,23 @@ pub async fn run(cli: Cli, out: &mut (dyn Write + Send), err: &mut (dyn Write + 
             return 1;
         }
     };
+    if let Command::Completions { shell } = &cli.command {
+        use clap::CommandFactory;
+        // Into memory first: clap_complete panics on a failed write.
+        let mut script = Vec::new();
+        clap_complete::generate(*shell, &mut Cli::command(), "socktap", &mut script);
+        return match out.write_all(&script).map_err(io_failure).and_then(|()| flush(out)) {
+            Ok(()) => 0,
+            Err(f) => f.exit_code(),
+        };
+    }
     let result = match Session::new(&cli) {
         Err(f) => Err(f),
         Ok(session) => match &cli.command {
             Command::Watch(a) => watch(&session, a, &mut interrupt, out, err).await,
             Command::Status(a) => status(&session, a, out).await,
             Command::Top(a) => top(&session, a, &mut interrupt, out, err).await,
+            Command::Completions { .. } => Ok(()),
         },
     };
     match result {

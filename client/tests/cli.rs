@@ -646,6 +646,7 @@ fn exit_codes_and_one_line_messages() {
         (vec!["watch", "--since", "yesterday-ish"], "--since"),
         (vec!["--addr", "ftp://x:1", "status"], "--addr"),
         (vec!["top", "--interval", "1ms"], "--interval"),
+        (vec!["completions", "tcsh"], "<SHELL>"),
         (vec!["watch", "--replay", "3", "--resume-after", "4"], "--replay"),
         (vec!["watch", "--limit", "0"], "--limit"),
         (vec!["--client-cert", "c.pem", "status"], "--client-key"),
@@ -672,6 +673,7 @@ fn exit_codes_and_one_line_messages() {
         vec!["watch", "--help"],
         vec!["status", "--help"],
         vec!["top", "--help"],
+        vec!["completions", "--help"],
     ] {
         let r = socktap(&cmd);
         assert_eq!(r.code, 0);
@@ -686,6 +688,45 @@ fn exit_codes_and_one_line_messages() {
     assert!(at("\nFilters:") < at("--pid") && at("--pid") < at("\nExclusions:"));
     assert!(at("\nExclusions:") < at("--exclude-pid") && at("--exclude-pid") < at("\nConnection:"));
     assert!(at("\nConnection:") < at("--token-file"));
+}
+
+/// `socktap completions SHELL` prints a script that shell loads, without
+/// reaching socktapd (or reading the token file).
+#[test]
+fn completion_scripts_complete_commands_and_flags() {
+    for shell in ["bash", "zsh", "fish", "elvish", "powershell"] {
+        let r = socktap(&["--token-file", "/nonexistent", "completions", shell]);
+        assert_eq!((r.code, r.stderr.as_str()), (0, ""), "{shell}");
+        for word in ["watch", "top", "remote-port", "exclude-comm"] {
+            assert!(r.stdout.contains(word), "{shell}: {word}");
+        }
+    }
+    // bash loads it: `socktap` completes with its function, which offers
+    // the commands, and a command's flags.
+    let script = socktap(&["completions", "bash"]).stdout;
+    let complete = |words: &str| {
+        let out = Command::new("bash")
+            .args([
+                "-c",
+                &format!(
+                    "{script}\ncomplete -p socktap\nCOMP_WORDS=({words}); COMP_CWORD=$((${{#COMP_WORDS[@]}} - 1)); _socktap socktap \"${{COMP_WORDS[-1]}}\" \"${{COMP_WORDS[-2]}}\"; echo \"${{COMPREPLY[@]}}\""
+                ),
+            ])
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        String::from_utf8(out.stdout).unwrap()
+    };
+    let commands = complete("socktap ''");
+    assert!(
+        commands.starts_with("complete ") && commands.lines().next().unwrap().contains(" -F _socktap socktap"),
+        "{commands}"
+    );
+    for c in ["watch", "status", "top", "completions"] {
+        assert!(commands.split_whitespace().any(|w| w == c), "{c}: {commands}");
+    }
+    let flags = complete("socktap watch --remote-p");
+    assert_eq!(flags.lines().last(), Some("--remote-port"), "{flags}");
 }
 
 #[test]
