@@ -18,7 +18,7 @@ use tracing::{error, info};
 #[derive(Parser, Debug)]
 #[command(
     version,
-    after_help = "Examples:\n  socktapd\n  socktapd --listen unix:/run/socktap.sock\n  socktapd --mode tracepoint --ring-buffer-bytes 33554432\n  RUST_LOG=debug,libbpf=debug socktapd"
+    after_help = "Examples:\n  socktapd\n  socktapd --listen unix:/run/socktap.sock\n  socktapd --metrics-listen 127.0.0.1:9464      Prometheus counters at /metrics\n  socktapd --mode tracepoint --ring-buffer-bytes 33554432\n  RUST_LOG=debug,libbpf=debug socktapd"
 )]
 struct Args {
     /// Attach mode: auto (fentry, then kprobe, then tracepoint), fentry, kprobe or tracepoint.
