@@ -37,7 +37,11 @@ pub async fn serve(
 }
 
 async fn scrape(hub: Hub) -> impl IntoResponse {
-    match encode(&hub) {
+    // Off the runtime's worker, as GetStatus is (service.rs).
+    let encoded = tokio::task::spawn_blocking(move || encode(&hub).map_err(|e| e.to_string()))
+        .await
+        .unwrap_or_else(|e| Err(e.to_string()));
+    match encoded {
         Ok(text) => (StatusCode::OK, [(header::CONTENT_TYPE, CONTENT_TYPE)], text),
         Err(e) => (
             StatusCode::INTERNAL_SERVER_ERROR,

@@ -124,7 +124,13 @@ impl Socktap for SocktapService {
     }
 
     async fn get_status(&self, _: Request<pb::GetStatusRequest>) -> Result<Response<pb::GetStatusResponse>, Status> {
-        Ok(Response::new(status(&self.hub)))
+        // Off the runtime's worker, which may be reading the ring: the
+        // programs' statistics take a bpf() call per BPF program on the host.
+        let hub = self.hub.clone();
+        tokio::task::spawn_blocking(move || status(&hub))
+            .await
+            .map(Response::new)
+            .map_err(|e| Status::internal(format!("status: {e}")))
     }
 
     async fn get_cgroup_paths(
