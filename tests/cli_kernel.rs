@@ -27,7 +27,7 @@ async fn watch_json_reports_a_sockets_exact_bytes() {
 
     let (mut c, mut s) = tcp_pair(true);
     let cookie = so_cookie(&c);
-    let watch = InProcessCli::watch_json(&d, &["--cookie", &cookie.to_string(), "--limit", "3"]).await;
+    let mut watch = InProcessCli::watch_json(&d, &["--cookie", &cookie.to_string(), "--limit", "3"]).await;
     std::thread::spawn(move || {
         for n in [5usize, 5000, 50_000] {
             c.write_all(&vec![9u8; n]).unwrap();
@@ -37,28 +37,63 @@ async fn watch_json_reports_a_sockets_exact_bytes() {
     .join()
     .unwrap();
 
-    let code = tokio::time::timeout(Duration::from_secs(10), watch.run)
-        .await
-        .expect("3 events")
-        .unwrap();
+    // On a kernel that preempts the programs (7.3 in the kernel matrix) a
+    // send can be a call the kernel skipped them on: then it never comes,
+    // and the skip is announced (on stderr, where JSON mode puts loss
+    // notices). Without one, everything is exact.
+    let code = tokio::time::timeout(Duration::from_secs(10), &mut watch.run).await;
+    if code.is_err() {
+        watch.run.abort();
+    }
     let (out, err) = (watch.out.text(), watch.err.text());
-    assert_eq!(code, 0, "{err}");
     let events: Vec<api::Event> = out
         .lines()
         .map(|l| serde_json::from_str(l).expect("proto3 JSON"))
         .collect();
-    assert_eq!(events.len(), 3);
     assert!(
         events
             .iter()
             .all(|e| e.cookie == cookie && e.kind() == api::EventKind::Send),
         "{out}"
     );
-    assert_eq!((events[0].bytes, events[1].bytes), (5, 5000));
-    // A 50 KB write may take more than one send call if the socket buffer fills.
-    assert!(events[2].bytes > 0 && events[2].bytes <= 50_000);
-    assert_eq!(events[0].local_addr, "::1");
-    assert_eq!(events[0].pid, std::process::id());
+    let bytes: Vec<u32> = events.iter().map(|e| e.bytes).collect();
+    let skipped: u64 = err
+        .lines()
+        .filter(|l| l.contains("LOSS_SOURCE_KERNEL_SKIPPED"))
+        .filter_map(|l| serde_json::from_str::<api::LostEvents>(l).ok())
+        .map(|l| l.count)
+        .sum();
+    if skipped == 0 {
+        let code = code.expect("3 events within 10 s (no call was skipped)");
+        assert_eq!(code.unwrap(), 0, "{err}");
+        assert_eq!(events.len(), 3);
+        assert_eq!((bytes[0], bytes[1]), (5, 5000));
+        // A 50 KB write may take more than one send call if the socket
+        // buffer fills.
+        assert!(bytes[2] > 0 && bytes[2] <= 50_000);
+    } else {
+        // What came is in order: the 5, the 5000, then sends of the 50 KB
+        // write, each of them possibly skipped.
+        let mut rest = &bytes[..];
+        for first in [5, 5000] {
+            if rest.first() == Some(&first) {
+                rest = &rest[1..];
+            }
+        }
+        assert!(
+            rest.iter().all(|&n| n > 0) && rest.iter().sum::<u32>() <= 50_000,
+            "sends of 5, 5000, then up to 50,000 bytes, in order: {bytes:?}"
+        );
+        let missing = 3 - events.len() as u64;
+        assert!(
+            code.is_ok() || (missing > 0 && skipped >= missing),
+            "no 3 events in 10 s: {missing} missing, {skipped} calls announced as skipped\n{out}{err}"
+        );
+        eprintln!("{skipped} calls the kernel skipped the programs on; sends seen: {bytes:?}");
+    }
+    for e in &events {
+        assert_eq!((e.local_addr.as_str(), e.pid), ("::1", std::process::id()));
+    }
     d.stop().await;
 }
 
