@@ -111,4 +111,9 @@ struct inet_sock {
 	__be16 inet_sport;
 } __attribute__((preserve_access_index));
 
+/* The socket file's side of a socket: splice() reaches TCP through it. */
+struct socket {
+	struct sock *sk;
+} __attribute__((preserve_access_index));
+
 #endif /* SOCKTAP_KERNEL_H */

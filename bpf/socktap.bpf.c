@@ -373,6 +373,27 @@ int BPF_PROG(st_fexit_recv, struct sock *sk)
 	return 0;
 }
 
+/*
+ * splice() from a TCP socket (tcp_splice_read) reads without tcp_recvmsg():
+ * a receive too, of the bytes it moved into the pipe.
+ */
+SEC("fexit/tcp_splice_read")
+int BPF_PROG(st_fexit_splice, struct socket *sock)
+{
+	__u64 id = bpf_get_current_pid_tgid(), ret = 0;
+	struct socktap_control *cfg = gate(id >> 32);
+	struct sock *sk;
+
+	if (!cfg)
+		return 0;
+	sk = sock->sk;
+	if (!sk)
+		return 0;
+	bpf_get_func_ret(ctx, &ret);
+	emit(cfg, id, sk, true, (int)ret, SOCKTAP_KIND_RECV, SOCKTAP_MODE_FENTRY, bpf_get_socket_cookie(sk));
+	return 0;
+}
+
 /* ---- kprobe mode ---- */
 
 static __always_inline int remember(struct sock *sk, int flags)
@@ -442,6 +463,18 @@ SEC("kretprobe/tcp_recvmsg")
 int BPF_KRETPROBE(st_kret_recv, int ret)
 {
 	return finish(ret, SOCKTAP_KIND_RECV);
+}
+
+SEC("kprobe/tcp_splice_read")
+int BPF_KPROBE(st_kp_splice, struct socket *sock)
+{
+	return remember(BPF_CORE_READ(sock, sk), 0);
+}
+
+SEC("kretprobe/tcp_splice_read")
+int BPF_KRETPROBE(st_kret_splice, long ret)
+{
+	return finish((int)ret, SOCKTAP_KIND_RECV);
 }
 
 /* ---- tracepoint mode ---- */

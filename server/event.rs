@@ -11,16 +11,18 @@ use crate::probe::skel::types;
 pub enum EventKind {
     /// `tcp_sendmsg` / `sock_sendmsg` on a TCP socket.
     Send,
-    /// `tcp_recvmsg` / `sock_recvmsg` on a TCP socket (MSG_PEEK excluded).
+    /// `tcp_recvmsg` / `sock_recvmsg` on a TCP socket (MSG_PEEK excluded);
+    /// in fentry and kprobe modes also `tcp_splice_read` (splice()).
     Recv,
 }
 
 /// How the BPF programs are attached to the kernel.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum AttachMode {
-    /// fexit programs (BPF trampolines) on `tcp_sendmsg` / `tcp_recvmsg`.
+    /// fexit programs (BPF trampolines) on `tcp_sendmsg` / `tcp_recvmsg` /
+    /// `tcp_splice_read`.
     Fentry,
-    /// kprobe + kretprobe on `tcp_sendmsg` / `tcp_recvmsg`.
+    /// kprobe + kretprobe on `tcp_sendmsg` / `tcp_recvmsg` / `tcp_splice_read`.
     Kprobe,
     /// BTF tracepoints `sock_send_length` / `sock_recv_length`, TCP only.
     Tracepoint,

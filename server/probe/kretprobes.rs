@@ -1,4 +1,5 @@
-//! kprobe mode's return probes, on `tcp_sendmsg` and `tcp_recvmsg`.
+//! kprobe mode's return probes, on `tcp_sendmsg`, `tcp_recvmsg` and
+//! `tcp_splice_read`.
 //!
 //! A kretprobe tracks a bounded number of calls in flight, its `maxactive`,
 //! and misses the return of any call beyond it. The kernel's default is

@@ -130,6 +130,7 @@ fn try_mode<'obj>(
         &mut [
             ("tcp_sendmsg", &mut p.st_kret_send),
             ("tcp_recvmsg", &mut p.st_kret_recv),
+            ("tcp_splice_read", &mut p.st_kret_splice),
         ],
         opts.kretprobe_maxactive,
     )
@@ -146,13 +147,17 @@ fn select_programs(open: &mut OpenSocktapSkel<'_>, mode: AttachMode) {
     let tracepoint = mode == AttachMode::Tracepoint;
     p.st_fexit_send.set_autoload(fentry);
     p.st_fexit_recv.set_autoload(fentry);
+    p.st_fexit_splice.set_autoload(fentry);
     p.st_kp_send.set_autoload(kprobe);
     p.st_kret_send.set_autoload(kprobe);
     // Attached apart, with room for more calls in flight (kretprobes.rs).
     p.st_kret_send.set_autoattach(false);
     p.st_kret_recv.set_autoattach(false);
+    p.st_kret_splice.set_autoattach(false);
     p.st_kp_recv.set_autoload(kprobe);
     p.st_kret_recv.set_autoload(kprobe);
+    p.st_kp_splice.set_autoload(kprobe);
+    p.st_kret_splice.set_autoload(kprobe);
     p.st_tp_send.set_autoload(tracepoint);
     p.st_tp_recv.set_autoload(tracepoint);
 }

@@ -486,6 +486,7 @@ impl ProbeControl {
         for link in [
             links.st_fexit_send,
             links.st_fexit_recv,
+            links.st_fexit_splice,
             links.st_tp_send,
             links.st_tp_recv,
         ]
