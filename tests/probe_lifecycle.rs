@@ -153,7 +153,13 @@ fn dropping_the_probe_leaves_no_program_or_link_behind() {
     let before = our_programs();
     let probe = start_probe(ProbeOptions::default());
     let ids: HashSet<u32> = probe.control().program_ids().iter().copied().collect();
-    let per_mode = if probe.mode() == AttachMode::Kprobe { 4 } else { 2 };
+    // send, recv and splice: an fexit each, or a kprobe and a kretprobe
+    // each; tracepoint mode has none for splice.
+    let per_mode = match probe.mode() {
+        AttachMode::Fentry => 3,
+        AttachMode::Kprobe => 6,
+        AttachMode::Tracepoint => 2,
+    };
     assert_eq!(ids.len(), per_mode, "programs of {} mode: {ids:?}", probe.mode());
     let live = our_programs();
     assert!(ids.is_subset(&live), "loaded programs are listed by the kernel");
@@ -161,7 +167,7 @@ fn dropping_the_probe_leaves_no_program_or_link_behind() {
     if probe.mode() == AttachMode::Kprobe && kprobe_events().is_some() {
         assert_eq!(
             our_kprobe_events().len(),
-            2,
+            3,
             "return probes in tracefs: {:?}",
             our_kprobe_events()
         );
