@@ -49,7 +49,7 @@ impl ModeRefusal {
             (AttachMode::Kprobe, Some(libc::ENOENT | libc::EOPNOTSUPP | libc::EINVAL)) => {
                 "kprobes are not available on this kernel (CONFIG_KPROBES) or tcp_sendmsg is not probeable"
             }
-            (AttachMode::Kprobe, _) => "kprobes need CONFIG_KPROBES and a traceable tcp_sendmsg/tcp_recvmsg",
+            (AttachMode::Kprobe, _) => "kprobes need CONFIG_KPROBES and a traceable tcp_sendmsg/tcp_recvmsg/tcp_splice_read",
             (AttachMode::Tracepoint, Some(libc::ESRCH | libc::ENOENT)) => {
                 "the kernel lacks the sock_send_length/sock_recv_length tracepoints (added in Linux 6.3)"
             }
