@@ -5,15 +5,14 @@ use std::collections::{HashMap, HashSet};
 use std::fmt::Write as _;
 use std::time::SystemTime;
 
-use serde_json::{json, Value};
-
 use socktap_proto::v1 as api;
 
 use crate::cgroups::CgroupNames;
 use crate::format::endpoint;
 
 /// Bytes and calls in each direction.
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Debug, Default, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "camelCase")]
 pub struct Traffic {
     /// Bytes sent.
     pub tx_bytes: u64,
@@ -233,67 +232,119 @@ impl Top {
     /// The interval as one JSON object (`socktap top -o json`, a line per
     /// interval): when it ended, its length, the events counted and lost,
     /// why the stream was down (if it was), and the three tables, busiest
-    /// first, each at most `rows` rows (every row without). Field names
-    /// and 64-bit ids are as in the events' proto3 JSON (`cookie` and
+    /// first, each at most `rows` rows (every row without). Keys come in
+    /// that order, a row's identity before its traffic. Field names and
+    /// 64-bit ids are as in the events' proto3 JSON (`cookie` and
     /// `cgroupId` strings); counts and bytes are numbers; a cgroup has
     /// `cgroupPath` where `names` knows it.
     pub fn json(&self, rows: Option<usize>, interval_secs: f64, ended: SystemTime, names: &CgroupNames) -> String {
         let rows = rows.unwrap_or(usize::MAX);
-        let traffic = |t: &Traffic| json!({"txBytes": t.tx_bytes, "rxBytes": t.rx_bytes, "txCalls": t.tx_calls, "rxCalls": t.rx_calls});
-        let with = |mut row: Value, t: &Traffic| {
-            if let (Some(row), Value::Object(t)) = (row.as_object_mut(), traffic(t)) {
-                row.extend(t);
-            }
-            row
+        let sockets = self.sockets();
+        let processes = self.processes();
+        let cgroups = self.cgroups();
+        let frame = json::Frame {
+            time: chrono::DateTime::<chrono::Utc>::from(ended).to_rfc3339_opts(chrono::SecondsFormat::Micros, true),
+            interval_seconds: interval_secs,
+            events: self.events,
+            lost: self.lost,
+            disconnected: self.disconnected.as_deref(),
+            sockets: sockets
+                .iter()
+                .take(rows)
+                .map(|s| json::Socket {
+                    cookie: s.cookie.to_string(),
+                    pid: s.pid,
+                    comm: &s.comm,
+                    local: &s.local,
+                    remote: &s.remote,
+                    traffic: &s.traffic,
+                })
+                .collect(),
+            processes: processes
+                .iter()
+                .take(rows)
+                .map(|p| json::Process {
+                    pid: p.pid,
+                    comm: &p.comm,
+                    sockets: p.sockets,
+                    traffic: &p.traffic,
+                })
+                .collect(),
+            cgroups: cgroups
+                .iter()
+                .take(rows)
+                .map(|c| json::Cgroup {
+                    cgroup_id: c.cgroup_id.to_string(),
+                    cgroup_path: names.name(c.cgroup_id),
+                    processes: c.processes,
+                    sockets: c.sockets,
+                    traffic: &c.traffic,
+                })
+                .collect(),
         };
-        let sockets: Vec<Value> = self
-            .sockets()
-            .into_iter()
-            .take(rows)
-            .map(|s| {
-                with(
-                    json!({"cookie": s.cookie.to_string(), "pid": s.pid, "comm": s.comm, "local": s.local, "remote": s.remote}),
-                    &s.traffic,
-                )
-            })
-            .collect();
-        let processes: Vec<Value> = self
-            .processes()
-            .into_iter()
-            .take(rows)
-            .map(|p| with(json!({"pid": p.pid, "comm": p.comm, "sockets": p.sockets}), &p.traffic))
-            .collect();
-        let cgroups: Vec<Value> = self
-            .cgroups()
-            .into_iter()
-            .take(rows)
-            .map(|c| {
-                let mut row =
-                    json!({"cgroupId": c.cgroup_id.to_string(), "processes": c.processes, "sockets": c.sockets});
-                if let (Some(path), Some(o)) = (names.name(c.cgroup_id), row.as_object_mut()) {
-                    o.insert("cgroupPath".into(), path.into());
-                }
-                with(row, &c.traffic)
-            })
-            .collect();
-        let mut frame = json!({
-            "time": chrono::DateTime::<chrono::Utc>::from(ended).to_rfc3339_opts(chrono::SecondsFormat::Micros, true),
-            "intervalSeconds": interval_secs,
-            "events": self.events,
-            "lost": self.lost,
-            "sockets": sockets,
-            "processes": processes,
-            "cgroups": cgroups,
-        });
-        if let (Some(why), Some(o)) = (&self.disconnected, frame.as_object_mut()) {
-            o.insert("disconnected".into(), why.as_str().into());
-        }
-        frame.to_string()
+        serde_json::to_string(&frame).unwrap_or_default()
+    }
+}
+
+/// `top -o json`'s shapes: structs, so that keys keep this order.
+mod json {
+    use serde::Serialize;
+
+    use super::Traffic;
+
+    #[derive(Serialize)]
+    #[serde(rename_all = "camelCase")]
+    pub(super) struct Frame<'a> {
+        pub time: String,
+        pub interval_seconds: f64,
+        pub events: u64,
+        pub lost: u64,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        pub disconnected: Option<&'a str>,
+        pub sockets: Vec<Socket<'a>>,
+        pub processes: Vec<Process<'a>>,
+        pub cgroups: Vec<Cgroup<'a>>,
+    }
+
+    #[derive(Serialize)]
+    #[serde(rename_all = "camelCase")]
+    pub(super) struct Socket<'a> {
+        pub cookie: String,
+        pub pid: u32,
+        pub comm: &'a str,
+        pub local: &'a str,
+        pub remote: &'a str,
+        #[serde(flatten)]
+        pub traffic: &'a Traffic,
+    }
+
+    #[derive(Serialize)]
+    #[serde(rename_all = "camelCase")]
+    pub(super) struct Process<'a> {
+        pub pid: u32,
+        pub comm: &'a str,
+        pub sockets: usize,
+        #[serde(flatten)]
+        pub traffic: &'a Traffic,
+    }
+
+    #[derive(Serialize)]
+    #[serde(rename_all = "camelCase")]
+    pub(super) struct Cgroup<'a> {
+        pub cgroup_id: String,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        pub cgroup_path: Option<&'a str>,
+        pub processes: usize,
+        pub sockets: usize,
+        #[serde(flatten)]
+        pub traffic: &'a Traffic,
     }
 }
 
 #[cfg(test)]
 mod tests {
+    use serde_json::{json, Value};
+
     use super::*;
 
     fn ev(cookie: u64, pid: u32, kind: api::EventKind, bytes: u32) -> api::Event {
@@ -345,7 +396,18 @@ mod tests {
                 paths: [(1, "/system.slice/app.service".to_owned())].into(),
             },
         );
-        let frame: Value = serde_json::from_str(&t.json(None, 1.5, SystemTime::UNIX_EPOCH, &names)).unwrap();
+        let line = t.json(None, 1.5, SystemTime::UNIX_EPOCH, &names);
+        // Keys in a reader's order: the interval first, then the tables;
+        // a row's identity, then its traffic.
+        assert!(
+            line.starts_with(r#"{"time":"1970-01-01T00:00:00.000000Z","intervalSeconds":1.5,"events":6,"lost":4,"sockets":[{"cookie":"2","pid":10,"comm":"p10","local":"#),
+            "{line}"
+        );
+        assert!(
+            line.contains(r#"{"cgroupId":"1","cgroupPath":"/system.slice/app.service","processes":2,"sockets":2,"txBytes":8,"rxBytes":0,"txCalls":2,"rxCalls":0}"#),
+            "{line}"
+        );
+        let frame: Value = serde_json::from_str(&line).unwrap();
         assert_eq!(frame["time"], "1970-01-01T00:00:00.000000Z");
         assert_eq!(
             (&frame["intervalSeconds"], &frame["events"], &frame["lost"]),
