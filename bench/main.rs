@@ -80,6 +80,15 @@ struct Args {
     /// unix socket, which skips the loopback TCP stack on both ends).
     #[arg(long, value_enum, default_value = "tcp")]
     transport: daemon::Transport,
+    /// Nice value of the benchmark's subscribers (-20..=19): they then run
+    /// on a runtime of their own (2 threads) at that priority, apart from
+    /// the workload. A consumer at the workload's priority gets its fair
+    /// share of the CPUs among W2's 16 busy threads and no more; this
+    /// shows how much of the latency and the queue losses is the
+    /// consumer's. Default: the workload's priority, on the benchmark's
+    /// runtime.
+    #[arg(long, allow_negative_numbers = true, value_parser = clap::value_parser!(i32).range(-20..=19))]
+    subscriber_nice: Option<i32>,
     /// The socktapd binary (default: next to this one).
     #[arg(long)]
     socktapd: Option<PathBuf>,
@@ -157,7 +166,15 @@ fn cookie_sets(config: Config, cookies: &[u64]) -> Vec<Vec<u64>> {
     }
 }
 
-async fn measure(args: &Args, socktapd: &Path, w: Workload, c: Config, round: u32, rate: Option<f64>) -> Run {
+async fn measure(
+    args: &Args,
+    socktapd: &Path,
+    subscriber_rt: &tokio::runtime::Handle,
+    w: Workload,
+    c: Config,
+    round: u32,
+    rate: Option<f64>,
+) -> Run {
     let dur = Duration::from_secs_f64(args.seconds);
     let mut run = Run {
         workload: format!("{w:?}"),
@@ -197,7 +214,7 @@ async fn measure(args: &Args, socktapd: &Path, w: Workload, c: Config, round: u3
             let p = prepare(w).expect("loopback connections");
             let sets = cookie_sets(c, &p.cookies);
             let n = sets.len();
-            let subs = Subscribers::start(&d.addr, sets, args.subscriber_decode);
+            let subs = Subscribers::start(&d.addr, sets, args.subscriber_decode, subscriber_rt);
             if let Err(e) = d.wait_subscribers(n).await {
                 run.note = Some(e);
             }
@@ -418,10 +435,33 @@ fn main() -> ExitCode {
         .enable_all()
         .build()
         .expect("runtime");
-    rt.block_on(async_main(args, socktapd))
+    // With --subscriber-nice, the subscribers' own runtime, each of its
+    // threads at that nice value.
+    let subscriber_rt = args.subscriber_nice.map(|nice| {
+        tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .thread_name("bench-subscriber")
+            .on_thread_start(move || {
+                // SAFETY: plain system call on the calling thread (who 0);
+                // no memory passed.
+                if unsafe { libc::setpriority(libc::PRIO_PROCESS, 0, nice) } != 0 {
+                    eprintln!(
+                        "socktap-bench: a subscriber thread stays at its nice value: setting {nice} failed ({})",
+                        std::io::Error::last_os_error()
+                    );
+                }
+            })
+            .enable_all()
+            .build()
+            .expect("subscriber runtime")
+    });
+    let handle = subscriber_rt
+        .as_ref()
+        .map_or_else(|| rt.handle().clone(), |r| r.handle().clone());
+    rt.block_on(async_main(args, socktapd, handle))
 }
 
-async fn async_main(args: Args, socktapd: PathBuf) -> ExitCode {
+async fn async_main(args: Args, socktapd: PathBuf, subscriber_rt: tokio::runtime::Handle) -> ExitCode {
     let kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease")
         .unwrap_or_default()
         .trim()
@@ -435,7 +475,7 @@ async fn async_main(args: Args, socktapd: PathBuf) -> ExitCode {
     for round in 0..args.rounds {
         for &w in &args.workloads {
             for &c in &args.configs {
-                let r = measure(&args, &socktapd, w, c, round, None).await;
+                let r = measure(&args, &socktapd, &subscriber_rt, w, c, round, None).await;
                 eprintln!(
                     "  round {round} {w:?} {c:?}: {:.0} ops/s {}",
                     r.ops_per_sec,
@@ -458,6 +498,7 @@ async fn async_main(args: Args, socktapd: PathBuf) -> ExitCode {
             measure(
                 &low,
                 &socktapd,
+                &subscriber_rt,
                 Workload::W1,
                 Config::Sub1,
                 0,
@@ -660,14 +701,19 @@ fn report(args: &Args, table_seconds: f64, runs: &[Run], zero_loss: Option<&Run>
         .find(|r| !r.attach_mode.is_empty() && !r.attach_mode.starts_with("bpftrace"))
         .map(|r| r.attach_mode.clone());
     let nproc = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0);
+    let priority = args
+        .subscriber_nice
+        .map(|n| format!(" at nice {n}, on a runtime of their own"))
+        .unwrap_or_default();
     println!(
-        "socktapd attach mode {}, subscribers over {:?}, kernel {kernel}, {cpu}, {nproc} CPUs",
+        "socktapd attach mode {}, subscribers over {:?}{priority}, kernel {kernel}, {cpu}, {nproc} CPUs",
         mode.as_deref().unwrap_or("- (socktapd did not run)"),
         args.transport
     );
     let doc = json!({
         "kernel": kernel, "cpu_model": cpu, "attach_mode": mode,
         "nproc": nproc, "transport": format!("{:?}", args.transport).to_lowercase(),
+        "subscriber_nice": args.subscriber_nice,
         "seconds_per_run": table_seconds, "paced_seconds": zero_loss.map(|_| args.seconds), "rounds": args.rounds, "quick": args.quick,
         "summary": summary,
         "targets": verdicts.iter().map(targets::Verdict::json).collect::<Vec<_>>(),
@@ -697,7 +743,21 @@ fn report(args: &Args, table_seconds: f64, runs: &[Run], zero_loss: Option<&Run>
 
 #[cfg(test)]
 mod tests {
-    use super::{median, percentiles, spread, subscribers::latency_histogram};
+    use clap::Parser;
+
+    use super::{median, percentiles, spread, subscribers::latency_histogram, Args};
+
+    #[test]
+    fn subscriber_nice_takes_a_nice_value_and_nothing_else() {
+        let parse =
+            |v: &str| Args::try_parse_from(["socktap-bench", "--subscriber-nice", v]).map(|a| a.subscriber_nice);
+        assert_eq!(parse("-5").unwrap(), Some(-5));
+        assert_eq!(parse("19").unwrap(), Some(19));
+        assert!(parse("20").is_err());
+        assert!(parse("-21").is_err());
+        let default = Args::try_parse_from(["socktap-bench"]).unwrap();
+        assert_eq!(default.subscriber_nice, None, "the workload's priority unless asked");
+    }
 
     #[test]
     fn percentiles_are_those_of_every_latency_recorded_to_three_digits() {

@@ -110,15 +110,20 @@ pub struct Subscribers {
 }
 
 impl Subscribers {
-    /// Subscribes once per cookie list.
-    pub fn start(addr: &DaemonAddr, filters: Vec<Vec<u64>>, decode: Decode) -> Subscribers {
+    /// Subscribes once per cookie list, each subscriber a task on `rt`.
+    pub fn start(
+        addr: &DaemonAddr,
+        filters: Vec<Vec<u64>>,
+        decode: Decode,
+        rt: &tokio::runtime::Handle,
+    ) -> Subscribers {
         let stop = Arc::new(AtomicBool::new(false));
         let tasks = filters
             .into_iter()
             .map(|cookies| {
                 let addr = addr.clone();
                 let stop = stop.clone();
-                tokio::spawn(async move {
+                rt.spawn(async move {
                     match decode {
                         Decode::Scan => run::<ScanCodec>(addr, cookies, stop).await,
                         Decode::Lean => run::<ProstCodec<WatchEventsRequest, LeanResponse>>(addr, cookies, stop).await,
