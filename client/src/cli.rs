@@ -986,7 +986,7 @@ async fn top(
     let mut wait = FIRST_RECONNECT_WAIT;
     // Why the stream is down, shown in every frame until it is back.
     let mut down: Option<String> = None;
-    let mut ticker = tokio::time::interval_at(Instant::now() + a.interval, a.interval);
+    let mut ticker = frame_ticker(a.interval);
     let mut frame = Top::default();
     let mut frames = 0u64;
     let mut last = Instant::now();
@@ -1093,5 +1093,43 @@ async fn next_message(
     match stream {
         Some(s) => s.message().await,
         None => std::future::pending().await,
+    }
+}
+
+/// `top`'s refresh: a tick every `period`, the first one period from now.
+/// A tick that comes late (the loop was busy connecting, say) moves the
+/// next ones back rather than firing them at once to catch up, so no frame
+/// covers much less than the period asked for.
+fn frame_ticker(period: Duration) -> tokio::time::Interval {
+    let mut ticker = tokio::time::interval_at(Instant::now() + period, period);
+    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    ticker
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// CI's run had a frame of 0.175 s with `--interval 300ms`: the first
+    /// tick came late and the second caught up on the original schedule.
+    #[tokio::test(start_paused = true)]
+    async fn a_late_tick_does_not_make_the_next_frame_short() {
+        let period = Duration::from_millis(300);
+        let mut ticker = frame_ticker(period);
+        // Busy past the first tick's time, then take it late.
+        tokio::time::sleep(Duration::from_millis(425)).await;
+        let late = ticker.tick().await;
+        assert_eq!(
+            Instant::now() - late,
+            Duration::from_millis(125),
+            "the tick was due at 300 ms"
+        );
+        let taken = Instant::now();
+        ticker.tick().await;
+        assert!(
+            Instant::now() - taken >= period,
+            "the next frame covered {:?}",
+            Instant::now() - taken
+        );
     }
 }
