@@ -885,7 +885,12 @@ fn on_the_runtime_a_batched_reader_drains_on_its_timer() {
         assert!(Instant::now() < deadline, "the reading moves to the runtime");
         std::thread::sleep(Duration::from_millis(5));
     }
-    let load = std::thread::spawn(|| ping_pong_for(Duration::from_millis(500)));
+    // 100k calls/s: five times the batching threshold, and a stall of the
+    // runtime's worker must last ~40 ms before a pass finds a whole batch
+    // of 4096 records waiting (the rightful move to a thread). Unpaced,
+    // a ping-pong makes 320–440k calls/s on an Intel guest, where a 10 ms
+    // stall (the host taking the vCPU) moved the reading in 2 runs of 8.
+    let load = std::thread::spawn(|| paced_ping_pong_for(Duration::from_millis(500), 100));
     let (mut batched_from, mut left_runtime) = (None, false);
     while !load.is_finished() {
         if batched_from.is_none() && control.wakeup_interval() == WAKEUPS_OFF {

@@ -170,6 +170,29 @@ pub fn ping_pong_on(mut c: TcpStream, mut s: TcpStream, d: Duration) -> u64 {
     calls
 }
 
+/// Ping-pongs one byte on a new pair for `d`, `calls_per_ms` calls at the
+/// start of each millisecond (fewer if a millisecond cannot hold them);
+/// returns the calls made. A steady rate well above the batching threshold
+/// and well below what the machine can do.
+pub fn paced_ping_pong_for(d: Duration, calls_per_ms: u64) -> u64 {
+    use std::io::{Read, Write};
+    let (mut c, mut s) = tcp_pair(false);
+    let start = Instant::now();
+    let mut b = [0u8; 1];
+    let mut calls = 0u64;
+    let mut tick = start;
+    while tick < start + d {
+        for _ in 0..calls_per_ms / 2 {
+            c.write_all(&b).unwrap();
+            s.read_exact(&mut b).unwrap();
+            calls += 2;
+        }
+        tick += Duration::from_millis(1);
+        std::thread::sleep(tick.saturating_duration_since(Instant::now()));
+    }
+    calls
+}
+
 /// Whether the tests run in the kernel matrix's TCG VMs (`tests/vm/init`
 /// sets `SOCKTAP_TEST_EMULATED`), where both vCPUs share one host thread
 /// and a reader can stall for hundreds of ms behind a writer.
