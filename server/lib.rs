@@ -21,6 +21,7 @@ pub mod daemon;
 pub mod event;
 pub mod hub;
 pub mod metrics;
+pub mod priority;
 pub mod privileges;
 pub mod probe;
 pub mod service;

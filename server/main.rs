@@ -34,6 +34,15 @@ struct Args {
     /// RLIMIT_NICE (systemd: LimitNICE=); without, socktapd warns once.
     #[arg(long, help_heading = "Kernel", env = "SOCKTAPD_READER_NICE", default_value_t = -5, allow_negative_numbers = true, value_parser = clap::value_parser!(i32).range(-20..=19))]
     reader_nice: i32,
+    /// Real-time priority (SCHED_FIFO, 1..=99) for the threads that carry
+    /// events: the runtime's workers (which read the ring at low rates and
+    /// write every stream) and the thread that reads it at high rates, in
+    /// place of --reader-nice. Lower latency for more CPU (README); a
+    /// real-time thread that misbehaves takes a CPU from everything else.
+    /// Needs CAP_SYS_NICE or RLIMIT_RTPRIO (systemd: LimitRTPRIO=). Off by
+    /// default.
+    #[arg(long, help_heading = "Kernel", env = "SOCKTAPD_REALTIME_PRIORITY", value_parser = clap::value_parser!(u8).range(1..=99))]
+    realtime_priority: Option<u8>,
     /// kprobe mode: calls in flight each return probe tracks (0..=4096).
     /// The returns of calls beyond it are missed (counted as skipped
     /// calls): a server with many threads blocked in recv needs many.
@@ -262,6 +271,7 @@ impl Prepared {
             ignore_pid: (!args.trace_self).then(std::process::id),
             bpf_stats: args.bpf_stats,
             reader_nice: args.reader_nice,
+            realtime_priority: args.realtime_priority,
             kretprobe_maxactive: args.kretprobe_maxactive,
             ..Default::default()
         };
@@ -273,6 +283,7 @@ impl Prepared {
                     "wakeup_interval" => "wakeup-interval-us",
                     "batch_interval" => "batch-interval-us",
                     "kretprobe_maxactive" => "kretprobe-maxactive",
+                    "realtime_priority" => "realtime-priority",
                     other => anyhow::bail!("invalid probe option {other}: {reason}"),
                 };
                 anyhow::bail!("--{flag}: {reason}");
@@ -303,11 +314,21 @@ impl Prepared {
 }
 
 fn run(args: Args, prepared: Prepared) -> anyhow::Result<()> {
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(args.worker_threads.into())
-        .enable_all()
-        .build()
-        .context("starting the async runtime")?;
+    let mut runtime = tokio::runtime::Builder::new_multi_thread();
+    runtime.worker_threads(args.worker_threads.into()).enable_all();
+    if let Some(p) = args.realtime_priority {
+        // Asked for by name: refused, it is an error at the start, not a
+        // warning later.
+        socktap::priority::check_realtime(p).with_context(|| {
+            format!("--realtime-priority {p}: SCHED_FIFO refused; it needs CAP_SYS_NICE or RLIMIT_RTPRIO (systemd: LimitRTPRIO={p})")
+        })?;
+        runtime.on_thread_park(socktap::priority::realtime_workers(p));
+        info!(
+            priority = p,
+            "runtime workers and the ring buffer reader at real-time priority (SCHED_FIFO)"
+        );
+    }
+    let runtime = runtime.build().context("starting the async runtime")?;
     runtime.block_on(async_main(args, prepared))
 }
 
@@ -358,7 +379,7 @@ async fn async_main(args: Args, prepared: Prepared) -> anyhow::Result<()> {
         move |batch| hub.dispatch(batch)
     });
     if let Some(account) = &prepared.user {
-        account.switch_to(args.reader_nice)?;
+        account.switch_to(args.reader_nice, args.realtime_priority)?;
         info!(user = %account.name(), "dropped root and every capability");
     }
     let (stop_metrics, metrics_stopped) = tokio::sync::oneshot::channel::<()>();

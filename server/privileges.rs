@@ -68,8 +68,10 @@ impl Account {
     /// capabilities. First, while still root, RLIMIT_NICE is set so that
     /// the ring buffer reader may still lower its nice value to
     /// `reader_nice` (`--reader-nice`) without CAP_SYS_NICE; that needs
-    /// CAP_SYS_RESOURCE, and without it socktapd warns and goes on.
-    pub fn switch_to(&self, reader_nice: i32) -> Result<(), DropError> {
+    /// CAP_SYS_RESOURCE, and without it socktapd warns and goes on. So is
+    /// RLIMIT_RTPRIO, for a reading thread to take `SCHED_FIFO` priority
+    /// `realtime` (`--realtime-priority`) after the drop.
+    pub fn switch_to(&self, reader_nice: i32, realtime: Option<u8>) -> Result<(), DropError> {
         let call = |what, errno| DropError::Call {
             user: self.user.name.clone(),
             what,
@@ -84,6 +86,15 @@ impl Account {
                 // default priority (and says so when it tries).
                 tracing::warn!(
                     "--user {}: cannot let the ring buffer reader keep nice {reader_nice} (setrlimit(RLIMIT_NICE): {e})",
+                    self.user.name
+                );
+            }
+        }
+        if let Some(p) = realtime {
+            let limit = libc::rlim_t::from(p);
+            if let Err(e) = setrlimit(Resource::RLIMIT_RTPRIO, limit, limit) {
+                tracing::warn!(
+                    "--user {}: a thread that reads the ring buffer after the drop cannot take real-time priority {p} (setrlimit(RLIMIT_RTPRIO): {e})",
                     self.user.name
                 );
             }

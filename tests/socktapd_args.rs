@@ -51,6 +51,8 @@ fn bad_flags_exit_2_with_one_line_naming_the_flag() {
         (&["--queue-events", "0"], "--queue-events"),
         (&["--reader-nice", "-21"], "--reader-nice"),
         (&["--reader-nice", "20"], "--reader-nice"),
+        (&["--realtime-priority", "0"], "--realtime-priority"),
+        (&["--realtime-priority", "100"], "--realtime-priority"),
         (&["--kretprobe-maxactive", "4097"], "--kretprobe-maxactive"),
         (&["--metrics-listen", "nowhere"], "--metrics-listen"),
         (&["--user", "no-such-user-socktap"], "--user"),

@@ -14,7 +14,6 @@ mod error;
 mod kretprobes;
 mod loader;
 mod prefilter;
-mod priority;
 mod reader;
 mod ring;
 pub mod skel;
@@ -125,6 +124,11 @@ pub struct ProbeOptions {
     /// once and reads at its own priority. A value at or above the
     /// thread's own changes nothing.
     pub reader_nice: i32,
+    /// `SCHED_FIFO` priority (1..=99) of a thread while it reads the ring,
+    /// in place of `reader_nice`; `None` (the default): not real-time.
+    /// Needs CAP_SYS_NICE or RLIMIT_RTPRIO; without them the reader warns
+    /// once and reads at `reader_nice`. See [`crate::priority`].
+    pub realtime_priority: Option<u8>,
     /// kprobe mode: how many calls in flight each return probe tracks
     /// (0..=4096, the default 4096; the returns of calls beyond it are
     /// missed, and counted as skipped calls). Raising it past the kernel's
@@ -146,6 +150,7 @@ impl Default for ProbeOptions {
             ignore_pid: None,
             bpf_stats: false,
             reader_nice: -5,
+            realtime_priority: None,
             kretprobe_maxactive: kretprobes::MAXACTIVE,
         }
     }
@@ -195,6 +200,14 @@ impl ProbeOptions {
                 option: "reader_nice",
                 reason: format!("{} is not a nice value (-20..=19)", self.reader_nice),
             });
+        }
+        if let Some(p) = self.realtime_priority {
+            if !(1..=crate::priority::MAX_REALTIME_PRIORITY).contains(&p) {
+                return Err(ProbeError::InvalidOption {
+                    option: "realtime_priority",
+                    reason: format!("{p} is not a SCHED_FIFO priority (1..=99)"),
+                });
+            }
         }
         if self.batch_interval < self.wakeup_interval {
             return Err(ProbeError::InvalidOption {

@@ -17,7 +17,6 @@ use tokio::sync::mpsc::error::TrySendError;
 use tracing::{debug, error, warn};
 
 use super::drops::MappedDrops;
-use super::priority::RaisedPriority;
 use super::ring::MappedRing;
 use super::skel::SocktapSkel;
 use super::{
@@ -25,6 +24,7 @@ use super::{
     UNBATCH_BELOW_RATE, WAKEUPS_OFF,
 };
 use crate::event::Event;
+use crate::priority::RaisedPriority;
 
 /// How long the reader sleeps between polls when nothing can arrive
 /// unannounced: the gate is closed, or the kernel wakes the reader for the
@@ -61,6 +61,8 @@ pub(crate) struct Reader {
     broken: bool,
     /// The nice value of a thread while it reads ([`ProbeOptions::reader_nice`]).
     nice: i32,
+    /// Its `SCHED_FIFO` priority instead, if any ([`ProbeOptions::realtime_priority`]).
+    realtime: Option<u8>,
     /// [`ProbeControl::skipped_calls`] when last read, and when.
     skipped_seen: u64,
     skipped_read_at: Instant,
@@ -87,6 +89,7 @@ impl Reader {
             full_batch: false,
             broken: false,
             nice: opts.reader_nice,
+            realtime: opts.realtime_priority,
             skipped_seen: control.skipped_calls(),
             skipped_read_at: Instant::now(),
             skipped_stale: false,
@@ -211,7 +214,7 @@ impl Reader {
 /// ([`read_on_runtime`]) and this returns at once. The caller keeps the
 /// skeleton until the stop.
 pub(crate) fn run(mut reader: Reader, consumer: &Mutex<Consumer>) {
-    let _raised = RaisedPriority::raise(reader.nice);
+    let _raised = RaisedPriority::raise(reader.nice, reader.realtime);
     let mut consumer_gone = false;
     while !reader.stopped() {
         if let Some(timeout) = reader.wait() {
@@ -421,7 +424,7 @@ impl DrainTimer {
 fn read_on_thread(mut reader: Reader, mut sink: Sink, done: impl Fn(&Reader) -> bool) -> (Reader, Sink) {
     // A blocking thread of the runtime's pool: its priority goes back
     // with it (the guard drops before it returns).
-    let _raised = RaisedPriority::raise(reader.nice);
+    let _raised = RaisedPriority::raise(reader.nice, reader.realtime);
     while !reader.stopped() && !done(&reader) {
         if let Some(timeout) = reader.wait() {
             reader.ring.wait_readable(timeout);
