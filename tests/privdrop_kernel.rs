@@ -6,10 +6,9 @@
 mod common;
 
 use std::io::{Read, Write};
-use std::time::Duration;
 
 use common::*;
-use socktap_client::{api, connect, DaemonAddr};
+use socktap_client::DaemonAddr;
 
 fn status_field(path: &std::path::Path, field: &str) -> String {
     std::fs::read_to_string(path)
@@ -66,42 +65,8 @@ async fn socktapd_serves_as_nobody_with_no_capability() {
 
     // Still serving: a new subscriber opens the gate (re-attaching the
     // programs as nobody) and gets a socket's exact bytes.
-    let (mut c, mut s) = tcp_pair(false);
-    let cookie = so_cookie(&c);
     let addr: DaemonAddr = format!("127.0.0.1:{port}").parse().unwrap();
-    let mut client = connect(&addr).await.unwrap();
-    let req = api::WatchEventsRequest {
-        allow: vec![api::EventFilter {
-            cookies: vec![cookie],
-            ..Default::default()
-        }],
-        limit: 1,
-        ..Default::default()
-    };
-    let mut stream = client.watch_events(req).await.unwrap().into_inner();
-    for _ in 0..200 {
-        if client
-            .get_status(api::GetStatusRequest {})
-            .await
-            .unwrap()
-            .into_inner()
-            .kernel_gate_open
-        {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
-    c.write_all(&[1u8; 1234]).unwrap();
-    s.read_exact(&mut [0u8; 1234]).unwrap();
-    let msg = tokio::time::timeout(Duration::from_secs(10), stream.message())
-        .await
-        .unwrap()
-        .unwrap()
-        .unwrap();
-    let Some(api::watch_events_response::Message::Events(b)) = msg.message else {
-        panic!("events")
-    };
-    assert_eq!((b.events[0].cookie, b.events[0].bytes), (cookie, 1234));
+    a_subscriber_gets_exact_bytes(&addr, 1234).await;
 
     // The metrics (--metrics-listen, bound before the drop) say so too.
     let mut http = std::net::TcpStream::connect(("127.0.0.1", metrics_port)).unwrap();

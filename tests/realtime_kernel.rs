@@ -5,11 +5,8 @@
 
 mod common;
 
-use std::io::{Read, Write};
-use std::time::Duration;
-
 use common::*;
-use socktap_client::{api, connect, DaemonAddr};
+use socktap_client::DaemonAddr;
 
 /// Each thread of `pid`: its name, scheduling policy and real-time
 /// priority, from /proc.
@@ -61,43 +58,9 @@ async fn realtime_priority_puts_the_workers_and_nothing_else_at_sched_fifo() {
     let pid = daemon.0.id();
 
     // Events flow: a subscriber gets a socket's exact bytes.
-    let (mut c, mut s) = tcp_pair(false);
-    let cookie = so_cookie(&c);
+    // (Its GetStatus calls run on a blocking thread, which a worker creates.)
     let addr: DaemonAddr = format!("127.0.0.1:{port}").parse().unwrap();
-    let mut client = connect(&addr).await.unwrap();
-    let req = api::WatchEventsRequest {
-        allow: vec![api::EventFilter {
-            cookies: vec![cookie],
-            ..Default::default()
-        }],
-        limit: 1,
-        ..Default::default()
-    };
-    let mut stream = client.watch_events(req).await.unwrap().into_inner();
-    // GetStatus runs on a blocking thread, which a worker creates.
-    for _ in 0..200 {
-        if client
-            .get_status(api::GetStatusRequest {})
-            .await
-            .unwrap()
-            .into_inner()
-            .kernel_gate_open
-        {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
-    c.write_all(&[1u8; 777]).unwrap();
-    s.read_exact(&mut [0u8; 777]).unwrap();
-    let msg = tokio::time::timeout(Duration::from_secs(10), stream.message())
-        .await
-        .unwrap()
-        .unwrap()
-        .unwrap();
-    let Some(api::watch_events_response::Message::Events(b)) = msg.message else {
-        panic!("events")
-    };
-    assert_eq!((b.events[0].cookie, b.events[0].bytes), (cookie, 777));
+    a_subscriber_gets_exact_bytes(&addr, 777).await;
 
     let all = threads(pid);
     let fifo: Vec<_> = all.iter().filter(|t| t.2 == libc::SCHED_FIFO as u32).collect();

@@ -454,3 +454,46 @@ pub async fn wait_for(what: &str, mut done: impl FnMut() -> bool) {
     }
     panic!("timed out waiting for {what}");
 }
+
+/// Subscribes to socktapd at `addr` for a new socket's events, waits until
+/// the kernel gate is open, sends `n` bytes on the socket, and checks that
+/// the first event carries its cookie (SO_COOKIE) and exactly `n` bytes.
+pub async fn a_subscriber_gets_exact_bytes(addr: &socktap_client::DaemonAddr, n: usize) {
+    use socktap_client::api;
+    use std::io::{Read, Write};
+    let (mut c, mut s) = tcp_pair(false);
+    let cookie = so_cookie(&c);
+    let mut client = socktap_client::connect(addr).await.unwrap();
+    let req = api::WatchEventsRequest {
+        allow: vec![api::EventFilter {
+            cookies: vec![cookie],
+            ..Default::default()
+        }],
+        limit: 1,
+        ..Default::default()
+    };
+    let mut stream = client.watch_events(req).await.unwrap().into_inner();
+    for _ in 0..200 {
+        if client
+            .get_status(api::GetStatusRequest {})
+            .await
+            .unwrap()
+            .into_inner()
+            .kernel_gate_open
+        {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    c.write_all(&vec![1u8; n]).unwrap();
+    s.read_exact(&mut vec![0u8; n]).unwrap();
+    let msg = tokio::time::timeout(Duration::from_secs(10), stream.message())
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+    let Some(api::watch_events_response::Message::Events(b)) = msg.message else {
+        panic!("events")
+    };
+    assert_eq!((b.events[0].cookie, b.events[0].bytes), (cookie, n as u32));
+}
