@@ -12,9 +12,9 @@
 //! own priority for the same reason).
 //!
 //! Real-time priority (`SCHED_FIFO`) is the operator's choice, never the
-//! default: a woken real-time thread runs at once, on the CPU that woke it
-//! if nothing of its class runs there, which takes tens of microseconds
-//! off each event's way at low rates and costs more CPU (docs/performance.md);
+//! default: a woken real-time thread runs at once, preempting any ordinary
+//! thread on its CPU, which takes tens of microseconds off each event's
+//! way at low rates and costs more CPU (docs/performance.md);
 //! a real-time thread that misbehaves takes a CPU from everything else.
 //! Threads that a real-time thread creates start at the default policy
 //! (`SCHED_RESET_ON_FORK`): the runtime's blocking threads (status, the
