@@ -63,7 +63,7 @@ impl RaisedPriority {
             if policy & !libc::SCHED_RESET_ON_FORK == libc::SCHED_FIFO && param.sched_priority >= i32::from(priority) {
                 return None;
             }
-            match set_fifo(tid, priority) {
+            match set_fifo(tid, priority, true) {
                 Ok(()) => {
                     debug!(tid, priority, "reader thread at real-time priority");
                     return Some(RaisedPriority {
@@ -111,12 +111,16 @@ impl Drop for RaisedPriority {
             Previous::Nice(n) => unsafe {
                 libc::setpriority(libc::PRIO_PROCESS, self.tid as libc::id_t, *n);
             },
-            // Leaving a real-time policy for the one it had needs none either.
-            // SAFETY: the thread's own id and a pointer to a live
-            // sched_param the call only reads.
-            Previous::Policy { policy, param } => unsafe {
-                libc::sched_setscheduler(self.tid, *policy, param);
-            },
+            // Leaving a real-time policy for the one it had needs none
+            // either, but turning SCHED_RESET_ON_FORK off does: without
+            // CAP_SYS_NICE (after `--user`, or under a unit that grants
+            // LimitRTPRIO only) the thread goes back keeping the flag,
+            // which only says what the threads it creates start with.
+            Previous::Policy { policy, param } => {
+                if set_policy(self.tid, *policy, param).is_err() {
+                    let _ = set_policy(self.tid, *policy | libc::SCHED_RESET_ON_FORK, param);
+                }
+            }
         }
     }
 }
@@ -124,7 +128,7 @@ impl Drop for RaisedPriority {
 /// Moves the calling thread to `SCHED_FIFO` at `priority`; the threads it
 /// creates from then on start at the default policy.
 pub fn set_realtime(priority: u8) -> io::Result<()> {
-    set_fifo(gettid(), priority)
+    set_fifo(gettid(), priority, true)
 }
 
 /// Whether this process may run threads at `SCHED_FIFO` `priority`: tried
@@ -133,13 +137,10 @@ pub fn set_realtime(priority: u8) -> io::Result<()> {
 pub fn check_realtime(priority: u8) -> io::Result<()> {
     let tid = gettid();
     let (policy, param) = thread_policy(tid).ok_or_else(io::Error::last_os_error)?;
-    set_fifo(tid, priority)?;
-    // SAFETY: this thread's own id and a pointer to a live sched_param the
-    // call only reads.
-    if unsafe { libc::sched_setscheduler(tid, policy, &param) } != 0 {
-        return Err(io::Error::last_os_error());
-    }
-    Ok(())
+    // Without SCHED_RESET_ON_FORK: a thread without CAP_SYS_NICE could
+    // not turn it off again.
+    set_fifo(tid, priority, false)?;
+    set_policy(tid, policy, &param)
 }
 
 /// For tokio's `Builder::on_thread_park`, which only a runtime's workers
@@ -171,13 +172,20 @@ fn gettid() -> libc::pid_t {
     unsafe { libc::gettid() }
 }
 
-fn set_fifo(tid: libc::pid_t, priority: u8) -> io::Result<()> {
+/// `SCHED_FIFO` at `priority` for thread `tid`, with `SCHED_RESET_ON_FORK`
+/// if `reset_on_fork`.
+fn set_fifo(tid: libc::pid_t, priority: u8, reset_on_fork: bool) -> io::Result<()> {
     let param = libc::sched_param {
         sched_priority: i32::from(priority),
     };
+    let flag = if reset_on_fork { libc::SCHED_RESET_ON_FORK } else { 0 };
+    set_policy(tid, libc::SCHED_FIFO | flag, &param)
+}
+
+fn set_policy(tid: libc::pid_t, policy: libc::c_int, param: &libc::sched_param) -> io::Result<()> {
     // SAFETY: a thread id of this process and a pointer to a live
     // sched_param the call only reads.
-    if unsafe { libc::sched_setscheduler(tid, libc::SCHED_FIFO | libc::SCHED_RESET_ON_FORK, &param) } != 0 {
+    if unsafe { libc::sched_setscheduler(tid, policy, param) } != 0 {
         return Err(io::Error::last_os_error());
     }
     Ok(())
@@ -260,6 +268,33 @@ mod tests {
             drop(raised);
             assert_eq!(policy_of(tid), (libc::SCHED_OTHER, 0), "its own policy back");
             assert_eq!(thread_nice(tid), Some(0));
+        })
+        .join()
+        .unwrap();
+    }
+
+    #[test]
+    fn a_reader_without_privilege_still_gets_its_policy_back() {
+        if !realtime_allowed("a_reader_without_privilege_still_gets_its_policy_back") {
+            return;
+        }
+        std::thread::spawn(|| {
+            let tid = gettid();
+            let raised = RaisedPriority::raise(0, Some(3)).expect("raised");
+            // As after `--user nobody`, for this thread only: the raw
+            // system call changes the calling thread's ids (glibc's
+            // wrapper would change every thread's), and leaving uid 0
+            // clears its capabilities, CAP_SYS_NICE among them.
+            // SAFETY: plain system call with integer arguments.
+            let r = unsafe { libc::syscall(libc::SYS_setresuid, 65534, 65534, 65534) };
+            assert_eq!(r, 0, "setresuid: {}", io::Error::last_os_error());
+            assert_eq!(policy_of(tid), (libc::SCHED_FIFO, 3));
+            drop(raised);
+            assert_eq!(
+                policy_of(tid),
+                (libc::SCHED_OTHER, 0),
+                "back to its own policy without CAP_SYS_NICE"
+            );
         })
         .join()
         .unwrap();
