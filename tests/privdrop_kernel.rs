@@ -28,14 +28,15 @@ async fn socktapd_serves_as_nobody_with_no_capability() {
         eprintln!("SKIPPED privdrop: bpf() checks capabilities per command only from Linux 6.5");
         return;
     }
-    let free_port = || {
-        std::net::TcpListener::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap()
-            .port()
-    };
-    let (port, metrics_port) = (free_port(), free_port());
+    // Both listeners held until both ports are known: one dropped at once
+    // can hand its port to the next bind (CI: socktapd's --metrics-listen
+    // then found its own gRPC port taken).
+    let (a, b) = (
+        std::net::TcpListener::bind("127.0.0.1:0").unwrap(),
+        std::net::TcpListener::bind("127.0.0.1:0").unwrap(),
+    );
+    let (port, metrics_port) = (a.local_addr().unwrap().port(), b.local_addr().unwrap().port());
+    drop((a, b));
     let mut child = spawn_socktapd(&[
         "--listen",
         &format!("127.0.0.1:{port}"),
