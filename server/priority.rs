@@ -125,12 +125,6 @@ impl Drop for RaisedPriority {
     }
 }
 
-/// Moves the calling thread to `SCHED_FIFO` at `priority`; the threads it
-/// creates from then on start at the default policy.
-pub fn set_realtime(priority: u8) -> io::Result<()> {
-    set_fifo(gettid(), priority, true)
-}
-
 /// Whether this process may run threads at `SCHED_FIFO` `priority`: tried
 /// on the calling thread, which then gets its own policy back. For a daemon
 /// to refuse the flag at its start rather than warn later.
@@ -156,7 +150,7 @@ pub fn realtime_workers(priority: u8) -> impl Fn() + Send + Sync + 'static {
         if TRIED.with(|t| t.replace(true)) {
             return;
         }
-        match set_realtime(priority) {
+        match set_fifo(gettid(), priority, true) {
             Ok(()) => debug!(tid = gettid(), priority, "runtime worker at real-time priority"),
             Err(e) => {
                 if !REALTIME_REFUSED.swap(true, Ordering::Relaxed) {
