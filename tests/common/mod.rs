@@ -265,17 +265,32 @@ pub fn collect(
     let mut out = Vec::new();
     let deadline = Instant::now() + timeout;
     let mut settle_until: Option<Instant> = None;
+    // `done` looks at every event so far: it is asked once the queue is
+    // drained and only if events came since it was last asked, not per
+    // batch (quadratic: under emulation, with a thousand batches queued,
+    // slower than the deadline).
+    let mut asked_at = None;
     loop {
         match rx.try_recv() {
-            Ok(batch) => out.extend(batch.events.into_iter().filter(|e| keep(e))),
+            Ok(batch) => {
+                out.extend(batch.events.into_iter().filter(|e| keep(e)));
+                if settle_until.is_none() && Instant::now() < deadline {
+                    continue;
+                }
+            }
             Err(tokio::sync::mpsc::error::TryRecvError::Empty) => std::thread::sleep(Duration::from_millis(1)),
             Err(e) => panic!("probe channel: {e}"),
         }
         let now = Instant::now();
+        if settle_until.is_none() && asked_at != Some(out.len()) {
+            asked_at = Some(out.len());
+            if done(&out) {
+                settle_until = Some(now + settle);
+            }
+        }
         match settle_until {
             Some(t) if now >= t => return out,
             Some(_) => {}
-            None if done(&out) => settle_until = Some(now + settle),
             None if now >= deadline => return out,
             None => {}
         }
