@@ -7,7 +7,7 @@ use std::collections::{HashMap, HashSet};
 use std::io::{ErrorKind, Read, Write};
 use std::net::{SocketAddr, TcpStream, UdpSocket};
 use std::os::unix::net::{UnixDatagram, UnixStream};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -947,6 +947,11 @@ fn reading_moves_to_a_thread_when_it_falls_behind_and_back_to_the_runtime() {
     let (tx, rx) = std::sync::mpsc::channel::<Batch>();
     let stall = Arc::new(AtomicBool::new(false));
     let stall_once = stall.clone();
+    // The writer's progress: the stalled consumer waits for twice a whole
+    // batch to be written meanwhile, whatever the machine's speed (a fixed
+    // 100 ms was too short for a TCG VM's burst to fill one).
+    let written = Arc::new(AtomicU64::new(0));
+    let written_seen = written.clone();
     let readers = Arc::new(std::sync::Mutex::new(Vec::<(u32, i32)>::new()));
     let readers_seen = readers.clone();
     probe.deliver_on_runtime(rt.handle().clone(), move |b| {
@@ -954,7 +959,11 @@ fn reading_moves_to_a_thread_when_it_falls_behind_and_back_to_the_runtime() {
         readers_seen.lock().unwrap().push(tid_and_nice(None));
         if stall_once.swap(false, Ordering::Relaxed) {
             // A slow consumer: the ring fills meanwhile.
-            std::thread::sleep(Duration::from_millis(100));
+            let until = written_seen.load(Ordering::Relaxed) + 2 * MAX_BATCH_EVENTS as u64;
+            let give_up = std::time::Instant::now() + WAIT;
+            while written_seen.load(Ordering::Relaxed) < until && std::time::Instant::now() < give_up {
+                std::thread::sleep(Duration::from_millis(1));
+            }
         }
     });
     let control = probe.control().clone();
@@ -998,18 +1007,30 @@ fn reading_moves_to_a_thread_when_it_falls_behind_and_back_to_the_runtime() {
 
     let burst = 50_000u64;
     let mut on_thread = false;
+    let mut batched = false;
     for i in 0..burst {
         c.write_all(&[1]).unwrap();
+        written.store(i + 1, Ordering::Relaxed);
         if i == 5_000 {
             stall.store(true, Ordering::Relaxed);
         }
         if i % 500 == 0 {
             on_thread |= !control.reads_on_runtime();
+            batched |= control.wakeup_interval() == WAKEUPS_OFF;
         }
     }
     take(pings + burst, "high rate", WAIT);
     on_thread |= !control.reads_on_runtime();
-    assert!(on_thread, "behind at a high rate, the reading ran on a thread");
+    if !on_thread && !batched && emulated() {
+        // The move needs the batching rate (20k events/s), which a TCG VM
+        // may not reach; on real CPUs the burst is many times faster.
+        eprintln!("SKIPPED reading moves to a thread: the burst stayed under the batching rate (emulated)");
+        return;
+    }
+    assert!(
+        on_thread,
+        "behind at a high rate, the reading ran on a thread (batching: {batched})"
+    );
     let delivered_by: Vec<(u32, i32)> = readers.lock().unwrap().clone();
     let (on_worker, on_threads): (Vec<_>, Vec<_>) = delivered_by.iter().partition(|(tid, _)| *tid == worker.0);
     assert!(
