@@ -935,6 +935,8 @@ fn reading_moves_to_a_thread_when_it_falls_behind_and_back_to_the_runtime() {
     let Some(_bpf) = bpf_available("runtime reader") else {
         return;
     };
+    // The writes of the high-rate phase.
+    const BURST: u64 = 50_000;
     let rt = one_worker_runtime();
     let worker = rt.block_on(rt.spawn(async { tid_and_nice(None) })).unwrap();
     let (_, own_nice) = tid_and_nice(None);
@@ -959,7 +961,7 @@ fn reading_moves_to_a_thread_when_it_falls_behind_and_back_to_the_runtime() {
         readers_seen.lock().unwrap().push(tid_and_nice(None));
         if stall_once.swap(false, Ordering::Relaxed) {
             // A slow consumer: the ring fills meanwhile.
-            let until = written_seen.load(Ordering::Relaxed) + 2 * MAX_BATCH_EVENTS as u64;
+            let until = (written_seen.load(Ordering::Relaxed) + 2 * MAX_BATCH_EVENTS as u64).min(BURST);
             let give_up = std::time::Instant::now() + WAIT;
             while written_seen.load(Ordering::Relaxed) < until && std::time::Instant::now() < give_up {
                 std::thread::sleep(Duration::from_millis(1));
@@ -1005,10 +1007,9 @@ fn reading_moves_to_a_thread_when_it_falls_behind_and_back_to_the_runtime() {
     }
     assert!(control.reads_on_runtime(), "at low rates the runtime reads");
 
-    let burst = 50_000u64;
     let mut on_thread = false;
     let mut batched = false;
-    for i in 0..burst {
+    for i in 0..BURST {
         c.write_all(&[1]).unwrap();
         written.store(i + 1, Ordering::Relaxed);
         if i == 5_000 {
@@ -1019,7 +1020,7 @@ fn reading_moves_to_a_thread_when_it_falls_behind_and_back_to_the_runtime() {
             batched |= control.wakeup_interval() == WAKEUPS_OFF;
         }
     }
-    take(pings + burst, "high rate", WAIT);
+    take(pings + BURST, "high rate", WAIT);
     on_thread |= !control.reads_on_runtime();
     if !on_thread && !batched && emulated() {
         // The move needs the batching rate (20k events/s), which a TCG VM
@@ -1056,7 +1057,7 @@ fn reading_moves_to_a_thread_when_it_falls_behind_and_back_to_the_runtime() {
     }
     for i in 1..=pings {
         c.write_all(&[1]).unwrap();
-        take(pings + burst + i, "low rate again", Duration::from_secs(1));
+        take(pings + BURST + i, "low rate again", Duration::from_secs(1));
         std::thread::sleep(Duration::from_millis(2));
     }
 
@@ -1066,7 +1067,7 @@ fn reading_moves_to_a_thread_when_it_falls_behind_and_back_to_the_runtime() {
         let _ = late_tx.send(b);
     });
     c.write_all(&[1]).unwrap();
-    take(2 * pings + burst + 1, "after a refused sink", Duration::from_secs(1));
+    take(2 * pings + BURST + 1, "after a refused sink", Duration::from_secs(1));
     assert!(late_rx.try_recv().is_err(), "the late sink got nothing");
     drop(c);
     drain.join().unwrap();
