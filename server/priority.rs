@@ -166,6 +166,43 @@ fn gettid() -> libc::pid_t {
     unsafe { libc::gettid() }
 }
 
+/// How a thread is scheduled now.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Scheduling {
+    /// Its `SCHED_FIFO` or `SCHED_RR` priority; None for the ordinary
+    /// policies (`SCHED_OTHER`, `SCHED_BATCH`, `SCHED_IDLE`).
+    pub realtime: Option<u8>,
+    /// Its nice value (which real-time threads do not use).
+    pub nice: i32,
+}
+
+/// How thread `tid` of this process is scheduled now; None if it is gone.
+pub fn scheduling(tid: u32) -> Option<Scheduling> {
+    let tid = tid as libc::pid_t;
+    let (policy, param) = thread_policy(tid)?;
+    let policy = policy & !libc::SCHED_RESET_ON_FORK;
+    let realtime = (policy == libc::SCHED_FIFO || policy == libc::SCHED_RR)
+        .then(|| u8::try_from(param.sched_priority).unwrap_or(MAX_REALTIME_PRIORITY));
+    Some(Scheduling {
+        realtime,
+        nice: thread_nice(tid)?,
+    })
+}
+
+thread_local! {
+    static TID: Cell<u32> = const { Cell::new(0) };
+}
+
+/// The calling thread's kernel id, asked of the kernel once per thread.
+pub(crate) fn current_tid() -> u32 {
+    TID.with(|t| {
+        if t.get() == 0 {
+            t.set(gettid() as u32);
+        }
+        t.get()
+    })
+}
+
 /// `SCHED_FIFO` at `priority` for thread `tid`, with `SCHED_RESET_ON_FORK`
 /// if `reset_on_fork`.
 fn set_fifo(tid: libc::pid_t, priority: u8, reset_on_fork: bool) -> io::Result<()> {
@@ -246,8 +283,17 @@ mod tests {
         std::thread::spawn(|| {
             let tid = gettid();
             assert_eq!(policy_of(tid), (libc::SCHED_OTHER, 0));
+            assert_eq!(current_tid(), tid as u32);
             let raised = RaisedPriority::raise(-5, Some(3)).expect("raised");
             assert_eq!(policy_of(tid), (libc::SCHED_FIFO, 3), "the reader at SCHED_FIFO 3");
+            assert_eq!(
+                scheduling(tid as u32),
+                Some(Scheduling {
+                    realtime: Some(3),
+                    nice: 0
+                }),
+                "as status shows it"
+            );
             assert_eq!(
                 thread_nice(tid),
                 Some(0),
@@ -262,6 +308,15 @@ mod tests {
             drop(raised);
             assert_eq!(policy_of(tid), (libc::SCHED_OTHER, 0), "its own policy back");
             assert_eq!(thread_nice(tid), Some(0));
+            let _nice = RaisedPriority::raise(-5, None).expect("raised");
+            assert_eq!(
+                scheduling(tid as u32),
+                Some(Scheduling {
+                    realtime: None,
+                    nice: -5
+                }),
+                "ordinary, at nice -5"
+            );
         })
         .join()
         .unwrap();

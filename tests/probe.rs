@@ -956,9 +956,18 @@ fn reading_moves_to_a_thread_when_it_falls_behind_and_back_to_the_runtime() {
     let written_seen = written.clone();
     let readers = Arc::new(std::sync::Mutex::new(Vec::<(u32, i32)>::new()));
     let readers_seen = readers.clone();
+    let states = Arc::new(std::sync::Mutex::new(Vec::new()));
+    let states_seen = states.clone();
+    let control = probe.control().clone();
+    let control_seen = control.clone();
     probe.deliver_on_runtime(rt.handle().clone(), move |b| {
         let _ = tx.send(b);
-        readers_seen.lock().unwrap().push(tid_and_nice(None));
+        let reader = tid_and_nice(None);
+        readers_seen.lock().unwrap().push(reader);
+        states_seen
+            .lock()
+            .unwrap()
+            .push((reader.0, control_seen.reader_state()));
         if stall_once.swap(false, Ordering::Relaxed) {
             // A slow consumer: the ring fills meanwhile.
             let until = (written_seen.load(Ordering::Relaxed) + 2 * MAX_BATCH_EVENTS as u64).min(BURST);
@@ -968,7 +977,6 @@ fn reading_moves_to_a_thread_when_it_falls_behind_and_back_to_the_runtime() {
             }
         }
     });
-    let control = probe.control().clone();
     let (mut c, s) = tcp_pair(false);
     let cookie = so_cookie(&c);
     let drain = std::thread::spawn(move || {
@@ -1039,6 +1047,13 @@ fn reading_moves_to_a_thread_when_it_falls_behind_and_back_to_the_runtime() {
         "the worker keeps its nice value: {on_worker:?}"
     );
     assert!(!on_threads.is_empty(), "a thread delivered batches");
+    for (tid, r) in states.lock().unwrap().iter() {
+        // What GetStatus shows, as each batch was delivered.
+        let on_worker = *tid == worker.0;
+        assert_eq!((r.thread, r.on_runtime), (Some(*tid), on_worker), "{r:?}");
+        let nice = if on_worker { worker.1 } else { reader_nice };
+        assert_eq!(r.scheduling.map(|s| (s.realtime, s.nice)), Some((None, nice)), "{r:?}");
+    }
     assert!(
         on_threads.iter().all(|&&(_, n)| n == reader_nice),
         "a thread reads at nice {reader_nice}: {on_threads:?}"

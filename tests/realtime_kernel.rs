@@ -1,7 +1,7 @@
 //! `socktapd --realtime-priority N`: the runtime's workers run at
 //! `SCHED_FIFO` N and no other thread does (the blocking threads that
-//! answer GetStatus stay ordinary), and events flow with the socket's
-//! cookie and exact bytes. Needs root.
+//! answer GetStatus stay ordinary), events flow with the socket's cookie
+//! and exact bytes, and GetStatus names the worker that reads. Needs root.
 
 mod common;
 
@@ -76,6 +76,31 @@ async fn realtime_priority_puts_the_workers_and_nothing_else_at_sched_fifo() {
     );
     let main = all.iter().find(|t| t.0 == pid).unwrap();
     assert_eq!(main.2, libc::SCHED_OTHER as u32, "the main thread is ordinary: {all:?}");
+
+    // GetStatus says so: at this low rate a worker reads, woken by the kernel.
+    // (The reading moves to the runtime after the reader thread's first
+    // pass, which delivered the event: the move may just be under way.)
+    let mut client = socktap_client::connect(&addr).await.unwrap();
+    let mut reader = None;
+    for _ in 0..200 {
+        let st = client
+            .get_status(socktap_client::api::GetStatusRequest {})
+            .await
+            .unwrap()
+            .into_inner();
+        reader = st.reader;
+        if reader.as_ref().is_some_and(|r| r.on_runtime) {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    }
+    let reader = reader.expect("a kernel probe's reader");
+    assert!(reader.on_runtime && !reader.drains_on_timer, "{reader:?}");
+    assert!(
+        fifo.iter().any(|t| t.0 == reader.thread_id),
+        "the reader is a worker: {reader:?}, {all:?}"
+    );
+    assert_eq!(reader.realtime_priority, 2, "{reader:?}");
 
     // SAFETY: FFI; signals our own child.
     unsafe { libc::kill(pid as i32, libc::SIGTERM) };

@@ -275,6 +275,28 @@ fn return_probes_text(r: &api::ReturnProbeStatus) -> String {
     )
 }
 
+fn reader_text(r: &api::ReaderStatus) -> String {
+    let place = if r.on_runtime {
+        "on a runtime worker"
+    } else {
+        "on a thread of its own"
+    };
+    let woken = if r.drains_on_timer {
+        "drains on its timer, kernel wakeups off"
+    } else {
+        "woken by the kernel"
+    };
+    if r.thread_id == 0 {
+        return format!("reader: {place}, {woken}, no read yet");
+    }
+    let priority = if r.realtime_priority > 0 {
+        format!("real-time priority {}", r.realtime_priority)
+    } else {
+        format!("nice {}", r.nice)
+    };
+    format!("reader: {place} (thread {}, {priority}), {woken}", r.thread_id)
+}
+
 /// The status for people.
 pub fn status_text(s: &api::GetStatusResponse) -> String {
     let mode = match s.attach_mode() {
@@ -318,6 +340,9 @@ pub fn status_text(s: &api::GetStatusResponse) -> String {
     );
     if let Some(r) = &s.return_probes {
         let _ = writeln!(out, "{}", return_probes_text(r));
+    }
+    if let Some(r) = &s.reader {
+        let _ = writeln!(out, "{}", reader_text(r));
     }
     if s.kernel_gate_open {
         let _ = writeln!(
@@ -650,6 +675,51 @@ mod tests {
         assert_eq!(v["cookie"], "7", "{line}");
         assert!(line.ends_with(r#","cgroupPath":"/a \"b\"\\c"}"#), "{line}");
         assert_eq!(with_string_field("{}".into(), "k", "v"), r#"{"k":"v"}"#);
+    }
+
+    #[test]
+    fn the_reader_is_shown_with_its_thread_and_priority() {
+        let none = status_text(&api::GetStatusResponse::default());
+        assert!(!none.contains("reader:"), "{none}");
+        let text = |r: api::ReaderStatus| {
+            status_text(&api::GetStatusResponse {
+                reader: Some(r),
+                ..Default::default()
+            })
+        };
+        let low = text(api::ReaderStatus {
+            on_runtime: true,
+            thread_id: 41,
+            ..Default::default()
+        });
+        assert!(
+            low.contains("reader: on a runtime worker (thread 41, nice 0), woken by the kernel\n"),
+            "{low}"
+        );
+        let high = text(api::ReaderStatus {
+            drains_on_timer: true,
+            thread_id: 42,
+            nice: -5,
+            ..Default::default()
+        });
+        assert!(
+            high.contains(
+                "reader: on a thread of its own (thread 42, nice -5), drains on its timer, kernel wakeups off\n"
+            ),
+            "{high}"
+        );
+        let realtime = text(api::ReaderStatus {
+            on_runtime: true,
+            thread_id: 43,
+            realtime_priority: 2,
+            ..Default::default()
+        });
+        assert!(realtime.contains("(thread 43, real-time priority 2)"), "{realtime}");
+        let unread = text(api::ReaderStatus::default());
+        assert!(
+            unread.contains("reader: on a thread of its own, woken by the kernel, no read yet\n"),
+            "{unread}"
+        );
     }
 
     #[test]

@@ -296,6 +296,8 @@ pub(crate) struct Shared {
     decode_errors: AtomicU64,
     /// The ring is read on the consumer's runtime now (not on a thread).
     on_runtime: AtomicBool,
+    /// The thread that read the ring last (its kernel id).
+    reader_tid: AtomicU32,
 }
 
 /// A snapshot of the probe's counters.
@@ -312,6 +314,24 @@ pub struct ProbeCounters {
     pub kernel_skipped: u64,
     /// Records that could not be decoded (never expected).
     pub decode_errors: u64,
+}
+
+/// Where and how the ring buffer is read ([`ProbeControl::reader_state`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ReaderState {
+    /// On the consumer's runtime (low and moderate rates); false while on
+    /// a thread of its own (it fell behind at a high rate), or with no
+    /// runtime consumer.
+    pub on_runtime: bool,
+    /// It drains the ring on its own timer and the kernel wakes nobody
+    /// (above [`BATCH_ABOVE_RATE`] events/s); false while the kernel wakes it.
+    pub drains_on_timer: bool,
+    /// The kernel id of the thread that read the ring last; None before
+    /// the first read.
+    pub thread: Option<u32>,
+    /// How that thread is scheduled now; None if it is gone. A thread of
+    /// its own is raised for as long as the reading stays on it.
+    pub scheduling: Option<crate::priority::Scheduling>,
 }
 
 /// Run statistics of one loaded BPF program.
@@ -468,6 +488,17 @@ impl ProbeControl {
             on: self.shared.prefilter_dims.load(Ordering::Relaxed) != 0,
             keys: self.prefilter.lock().unwrap_or_else(|e| e.into_inner()).len(),
             cgroup_roots: self.cgroup_roots(),
+        }
+    }
+
+    /// Where and how the ring is read now.
+    pub fn reader_state(&self) -> ReaderState {
+        let tid = self.shared.reader_tid.load(Ordering::Relaxed);
+        ReaderState {
+            on_runtime: self.reads_on_runtime(),
+            drains_on_timer: self.wakeup_interval() == WAKEUPS_OFF,
+            thread: (tid != 0).then_some(tid),
+            scheduling: (tid != 0).then(|| crate::priority::scheduling(tid)).flatten(),
         }
     }
 

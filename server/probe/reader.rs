@@ -100,6 +100,16 @@ impl Reader {
         self.broken || self.control.shared.stop.load(Ordering::Acquire)
     }
 
+    /// Notes the calling thread as the one that reads
+    /// ([`ProbeControl::reader_state`]): before each wait and each pass, so
+    /// that it is right from the moment the reading moves.
+    fn mark_thread(&self) {
+        self.control
+            .shared
+            .reader_tid
+            .store(crate::priority::current_tid(), Ordering::Relaxed);
+    }
+
     /// Whether the reader drains on its timer now (the event rate is high).
     fn batching(&self) -> bool {
         self.pacing.batching
@@ -133,6 +143,7 @@ impl Reader {
     /// kernel's wakeup interval to the rate, and returns the batch, if
     /// there is anything to report.
     fn pass(&mut self) -> Option<Batch> {
+        self.mark_thread();
         let shared = &self.control.shared;
         let pending = &mut self.pending;
         // Wakeups are batched in the kernel, so records may be waiting
@@ -217,6 +228,7 @@ pub(crate) fn run(mut reader: Reader, consumer: &Mutex<Consumer>) {
     let _raised = RaisedPriority::raise(reader.nice, reader.realtime);
     let mut consumer_gone = false;
     while !reader.stopped() {
+        reader.mark_thread();
         if let Some(timeout) = reader.wait() {
             reader.ring.wait_readable(timeout);
         }
@@ -301,6 +313,7 @@ pub(crate) async fn read_on_runtime(mut reader: Reader, mut sink: Sink) {
         }
     };
     while !reader.stopped() {
+        reader.mark_thread();
         let to_thread = reader.batching() && reader.full_batch;
         if let Some(t) = &mut timer {
             // Disarmed while a thread reads: it drains on its own, and the
@@ -426,6 +439,7 @@ fn read_on_thread(mut reader: Reader, mut sink: Sink, done: impl Fn(&Reader) -> 
     // with it (the guard drops before it returns).
     let _raised = RaisedPriority::raise(reader.nice, reader.realtime);
     while !reader.stopped() && !done(&reader) {
+        reader.mark_thread();
         if let Some(timeout) = reader.wait() {
             reader.ring.wait_readable(timeout);
         }

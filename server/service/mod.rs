@@ -335,6 +335,16 @@ pub fn status(hub: &Hub) -> pb::GetStatusResponse {
         kernel_events_produced: probe
             .map(|p| p.counters().produced)
             .unwrap_or(s.events_read + s.kernel_drops),
+        reader: probe.map(|p| {
+            let r = p.reader_state();
+            pb::ReaderStatus {
+                on_runtime: r.on_runtime,
+                drains_on_timer: r.drains_on_timer,
+                thread_id: r.thread.unwrap_or(0),
+                realtime_priority: r.scheduling.and_then(|s| s.realtime).map_or(0, u32::from),
+                nice: r.scheduling.map_or(0, |s| s.nice),
+            }
+        }),
         kernel_gate_open: s.gate_open,
         kernel_prefilter: s.prefilter.on,
         kernel_prefilter_keys: s.prefilter.keys as u32,
