@@ -493,12 +493,12 @@ impl ProbeControl {
 
     /// Where and how the ring is read now.
     pub fn reader_state(&self) -> ReaderState {
-        let tid = self.shared.reader_tid.load(Ordering::Relaxed);
+        let thread = Some(self.shared.reader_tid.load(Ordering::Relaxed)).filter(|&tid| tid != 0);
         ReaderState {
             on_runtime: self.reads_on_runtime(),
             drains_on_timer: self.wakeup_interval() == WAKEUPS_OFF,
-            thread: (tid != 0).then_some(tid),
-            scheduling: (tid != 0).then(|| crate::priority::scheduling(tid)).flatten(),
+            thread,
+            scheduling: thread.and_then(crate::priority::scheduling),
         }
     }
 

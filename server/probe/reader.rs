@@ -101,8 +101,10 @@ impl Reader {
     }
 
     /// Notes the calling thread as the one that reads
-    /// ([`ProbeControl::reader_state`]): before each wait and each pass, so
-    /// that it is right from the moment the reading moves.
+    /// ([`ProbeControl::reader_state`]): when a thread starts reading, and
+    /// at each pass; on the runtime, whose task may wake on another worker,
+    /// also before each wait. So it is right from the moment the reading
+    /// moves.
     fn mark_thread(&self) {
         self.control
             .shared
@@ -227,8 +229,8 @@ impl Reader {
 pub(crate) fn run(mut reader: Reader, consumer: &Mutex<Consumer>) {
     let _raised = RaisedPriority::raise(reader.nice, reader.realtime);
     let mut consumer_gone = false;
+    reader.mark_thread();
     while !reader.stopped() {
-        reader.mark_thread();
         if let Some(timeout) = reader.wait() {
             reader.ring.wait_readable(timeout);
         }
@@ -438,8 +440,8 @@ fn read_on_thread(mut reader: Reader, mut sink: Sink, done: impl Fn(&Reader) -> 
     // A blocking thread of the runtime's pool: its priority goes back
     // with it (the guard drops before it returns).
     let _raised = RaisedPriority::raise(reader.nice, reader.realtime);
+    reader.mark_thread();
     while !reader.stopped() && !done(&reader) {
-        reader.mark_thread();
         if let Some(timeout) = reader.wait() {
             reader.ring.wait_readable(timeout);
         }
