@@ -16,6 +16,7 @@
 //! }
 //! ```
 
+pub mod cgroup_mount;
 pub mod convert;
 pub mod daemon;
 pub mod event;
