@@ -48,6 +48,18 @@ enum {
 enum {
 	BPF_RB_AVAIL_DATA = 0,
 };
+/* The sock_ops callbacks at which a TCP socket gets its cookie (kprobe
+ * mode). */
+enum {
+	BPF_SOCK_OPS_TCP_CONNECT_CB = 3,
+	BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB = 4,
+	BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB = 5,
+};
+/* A sock_ops program's context: the verifier rewrites its loads by the
+ * UAPI offsets, so it is not CO-RE relocated; `op` is its first field. */
+struct bpf_sock_ops {
+	__u32 op;
+};
 
 /* uapi socket constants */
 #define AF_INET 2

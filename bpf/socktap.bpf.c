@@ -6,7 +6,8 @@
  * Three attach modes share one event builder; userspace loads the programs of
  * exactly one mode (fentry, then kprobe, then tracepoint):
  *   fentry:     fexit on tcp_sendmsg / tcp_recvmsg (BPF trampolines)
- *   kprobe:     kprobe + kretprobe on the same functions
+ *   kprobe:     kprobe + kretprobe on the same functions, and a sock_ops
+ *               program that gives each new connection its cookie
  *   tracepoint: tp_btf sock_send_length / sock_recv_length, TCP only
  */
 #include "kernel.h"
@@ -426,7 +427,8 @@ static __always_inline int finish(int ret, __u8 kind)
 	if (cfg && !(args->flags & MSG_PEEK)) {
 		/* kprobe programs may not call bpf_get_socket_cookie(): read the
 		 * cookie the socket holds. It is 0 until something (SO_COOKIE,
-		 * sock_diag, a BPF program) has asked for it. */
+		 * sock_diag, a BPF program such as st_sockops_cookie below) has
+		 * asked for it. */
 		__u64 cookie = BPF_CORE_READ(sk, __sk_common.skc_cookie.counter);
 
 		emit(cfg, id, sk, false, ret, kind, SOCKTAP_MODE_KPROBE, cookie);
@@ -475,6 +477,26 @@ SEC("kretprobe/tcp_splice_read")
 int BPF_KRETPROBE(st_kret_splice, long ret)
 {
 	return finish((int)ret, SOCKTAP_KIND_RECV);
+}
+
+/*
+ * kprobe mode: a socket's cookie is assigned the first time something asks
+ * for it, and kprobe programs may not ask. This sock_ops program, attached
+ * to the root cgroup, asks for every TCP socket as it connects or is
+ * accepted, so that the kprobe programs find the same cookie SO_COOKIE
+ * would return. It runs once or twice per connection, never per call, and
+ * leaves the kernel's defaults alone (its reply stays 0).
+ */
+SEC("sockops")
+int st_sockops_cookie(struct bpf_sock_ops *skops)
+{
+	switch (skops->op) {
+	case BPF_SOCK_OPS_TCP_CONNECT_CB:
+	case BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB:
+	case BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB:
+		bpf_get_socket_cookie(skops);
+	}
+	return 1;
 }
 
 /* ---- tracepoint mode ---- */

@@ -1,5 +1,6 @@
 //! Where the host's cgroup v2 hierarchy is mounted: the service resolves
-//! cgroup paths under it.
+//! cgroup paths under it, and kprobe mode attaches its cookie program to
+//! its root.
 
 use std::path::PathBuf;
 

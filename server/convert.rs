@@ -58,6 +58,16 @@ pub fn mode(m: Option<AttachMode>) -> pb::AttachMode {
     }
 }
 
+/// Where events' cookies come from, as the API says it.
+pub fn cookie_source(c: crate::probe::CookieSource) -> pb::CookieSource {
+    use crate::probe::CookieSource;
+    match c {
+        CookieSource::Programs => pb::CookieSource::Programs,
+        CookieSource::AtConnect => pb::CookieSource::AtConnect,
+        CookieSource::AskedOnly => pb::CookieSource::AskedOnly,
+    }
+}
+
 /// One event as the API shows it.
 pub fn event(e: &Event, clock: &WallClock) -> pb::Event {
     pb::Event {

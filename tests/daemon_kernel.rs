@@ -159,6 +159,14 @@ async fn filtered_subscribers_get_exactly_their_sockets_bytes_and_shutdown_detac
         misses_counted: true,
     });
     assert_eq!(st.return_probes, return_probes);
+    // kprobe mode gives connections their cookies at connect (root has
+    // CAP_NET_ADMIN); the other modes' programs ask for them.
+    let cookies = if probe.mode() == socktap::event::AttachMode::Kprobe {
+        pb::CookieSource::AtConnect
+    } else {
+        pb::CookieSource::Programs
+    };
+    assert_eq!(st.cookies(), cookies);
     // The same in the metrics.
     let metrics = socktap::metrics::encode(&d.hub).unwrap();
     let mode = format!("{:?}", probe.mode()).to_lowercase();

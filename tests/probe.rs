@@ -13,7 +13,7 @@ use std::time::Duration;
 
 use common::*;
 use socktap::event::{AttachMode, Event, EventKind};
-use socktap::probe::{Batch, ProbeOptions, ReturnProbeInfo, MAX_BATCH_EVENTS, WAKEUPS_OFF};
+use socktap::probe::{Batch, CookieSource, ProbeOptions, ReturnProbeInfo, MAX_BATCH_EVENTS, WAKEUPS_OFF};
 
 const WAIT: Duration = Duration::from_secs(10);
 const SETTLE: Duration = Duration::from_millis(100);
@@ -161,6 +161,90 @@ fn ipv4_cookies_bytes_and_identity_are_exact() {
 #[test]
 fn ipv6_cookies_bytes_and_identity_are_exact() {
     exchange_is_exact(true);
+}
+
+/// Every event carries its socket's cookie, the one SO_COOKIE returns,
+/// though nothing asked any socket for it until the events had arrived:
+/// neither a connection made while the probe runs nor one open before it
+/// started. The kernel assigns a cookie the first time something asks:
+/// fentry and tracepoint programs ask as they read it, while kprobe
+/// programs may not and read what the socket holds, which is 0 unless
+/// kprobe mode gave the socket its cookie: its sock_ops program as the
+/// connection was made, or its sock_diag dump at start.
+#[test]
+fn cookies_need_no_asking_first() {
+    let Some(_bpf) = bpf_available("cookies_unasked") else {
+        return;
+    };
+    let older = tcp_pair(false);
+    let mut probe = start_probe(ProbeOptions::default());
+    let expected = match probe.mode() {
+        AttachMode::Kprobe => CookieSource::AtConnect,
+        _ => CookieSource::Programs,
+    };
+    assert_eq!(
+        probe.control().cookies(),
+        expected,
+        "in {:?} mode, as root",
+        probe.mode()
+    );
+    let mut rx = probe.take_receiver().unwrap();
+    for (what, (mut c, mut s)) in [("open before the probe", older), ("made since", tcp_pair(false))] {
+        let ports = [c.local_addr().unwrap().port(), s.local_addr().unwrap().port()];
+        c.write_all(b"unasked").unwrap();
+        let mut buf = [0u8; 7];
+        s.read_exact(&mut buf).unwrap();
+        s.write_all(b"reply").unwrap();
+        c.read_exact(&mut buf[..5]).unwrap();
+
+        let pid = std::process::id();
+        let events = collect(
+            &mut rx,
+            |e| e.pid == pid && e.local.ip().is_loopback() && ports.contains(&e.local.port()),
+            |ev| ev.len() >= 4,
+            WAIT,
+            SETTLE,
+        );
+        // Asked only now.
+        let cookies = [so_cookie(&c), so_cookie(&s)];
+        let seen: Vec<(u16, EventKind, u32, u64)> = events
+            .iter()
+            .map(|e| (e.local.port(), e.kind, e.bytes, e.cookie))
+            .collect();
+        assert_eq!(
+            seen,
+            [
+                (ports[0], EventKind::Send, 7, cookies[0]),
+                (ports[1], EventKind::Recv, 7, cookies[1]),
+                (ports[1], EventKind::Send, 5, cookies[1]),
+                (ports[0], EventKind::Recv, 5, cookies[0]),
+            ],
+            "a connection {what}: (local port, kind, bytes, cookie) of each call, against SO_COOKIE asked afterwards: {cookies:?}"
+        );
+    }
+}
+
+/// The sock_diag dump that gives kprobe mode's older sockets their cookies
+/// reports every TCP socket of this network namespace, IPv4 and IPv6,
+/// whatever its state (it needs no privilege).
+#[test]
+fn the_cookie_dump_reports_every_tcp_socket() {
+    let (c4, s4) = tcp_pair(false);
+    let (c6, s6) = tcp_pair(true);
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let mut reported = HashSet::new();
+    socktap::probe::dump_tcp_sockets(|local| {
+        reported.insert(local);
+    })
+    .expect("sock_diag dump");
+    for local in [&c4, &s4, &c6, &s6].map(|s| s.local_addr().unwrap()) {
+        assert!(reported.contains(&local), "{local} not in the dump: {reported:?}");
+    }
+    let listening = listener.local_addr().unwrap();
+    assert!(
+        reported.contains(&listening),
+        "the listener {listening} not in the dump"
+    );
 }
 
 #[test]

@@ -154,10 +154,12 @@ fn dropping_the_probe_leaves_no_program_or_link_behind() {
     let probe = start_probe(ProbeOptions::default());
     let ids: HashSet<u32> = probe.control().program_ids().iter().copied().collect();
     // send, recv and splice: an fexit each, or a kprobe and a kretprobe
-    // each; tracepoint mode has none for splice.
+    // each and the sock_ops program that gives connections their cookies
+    // (on the root cgroup, by a link too); tracepoint mode has none for
+    // splice.
     let per_mode = match probe.mode() {
         AttachMode::Fentry => 3,
-        AttachMode::Kprobe => 6,
+        AttachMode::Kprobe => 7,
         AttachMode::Tracepoint => 2,
     };
     assert_eq!(ids.len(), per_mode, "programs of {} mode: {ids:?}", probe.mode());

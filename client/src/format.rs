@@ -275,6 +275,20 @@ fn return_probes_text(r: &api::ReturnProbeStatus) -> String {
     )
 }
 
+/// Where events' cookies come from, when a socket may report 0 (kprobe
+/// mode); None where every event has its socket's cookie.
+fn cookies_text(c: api::CookieSource) -> Option<&'static str> {
+    match c {
+        api::CookieSource::AtConnect => Some(
+            "cookies: given by socktapd to each connection made or accepted since it started, and to those of its network namespace open then; an older socket of another namespace reports 0 until something asks for its cookie (SO_COOKIE, ss)",
+        ),
+        api::CookieSource::AskedOnly => Some(
+            "cookies: a socket reports 0 until something asks for its cookie (SO_COOKIE, ss): socktapd could not attach kprobe mode's cookie program (it takes CAP_NET_ADMIN; see socktapd's log)",
+        ),
+        api::CookieSource::Programs | api::CookieSource::Unspecified => None,
+    }
+}
+
 fn reader_text(r: &api::ReaderStatus) -> String {
     let place = if r.on_runtime {
         "on a runtime worker"
@@ -340,6 +354,9 @@ pub fn status_text(s: &api::GetStatusResponse) -> String {
     );
     if let Some(r) = &s.return_probes {
         let _ = writeln!(out, "{}", return_probes_text(r));
+    }
+    if let Some(c) = cookies_text(s.cookies()) {
+        let _ = writeln!(out, "{c}");
     }
     if let Some(r) = &s.reader {
         let _ = writeln!(out, "{}", reader_text(r));
@@ -771,6 +788,31 @@ mod tests {
         assert!(
             uncounted.contains("return probes: 10 calls in flight each (the kernel's default: socktapd could not write to tracefs, or --kretprobe-maxactive 0); returns missed beyond that are NOT counted on this kernel (before 6.7)"),
             "{uncounted}"
+        );
+    }
+
+    #[test]
+    fn cookies_are_explained_only_where_a_socket_may_report_0() {
+        let with = |c: api::CookieSource| {
+            status_text(&api::GetStatusResponse {
+                cookies: c as i32,
+                ..Default::default()
+            })
+        };
+        for c in [api::CookieSource::Programs, api::CookieSource::Unspecified] {
+            assert!(!with(c).contains("cookies:"), "{}", with(c));
+        }
+        let at_connect = with(api::CookieSource::AtConnect);
+        assert!(
+            at_connect.contains(
+                "cookies: given by socktapd to each connection made or accepted since it started, and to those of its network namespace open then; an older socket of another namespace reports 0"
+            ),
+            "{at_connect}"
+        );
+        let asked = with(api::CookieSource::AskedOnly);
+        assert!(
+            asked.contains("cookies: a socket reports 0 until something asks for its cookie (SO_COOKIE, ss): socktapd could not attach"),
+            "{asked}"
         );
     }
 

@@ -7,6 +7,7 @@ use libbpf_rs::skel::{OpenSkel, Skel, SkelBuilder};
 use libbpf_rs::OpenObject;
 use tracing::debug;
 
+use super::cookies::{self, CookieSource};
 use super::drops;
 use super::error::{errno_of, ModeRefusal, ProbeError, Stage};
 use super::kretprobes::{self, ReturnProbes};
@@ -26,8 +27,21 @@ pub(crate) struct Loaded<'obj> {
     pub _return_links: kretprobes::Attached,
     /// How to count what they miss.
     pub return_probes: ReturnProbes,
+    /// kprobe mode's cookie program on the root cgroup, when attached.
+    pub cookie_link: Option<libbpf_rs::Link>,
     pub mode: AttachMode,
     pub refused: Vec<ModeRefusal>,
+}
+
+impl Loaded<'_> {
+    /// Where the cookies in this mode's events come from.
+    pub fn cookies(&self) -> CookieSource {
+        match (self.mode, &self.cookie_link) {
+            (AttachMode::Kprobe, Some(_)) => CookieSource::AtConnect,
+            (AttachMode::Kprobe, None) => CookieSource::AskedOnly,
+            _ => CookieSource::Programs,
+        }
+    }
 }
 
 /// Checks what every mode needs before trying any: privileges and BTF.
@@ -43,7 +57,7 @@ pub(crate) fn preflight() -> Result<(), ProbeError> {
     Ok(())
 }
 
-fn effective_capabilities() -> u64 {
+pub(crate) fn effective_capabilities() -> u64 {
     std::fs::read_to_string("/proc/self/status")
         .ok()
         .and_then(|s| {
@@ -69,10 +83,14 @@ pub(crate) fn load<'obj>(
         match try_mode(mode, opts, slot) {
             Ok((skel, return_links, return_probes)) => {
                 debug!(mode = %mode, "attached");
+                let cookie_link = (mode == AttachMode::Kprobe)
+                    .then(|| cookies::attach_program(&skel.progs.st_sockops_cookie))
+                    .flatten();
                 return Ok(Loaded {
                     skel,
                     _return_links: return_links,
                     return_probes,
+                    cookie_link,
                     mode,
                     refused,
                 });
@@ -145,6 +163,11 @@ fn select_programs(open: &mut OpenSocktapSkel<'_>, mode: AttachMode) {
     let fentry = mode == AttachMode::Fentry;
     let kprobe = mode == AttachMode::Kprobe;
     let tracepoint = mode == AttachMode::Tracepoint;
+    // A sock_ops program takes CAP_NET_ADMIN to load: without it, it is left
+    // out, so that the rest of kprobe mode still loads.
+    p.st_sockops_cookie.set_autoload(kprobe && cookies::may_load_program());
+    // Attached to a cgroup apart, after the mode is in place.
+    p.st_sockops_cookie.set_autoattach(false);
     p.st_fexit_send.set_autoload(fentry);
     p.st_fexit_recv.set_autoload(fentry);
     p.st_fexit_splice.set_autoload(fentry);

@@ -9,6 +9,7 @@
 //! the reading and detaches and unloads every program and map.
 
 mod cgroup_trees;
+mod cookies;
 mod drops;
 mod error;
 mod kretprobes;
@@ -33,6 +34,7 @@ use libbpf_rs::{MapCore, MapFlags, MapHandle, PrintLevel};
 use tokio::sync::mpsc;
 
 pub use cgroup_trees::CGROUP_ROOTS_CAPACITY;
+pub use cookies::{dump_tcp_sockets, CookieSource};
 pub use error::{errno_name, ModeRefusal, ProbeError, Stage};
 pub use kretprobes::ReturnProbeInfo;
 pub use loader::{kernel_release, kernel_version};
@@ -365,6 +367,7 @@ pub struct ProbeControl {
     /// kprobe mode's return probes, for the returns they missed; emptied
     /// when the probe is dropped, so that their links go.
     return_probes: Arc<Mutex<kretprobes::ReturnProbes>>,
+    cookies: CookieSource,
     /// Also serializes writes of the control entry.
     attachments: Arc<Mutex<Attachments>>,
     prefilter: Arc<Mutex<KernelPrefilter>>,
@@ -592,6 +595,11 @@ impl ProbeControl {
             .collect()
     }
 
+    /// Where the cookies in events come from.
+    pub fn cookies(&self) -> CookieSource {
+        self.cookies
+    }
+
     /// kprobe mode's return probes: how many calls in flight each tracks,
     /// and whether what they miss is counted. None in the other modes.
     pub fn return_probes(&self) -> Option<ReturnProbeInfo> {
@@ -666,8 +674,9 @@ impl Probe {
                 };
                 let mut loaded = loaded;
                 let return_probes = std::mem::take(&mut loaded.return_probes);
-                let started =
-                    control_of(&loaded.skel, loaded.mode, return_probes, &thread_shared, &opts).and_then(|control| {
+                let cookies = loaded.cookies();
+                let started = control_of(&loaded.skel, loaded.mode, return_probes, cookies, &thread_shared, &opts)
+                    .and_then(|control| {
                         if loaded.mode != AttachMode::Kprobe {
                             // From here on the control owns the links: it keeps
                             // duplicates of the skeleton's link fds (a BPF link
@@ -813,6 +822,7 @@ fn control_of(
     skel: &skel::SocktapSkel<'_>,
     mode: AttachMode,
     return_probes: kretprobes::ReturnProbes,
+    cookies: CookieSource,
     shared: &Arc<Shared>,
     opts: &ProbeOptions,
 ) -> Result<ProbeControl, ProbeError> {
@@ -852,6 +862,7 @@ fn control_of(
         program_ids: program_ids.into(),
         program_fds: Arc::new(Mutex::new(program_fds)),
         return_probes: Arc::new(Mutex::new(return_probes)),
+        cookies,
         attachments: Arc::new(Mutex::new(Attachments {
             programs,
             links: Vec::new(),

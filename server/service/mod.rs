@@ -332,6 +332,7 @@ pub fn status(hub: &Hub) -> pb::GetStatusResponse {
             tracefs: r.tracefs,
             misses_counted: r.misses_counted,
         }),
+        cookies: probe.map_or(pb::CookieSource::Unspecified, |p| convert::cookie_source(p.cookies())) as i32,
         kernel_events_produced: probe
             .map(|p| p.counters().produced)
             .unwrap_or(s.events_read + s.kernel_drops),

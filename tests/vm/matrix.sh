@@ -47,9 +47,13 @@ done
 # --- kernels from Debian's archive, through a private apt directory --------
 mirror=$(sed -n 's/^URIs: *\([^ ]*\).*/\1/p' /etc/apt/sources.list.d/debian.sources 2>/dev/null | head -1)
 [ -n "$mirror" ] || mirror=$(awk '$1 == "deb" { for (i = 2; i <= NF; i++) if ($i ~ /^[a-z]+:\/\//) { print $i; exit } }' /etc/apt/sources.list)
+# The kernel, and the modules of sock_diag's TCP dumps (inet_diag, tcp_diag),
+# which Debian builds as modules and a host loads when a dump asks for them:
+# socktapd's kprobe mode dumps TCP sockets to give them their cookies.
+diag_modules=(inet_diag tcp_diag)
 fetch_kernel() { # name suite -> path of vmlinuz
   local name=$1 suite=$2 dir=$vm/kernels/$1 apt=$vm/apt-$2
-  if [ ! -f "$dir/vmlinuz" ]; then
+  if [ ! -f "$dir/vmlinuz" ] || [ ! -d "$dir/modules" ]; then
     mkdir -p "$dir" "$apt"/{lists/partial,cache/archives/partial}
     echo "deb [signed-by=/usr/share/keyrings/debian-archive-keyring.gpg] $mirror $suite main" > "$apt/sources.list"
     local opts=(-o "Dir::Etc::SourceList=$apt/sources.list" -o Dir::Etc::SourceParts=/dev/null
@@ -62,15 +66,37 @@ fetch_kernel() { # name suite -> path of vmlinuz
     # Since Linux 7.x, Debian's linux-image-VERSION only depends on the
     # package that holds the kernel itself, linux-binary-VERSION, which
     # keeps it as /usr/lib/modules/VERSION/vmlinuz (not /boot/vmlinuz-VERSION).
-    local binary
-    binary=$(apt-cache "${opts[@]}" depends "$pkg" | awk '/Depends: linux-binary-[0-9]/ { print $2; exit }')
-    echo "matrix: fetching $pkg $binary ($suite)" >&2
-    # shellcheck disable=SC2086 # $binary is one word, or none
-    (cd "$dir" && rm -rf x ./*.deb && apt-get "${opts[@]}" -qq download "$pkg" $binary >&2 &&
+    # Its modules, likewise, in linux-modules-VERSION.
+    local parts
+    parts=$(apt-cache "${opts[@]}" depends "$pkg" | awk '/Depends: linux-(binary|modules)-[0-9]/ { print $2 }' | tr '\n' ' ')
+    echo "matrix: fetching $pkg $parts($suite)" >&2
+    # shellcheck disable=SC2086 # $parts is a list of words, or none
+    (cd "$dir" && rm -rf x modules ./*.deb && apt-get "${opts[@]}" -qq download "$pkg" $parts >&2 &&
        for deb in ./*.deb; do dpkg-deb -x "$deb" x; done &&
-       cp "$(find x/boot x/usr/lib/modules -name 'vmlinuz*' -type f 2>/dev/null | head -1)" vmlinuz && rm -rf x ./*.deb)
+       cp "$(find x/boot x/usr/lib/modules -name 'vmlinuz*' -type f 2>/dev/null | head -1)" vmlinuz &&
+       mkdir -p x/m && for m in "${diag_modules[@]}"; do
+         ko=$(find x/lib/modules x/usr/lib/modules -name "$m.ko*" 2>/dev/null | head -1)
+         [ -n "$ko" ] || { echo "matrix: no $m module in $pkg" >&2; exit 1; }
+         case $ko in
+           *.xz) xz -dc "$ko" ;;
+           *.zst) zstd -qdc "$ko" ;;
+           *) cat "$ko" ;;
+         esac > "x/m/$m.ko"
+       done && mv x/m modules && rm -rf x ./*.deb)
   fi
   echo "$dir/vmlinuz"
+}
+# The initramfs with a kernel's modules appended (the kernel unpacks
+# concatenated cpio archives in turn): /modules, which /init loads.
+kernel_initrd() { # name -> path of its initrd
+  local dir=$vm/kernels/$1 m
+  rm -rf "$dir/root" && mkdir -p "$dir/root/modules"
+  for m in "${diag_modules[@]}"; do
+    cp "$dir/modules/$m.ko" "$dir/root/modules/" || { echo "matrix: no $m module for kernel $1" >&2; return 1; }
+  done
+  (cd "$dir/root" && find . | busybox cpio -o -H newc 2>/dev/null) | cat "$initrd" - > "$dir/initrd.cpio"
+  rm -rf "$dir/root"
+  echo "$dir/initrd.cpio"
 }
 
 # --- the cells ----------------------------------------------------------------
@@ -81,6 +107,7 @@ while read -r name suite e_fentry e_kprobe e_tracepoint; do
   case $name in ''|'#'*) continue ;; esac
   [ -z "$only_kernel" ] || [ "$only_kernel" = "$name" ] || continue
   kernel=$(fetch_kernel "$name" "$suite")
+  kinitrd=$(kernel_initrd "$name") || exit 1
   expects=("$e_fentry" "$e_kprobe" "$e_tracepoint")
   row=$(printf '%-6s' "$name")
   for i in 0 1 2; do
@@ -94,7 +121,7 @@ while read -r name suite e_fentry e_kprobe e_tracepoint; do
     # kernel was text-patching (an "Oops: int3" in call_trace_sock_recv_length
     # on 6.12 while tests attached and detached programs concurrently).
     timeout "$boot_timeout" qemu-system-x86_64 -accel tcg,thread=single -cpu max -smp 2 -m 1536 -nographic -no-reboot \
-      -kernel "$kernel" -initrd "$initrd" \
+      -kernel "$kernel" -initrd "$kinitrd" \
       -append "console=ttyS0 panic=-1 rdinit=/init quiet socktap.mode=$mode socktap.expect=$expect" \
       </dev/null >"$log" 2>&1 || true
     secs=$(( $(date +%s) - start ))
