@@ -484,8 +484,10 @@ int BPF_KRETPROBE(st_kret_splice, long ret)
  * for it, and kprobe programs may not ask. This sock_ops program, attached
  * to the root cgroup, asks for every TCP socket as it connects or is
  * accepted, so that the kprobe programs find the same cookie SO_COOKIE
- * would return. It runs once or twice per connection, never per call, and
- * leaves the kernel's defaults alone (its reply stays 0).
+ * would return. The kernel runs it a few times per connection, at its
+ * setup (connect, established, and its queries for a connection's initial
+ * timeout, window and ECN), never per call; it leaves the kernel's
+ * defaults alone (its reply stays 0).
  */
 SEC("sockops")
 int st_sockops_cookie(struct bpf_sock_ops *skops)

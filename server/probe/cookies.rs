@@ -129,6 +129,9 @@ pub fn dump_tcp_sockets(mut each: impl FnMut(std::net::SocketAddr)) -> Result<()
             let n = socket
                 .recv(&mut &mut buf[..], 0)
                 .map_err(|e| format!("reading the dump: {e}"))?;
+            if n == 0 {
+                return Err("the dump ended before its last message".into());
+            }
             let mut at = 0;
             while at < n {
                 let message = NetlinkBuffer::new_checked(&buf[at..n]).map_err(|e| format!("a malformed reply: {e}"))?;
