@@ -31,12 +31,13 @@ pub enum CookieSource {
     /// fentry and tracepoint modes: the programs ask the kernel for each
     /// socket's cookie, so every event has it.
     Programs,
-    /// kprobe mode, whose programs may not ask: socktapd gave every TCP
-    /// socket of its network namespace open when the probe started its
-    /// cookie, and a sock_ops program on the root cgroup gives every
-    /// connection made or accepted since then its own. A socket of another
-    /// network namespace that was open before reports 0 until something
-    /// asks for its cookie (SO_COOKIE, `ss`).
+    /// kprobe mode, whose programs may not ask: a sock_ops program on the
+    /// root cgroup gives every connection made or accepted since the probe
+    /// started its cookie, and a sock_diag dump then gave those of
+    /// socktapd's network namespace open at the time theirs (a failed dump
+    /// is logged). A socket of another network namespace that was open
+    /// before reports 0 until something asks for its cookie (SO_COOKIE,
+    /// `ss`).
     AtConnect,
     /// kprobe mode without that program (no CAP_NET_ADMIN, or no cgroup2):
     /// a socket reports 0 until something asks for its cookie.
