@@ -52,13 +52,15 @@ pub(crate) fn may_load_program() -> bool {
     effective & (1u64 << CAP_NET_ADMIN | 1u64 << CAP_SYS_ADMIN) != 0
 }
 
-/// Attaches the cookie program to the root of the cgroup2 hierarchy, then
+/// Attaches the cookie program (when the loader loaded it: see
+/// `may_load_program`) to the root of the cgroup2 hierarchy, then
 /// gives the sockets already open in socktapd's network namespace their
 /// cookies. None (and a warning) when the program cannot be attached;
 /// socktapd goes on, with cookie 0 for sockets that nothing asked.
 pub(crate) fn attach_program(program: &libbpf_rs::ProgramMut<'_>) -> Option<libbpf_rs::Link> {
     let unassigned = "sockets nothing has asked for their cookie report cookie 0";
-    if !may_load_program() {
+    // The loader left the program out when this process may not load it.
+    if !program.autoload() {
         tracing::warn!("kprobe mode: {unassigned} (assigning cookies takes CAP_NET_ADMIN)");
         return None;
     }

@@ -50,6 +50,7 @@ mirror=$(sed -n 's/^URIs: *\([^ ]*\).*/\1/p' /etc/apt/sources.list.d/debian.sour
 # The kernel, and the modules of sock_diag's TCP dumps (inet_diag, tcp_diag),
 # which Debian builds as modules and a host loads when a dump asks for them:
 # socktapd's kprobe mode dumps TCP sockets to give them their cookies.
+# Listed in the order they load in: a module after those it needs.
 diag_modules=(inet_diag tcp_diag)
 fetch_kernel() { # name suite -> path of vmlinuz
   local name=$1 suite=$2 dir=$vm/kernels/$1 apt=$vm/apt-$2
@@ -87,13 +88,16 @@ fetch_kernel() { # name suite -> path of vmlinuz
   echo "$dir/vmlinuz"
 }
 # The initramfs with a kernel's modules appended (the kernel unpacks
-# concatenated cpio archives in turn): /modules, which /init loads.
+# concatenated cpio archives in turn): /modules, which /init loads in the
+# order /modules/order gives.
 kernel_initrd() { # name -> path of its initrd
   local dir=$vm/kernels/$1 m
   rm -rf "$dir/root" && mkdir -p "$dir/root/modules"
   for m in "${diag_modules[@]}"; do
     cp "$dir/modules/$m.ko" "$dir/root/modules/" || { echo "matrix: no $m module for kernel $1" >&2; return 1; }
   done
+  # The order /init loads them in.
+  printf '%s\n' "${diag_modules[@]}" > "$dir/root/modules/order"
   (cd "$dir/root" && find . | busybox cpio -o -H newc 2>/dev/null) | cat "$initrd" - > "$dir/initrd.cpio"
   rm -rf "$dir/root"
   echo "$dir/initrd.cpio"
