@@ -167,6 +167,8 @@ async fn filtered_subscribers_get_exactly_their_sockets_bytes_and_shutdown_detac
         pb::CookieSource::Programs
     };
     assert_eq!(st.cookies(), cookies);
+    // Root may enter every network namespace, whose dumps all succeed.
+    assert_eq!((st.cookie_namespaces_missed, st.cookie_own_namespace_only), (0, false));
     // The same in the metrics.
     let metrics = socktap::metrics::encode(&d.hub).unwrap();
     let mode = format!("{:?}", probe.mode()).to_lowercase();

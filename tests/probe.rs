@@ -170,13 +170,16 @@ fn ipv6_cookies_bytes_and_identity_are_exact() {
 /// fentry and tracepoint programs ask as they read it, while kprobe
 /// programs may not and read what the socket holds, which is 0 unless
 /// kprobe mode gave the socket its cookie: its sock_ops program as the
-/// connection was made, or its sock_diag dump at start.
+/// connection was made, or its sock_diag dumps at start, of socktapd's
+/// network namespace and of every other one a process is in (a
+/// container's).
 #[test]
 fn cookies_need_no_asking_first() {
     let Some(_bpf) = bpf_available("cookies_unasked") else {
         return;
     };
     let older = tcp_pair(false);
+    let elsewhere = PairInOtherNetns::new();
     let mut probe = start_probe(ProbeOptions::default());
     let expected = match probe.mode() {
         AttachMode::Kprobe => CookieSource::AtConnect,
@@ -189,7 +192,20 @@ fn cookies_need_no_asking_first() {
         probe.mode()
     );
     let mut rx = probe.take_receiver().unwrap();
-    for (what, (mut c, mut s)) in [("open before the probe", older), ("made since", tcp_pair(false))] {
+    let our_netns = netns_inode("/proc/self/ns/net");
+    let cases = [
+        ("open before the probe", older, our_netns),
+        (
+            "open before the probe, in another network namespace",
+            (
+                elsewhere.client.try_clone().unwrap(),
+                elsewhere.server.try_clone().unwrap(),
+            ),
+            elsewhere.netns,
+        ),
+        ("made since", tcp_pair(false), our_netns),
+    ];
+    for (what, (mut c, mut s), netns) in cases {
         let ports = [c.local_addr().unwrap().port(), s.local_addr().unwrap().port()];
         c.write_all(b"unasked").unwrap();
         let mut buf = [0u8; 7];
@@ -207,20 +223,70 @@ fn cookies_need_no_asking_first() {
         );
         // Asked only now.
         let cookies = [so_cookie(&c), so_cookie(&s)];
-        let seen: Vec<(u16, EventKind, u32, u64)> = events
+        let seen: Vec<(u16, EventKind, u32, u64, u32)> = events
             .iter()
-            .map(|e| (e.local.port(), e.kind, e.bytes, e.cookie))
+            .map(|e| (e.local.port(), e.kind, e.bytes, e.cookie, e.netns))
             .collect();
         assert_eq!(
             seen,
             [
-                (ports[0], EventKind::Send, 7, cookies[0]),
-                (ports[1], EventKind::Recv, 7, cookies[1]),
-                (ports[1], EventKind::Send, 5, cookies[1]),
-                (ports[0], EventKind::Recv, 5, cookies[0]),
+                (ports[0], EventKind::Send, 7, cookies[0], netns),
+                (ports[1], EventKind::Recv, 7, cookies[1], netns),
+                (ports[1], EventKind::Send, 5, cookies[1], netns),
+                (ports[0], EventKind::Recv, 5, cookies[0], netns),
             ],
-            "a connection {what}: (local port, kind, bytes, cookie) of each call, against SO_COOKIE asked afterwards: {cookies:?}"
+            "a connection {what}: (local port, kind, bytes, cookie, netns) of each call, against SO_COOKIE asked afterwards: {cookies:?}"
         );
+    }
+}
+
+/// The network namespace a `/proc/.../ns/net` names (its inode number, as
+/// events carry it).
+fn netns_inode(path: &str) -> u32 {
+    use std::os::unix::fs::MetadataExt;
+    let ino = std::fs::metadata(path).unwrap_or_else(|e| panic!("{path}: {e}")).ino();
+    u32::try_from(ino).expect("a namespace inode fits 32 bits")
+}
+
+/// A loopback TCP connection in a network namespace of its own, with a
+/// process in it (`sleep`, as a container has its processes), which this
+/// process reads and writes through the sockets' descriptors.
+struct PairInOtherNetns {
+    client: TcpStream,
+    server: TcpStream,
+    netns: u32,
+    sleeper: std::process::Child,
+}
+
+impl PairInOtherNetns {
+    fn new() -> PairInOtherNetns {
+        // unshare() moves only the calling thread, and a process it starts.
+        std::thread::spawn(|| {
+            nix::sched::unshare(nix::sched::CloneFlags::CLONE_NEWNET).expect("unshare(CLONE_NEWNET)");
+            let up = std::process::Command::new("ip")
+                .args(["link", "set", "lo", "up"])
+                .status();
+            assert!(up.as_ref().is_ok_and(|s| s.success()), "ip link set lo up: {up:?}");
+            let (client, server) = tcp_pair(false);
+            let sleeper = std::process::Command::new("sleep").arg("600").spawn().expect("sleep");
+            let netns = netns_inode("/proc/thread-self/ns/net");
+            assert_eq!(netns, netns_inode(&format!("/proc/{}/ns/net", sleeper.id())));
+            PairInOtherNetns {
+                client,
+                server,
+                netns,
+                sleeper,
+            }
+        })
+        .join()
+        .expect("a pair in a new network namespace")
+    }
+}
+
+impl Drop for PairInOtherNetns {
+    fn drop(&mut self) {
+        let _ = self.sleeper.kill();
+        let _ = self.sleeper.wait();
     }
 }
 
@@ -245,6 +311,37 @@ fn the_cookie_dump_reports_every_tcp_socket() {
         reported.contains(&listening),
         "the listener {listening} not in the dump"
     );
+}
+
+/// The dumps of the other network namespaces (kprobe mode's, for sockets
+/// open in a container before socktapd started) find a namespace with a
+/// process in it and report its sockets; entering it takes root
+/// (CAP_SYS_ADMIN).
+#[test]
+fn the_cookie_dump_reaches_other_network_namespaces() {
+    let Some(_bpf) = bpf_available("cookie_dump_netns") else {
+        return;
+    };
+    let elsewhere = PairInOtherNetns::new();
+    let ours = format!("/proc/{}/ns/net", elsewhere.sleeper.id());
+    let mut reported = HashSet::new();
+    let dumps = socktap::probe::dump_other_namespaces(|namespace, local| {
+        if namespace == std::path::Path::new(&ours) {
+            reported.insert(local);
+        }
+    });
+    assert!(
+        !dumps
+            .failed
+            .iter()
+            .any(|(namespace, _)| namespace == std::path::Path::new(&ours)),
+        "{dumps:?}"
+    );
+    let locals: HashSet<SocketAddr> = [&elsewhere.client, &elsewhere.server]
+        .map(|s| s.local_addr().unwrap())
+        .into();
+    assert_eq!(reported, locals, "the sockets of {ours}; {dumps:?}");
+    assert!(dumps.dumped >= 1 && dumps.sockets >= 2, "{dumps:?}");
 }
 
 #[test]

@@ -277,13 +277,31 @@ fn return_probes_text(r: &api::ReturnProbeStatus) -> String {
 
 /// Where events' cookies come from, when a socket may report 0 (kprobe
 /// mode); None where every event has its socket's cookie.
-fn cookies_text(c: api::CookieSource) -> Option<&'static str> {
-    match c {
-        api::CookieSource::AtConnect => Some(
-            "cookies: given by socktapd to each connection made or accepted since it started, and to those of its network namespace open then; an older socket of another namespace reports 0 until something asks for its cookie (SO_COOKIE, ss)",
-        ),
+fn cookies_text(s: &api::GetStatusResponse) -> Option<String> {
+    match s.cookies() {
+        api::CookieSource::AtConnect => {
+            let mut text = String::from(
+                "cookies: given by socktapd to each connection made or accepted since it started, and to those open then",
+            );
+            if s.cookie_own_namespace_only {
+                text.push_str(" in its own network namespace (entering others takes CAP_SYS_ADMIN)");
+            }
+            match s.cookie_namespaces_missed {
+                0 => {}
+                1 => text.push_str(", except in 1 network namespace it could not dump (see socktapd's log)"),
+                n => {
+                    let _ = write!(text, ", except in {n} network namespaces it could not dump (see socktapd's log)");
+                }
+            }
+            if s.cookie_own_namespace_only || s.cookie_namespaces_missed > 0 {
+                text.push_str(
+                    ": an older socket elsewhere reports 0 until something asks for its cookie (SO_COOKIE, ss)",
+                );
+            }
+            Some(text)
+        }
         api::CookieSource::AskedOnly => Some(
-            "cookies: a socket reports 0 until something asks for its cookie (SO_COOKIE, ss): socktapd could not attach kprobe mode's cookie program (it takes CAP_NET_ADMIN; see socktapd's log)",
+            "cookies: a socket reports 0 until something asks for its cookie (SO_COOKIE, ss): socktapd could not attach kprobe mode's cookie program (it takes CAP_NET_ADMIN; see socktapd's log)".into(),
         ),
         api::CookieSource::Programs | api::CookieSource::Unspecified => None,
     }
@@ -355,7 +373,7 @@ pub fn status_text(s: &api::GetStatusResponse) -> String {
     if let Some(r) = &s.return_probes {
         let _ = writeln!(out, "{}", return_probes_text(r));
     }
-    if let Some(c) = cookies_text(s.cookies()) {
+    if let Some(c) = cookies_text(s) {
         let _ = writeln!(out, "{c}");
     }
     if let Some(r) = &s.reader {
@@ -793,21 +811,40 @@ mod tests {
 
     #[test]
     fn cookies_are_explained_only_where_a_socket_may_report_0() {
-        let with = |c: api::CookieSource| {
+        let missing = |c: api::CookieSource, missed: u32| {
             status_text(&api::GetStatusResponse {
                 cookies: c as i32,
+                cookie_namespaces_missed: missed,
                 ..Default::default()
             })
         };
+        let with = |c: api::CookieSource| missing(c, 0);
         for c in [api::CookieSource::Programs, api::CookieSource::Unspecified] {
             assert!(!with(c).contains("cookies:"), "{}", with(c));
         }
         let at_connect = with(api::CookieSource::AtConnect);
         assert!(
-            at_connect.contains(
-                "cookies: given by socktapd to each connection made or accepted since it started, and to those of its network namespace open then; an older socket of another namespace reports 0"
-            ),
+            at_connect
+                .contains("cookies: given by socktapd to each connection made or accepted since it started, and to those open then\n"),
             "{at_connect}"
+        );
+        let two_missed = missing(api::CookieSource::AtConnect, 2);
+        assert!(
+            two_missed.contains(
+                "and to those open then, except in 2 network namespaces it could not dump (see socktapd's log): an older socket elsewhere reports 0"
+            ),
+            "{two_missed}"
+        );
+        let own_only = status_text(&api::GetStatusResponse {
+            cookies: api::CookieSource::AtConnect as i32,
+            cookie_own_namespace_only: true,
+            ..Default::default()
+        });
+        assert!(
+            own_only.contains(
+                "and to those open then in its own network namespace (entering others takes CAP_SYS_ADMIN): an older socket elsewhere reports 0"
+            ),
+            "{own_only}"
         );
         let asked = with(api::CookieSource::AskedOnly);
         assert!(

@@ -7,7 +7,7 @@ use libbpf_rs::skel::{OpenSkel, Skel, SkelBuilder};
 use libbpf_rs::OpenObject;
 use tracing::debug;
 
-use super::cookies::{self, CookieSource};
+use super::cookies::{self, CookieSource, StartDumps};
 use super::drops;
 use super::error::{errno_of, ModeRefusal, ProbeError, Stage};
 use super::kretprobes::{self, ReturnProbes};
@@ -29,6 +29,8 @@ pub(crate) struct Loaded<'obj> {
     pub return_probes: ReturnProbes,
     /// kprobe mode's cookie program on the root cgroup, when attached.
     pub cookie_link: Option<libbpf_rs::Link>,
+    /// kprobe mode: what the cookie dumps at the start left out.
+    pub cookie_dumps: StartDumps,
     pub mode: AttachMode,
     pub refused: Vec<ModeRefusal>,
 }
@@ -83,14 +85,17 @@ pub(crate) fn load<'obj>(
         match try_mode(mode, opts, slot) {
             Ok((skel, return_links, return_probes)) => {
                 debug!(mode = %mode, "attached");
-                let cookie_link = (mode == AttachMode::Kprobe)
+                let cookie_program = (mode == AttachMode::Kprobe)
                     .then(|| cookies::attach_program(&skel.progs.st_sockops_cookie))
                     .flatten();
+                let cookie_dumps = cookie_program.as_ref().map(|a| a.dumps).unwrap_or_default();
+                let cookie_link = cookie_program.map(|a| a.link);
                 return Ok(Loaded {
                     skel,
                     _return_links: return_links,
                     return_probes,
                     cookie_link,
+                    cookie_dumps,
                     mode,
                     refused,
                 });

@@ -34,7 +34,7 @@ use libbpf_rs::{MapCore, MapFlags, MapHandle, PrintLevel};
 use tokio::sync::mpsc;
 
 pub use cgroup_trees::CGROUP_ROOTS_CAPACITY;
-pub use cookies::{dump_tcp_sockets, CookieSource};
+pub use cookies::{dump_other_namespaces, dump_tcp_sockets, CookieSource, NamespaceDumps, StartDumps};
 pub use error::{errno_name, ModeRefusal, ProbeError, Stage};
 pub use kretprobes::ReturnProbeInfo;
 pub use loader::{kernel_release, kernel_version};
@@ -368,6 +368,7 @@ pub struct ProbeControl {
     /// when the probe is dropped, so that their links go.
     return_probes: Arc<Mutex<kretprobes::ReturnProbes>>,
     cookies: CookieSource,
+    cookie_dumps: StartDumps,
     /// Also serializes writes of the control entry.
     attachments: Arc<Mutex<Attachments>>,
     prefilter: Arc<Mutex<KernelPrefilter>>,
@@ -600,6 +601,13 @@ impl ProbeControl {
         self.cookies
     }
 
+    /// kprobe mode: which network namespaces' sockets open at the start did
+    /// not get their cookies (socktapd's log says which and why). Nothing in
+    /// the other modes.
+    pub fn cookie_dumps(&self) -> StartDumps {
+        self.cookie_dumps
+    }
+
     /// kprobe mode's return probes: how many calls in flight each tracks,
     /// and whether what they miss is counted. None in the other modes.
     pub fn return_probes(&self) -> Option<ReturnProbeInfo> {
@@ -674,7 +682,7 @@ impl Probe {
                 };
                 let mut loaded = loaded;
                 let return_probes = std::mem::take(&mut loaded.return_probes);
-                let cookies = loaded.cookies();
+                let cookies = (loaded.cookies(), loaded.cookie_dumps);
                 let started = control_of(&loaded.skel, loaded.mode, return_probes, cookies, &thread_shared, &opts)
                     .and_then(|control| {
                         if loaded.mode != AttachMode::Kprobe {
@@ -822,7 +830,7 @@ fn control_of(
     skel: &skel::SocktapSkel<'_>,
     mode: AttachMode,
     return_probes: kretprobes::ReturnProbes,
-    cookies: CookieSource,
+    (cookies, cookie_dumps): (CookieSource, StartDumps),
     shared: &Arc<Shared>,
     opts: &ProbeOptions,
 ) -> Result<ProbeControl, ProbeError> {
@@ -863,6 +871,7 @@ fn control_of(
         program_fds: Arc::new(Mutex::new(program_fds)),
         return_probes: Arc::new(Mutex::new(return_probes)),
         cookies,
+        cookie_dumps,
         attachments: Arc::new(Mutex::new(Attachments {
             programs,
             links: Vec::new(),

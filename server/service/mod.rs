@@ -333,6 +333,8 @@ pub fn status(hub: &Hub) -> pb::GetStatusResponse {
             misses_counted: r.misses_counted,
         }),
         cookies: probe.map_or(pb::CookieSource::Unspecified, |p| convert::cookie_source(p.cookies())) as i32,
+        cookie_namespaces_missed: probe.map_or(0, |p| p.cookie_dumps().namespaces_missed),
+        cookie_own_namespace_only: probe.is_some_and(|p| p.cookie_dumps().own_namespace_only),
         kernel_events_produced: probe
             .map(|p| p.counters().produced)
             .unwrap_or(s.events_read + s.kernel_drops),
