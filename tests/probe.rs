@@ -611,7 +611,8 @@ fn every_call_is_an_event_or_announced_as_skipped() {
     let cookies: HashSet<u64> = runs.iter().flat_map(|(c, _)| *c).collect();
     let calls: u64 = runs.iter().map(|(_, n)| n).sum();
     // The reader reads the counters at most every 100 ms while records
-    // come, and once more at a quiet pass (every 200 ms at most).
+    // come, and at each quiet pass (every 200 ms at most) while the gate is
+    // open.
     let skipped_total = control.skipped_calls() - skipped_before;
     let (mut events, mut announced, mut dropped) = (0u64, 0u64, 0u64);
     let deadline = std::time::Instant::now() + WAIT;

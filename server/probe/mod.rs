@@ -629,7 +629,8 @@ impl ProbeControl {
     /// unrecorded (kprobe handlers run with preemption off). A `bpf()`
     /// call per program (in kprobe mode also a read of tracefs'
     /// `kprobe_profile`, or a `bpf()` call per return probe): the reader
-    /// asks about every [`SKIPPED_CHECK`] while events flow.
+    /// asks about every [`SKIPPED_CHECK`] while events flow, and at each
+    /// quiet poll (200 ms) while the gate is open.
     pub fn skipped_calls(&self) -> u64 {
         let fds = self.program_fds.lock().unwrap_or_else(|e| e.into_inner());
         let skipped: u64 = fds.iter().filter_map(|fd| recursion_misses(fd.as_fd())).sum();
