@@ -49,6 +49,9 @@ impl ModeRefusal {
             (AttachMode::Kprobe, Some(libc::ENOENT | libc::EOPNOTSUPP | libc::EINVAL)) => {
                 "kprobes are not available on this kernel (CONFIG_KPROBES) or tcp_sendmsg is not probeable"
             }
+            (AttachMode::Kprobe, Some(libc::EACCES)) => {
+                "perf_event_open refused: where kernel.perf_event_paranoid is above 2 (Debian's and Ubuntu's kernels, 3 or 4 by default) it takes CAP_SYS_ADMIN, not CAP_PERFMON; give socktapd CAP_SYS_ADMIN, or set kernel.perf_event_paranoid=2"
+            }
             (AttachMode::Kprobe, _) => "kprobes need CONFIG_KPROBES and a traceable tcp_sendmsg/tcp_recvmsg/tcp_splice_read",
             (AttachMode::Tracepoint, Some(libc::ESRCH | libc::ENOENT)) => {
                 "the kernel lacks the sock_send_length/sock_recv_length tracepoints (added in Linux 6.3)"
@@ -154,5 +157,23 @@ mod tests {
         let s = r.to_string();
         assert!(s.starts_with("fentry mode: load failed with EPERM"), "{s}");
         assert!(s.contains("hint: "), "{s}");
+    }
+
+    /// Seen in the kernel matrix: Debian's 7.3, a probe started without
+    /// CAP_SYS_ADMIN in kprobe mode.
+    #[test]
+    fn kprobes_refused_by_perf_event_paranoid_say_so() {
+        let r = ModeRefusal {
+            mode: AttachMode::Kprobe,
+            stage: Stage::Attach,
+            errno: Some(libc::EACCES),
+            detail: String::new(),
+        };
+        let s = r.to_string();
+        assert!(s.starts_with("kprobe mode: attach failed with EACCES"), "{s}");
+        assert!(
+            s.contains("hint: perf_event_open refused: where kernel.perf_event_paranoid is above 2"),
+            "{s}"
+        );
     }
 }
