@@ -13,7 +13,9 @@ use std::time::Duration;
 
 use common::*;
 use socktap::event::{AttachMode, Event, EventKind};
-use socktap::probe::{Batch, CookieSource, ProbeOptions, ReturnProbeInfo, MAX_BATCH_EVENTS, WAKEUPS_OFF};
+use socktap::probe::{
+    Batch, CookieSource, ModeRequest, Probe, ProbeOptions, ReturnProbeInfo, StartDumps, MAX_BATCH_EVENTS, WAKEUPS_OFF,
+};
 
 const WAIT: Duration = Duration::from_secs(10);
 const SETTLE: Duration = Duration::from_millis(100);
@@ -238,6 +240,150 @@ fn cookies_need_no_asking_first() {
             "a connection {what}: (local port, kind, bytes, cookie, netns) of each call, against SO_COOKIE asked afterwards: {cookies:?}"
         );
     }
+}
+
+/// Without CAP_SYS_ADMIN kprobe mode may not enter other network
+/// namespaces: it dumps only its own and says so, and a connection another
+/// namespace had open before the probe reports cookie 0 while one of its
+/// own has its cookie. (Capabilities are per thread: the probe starts on a
+/// thread that gave CAP_SYS_ADMIN up, and its threads inherit that.) In
+/// the other modes the programs ask for every cookie. Where
+/// kernel.perf_event_paranoid is above 2 (Debian's kernels, the matrix's)
+/// kprobes take CAP_SYS_ADMIN: there kprobe mode is refused with EACCES
+/// and a hint that says so, and the rest runs with the sysctl at 2.
+#[test]
+fn without_cap_sys_admin_only_the_own_namespace_is_dumped() {
+    let Some(_bpf) = bpf_available("cookie_dump_own_only") else {
+        return;
+    };
+    let _paranoid = if test_mode() == ModeRequest::Only(AttachMode::Kprobe) && perf_event_paranoid() > 2 {
+        let refused = std::thread::spawn(|| {
+            drop_effective_capability(CAP_SYS_ADMIN);
+            Probe::start(ProbeOptions {
+                mode: test_mode(),
+                ..Default::default()
+            })
+            .err()
+        })
+        .join()
+        .unwrap()
+        .expect("kprobe mode without CAP_SYS_ADMIN, perf_event_paranoid above 2: refused");
+        let refused = refused.to_string();
+        assert!(
+            refused.contains("attach failed with EACCES") && refused.contains("kernel.perf_event_paranoid is above 2"),
+            "{refused}"
+        );
+        Some(PerfEventParanoid::set(2))
+    } else {
+        None
+    };
+    let elsewhere = PairInOtherNetns::new();
+    let (mut c, mut s) = tcp_pair(false);
+    let mut probe = std::thread::spawn(|| {
+        drop_effective_capability(CAP_SYS_ADMIN);
+        start_probe(ProbeOptions::default())
+    })
+    .join()
+    .expect("a probe started without CAP_SYS_ADMIN");
+    let kprobe = probe.mode() == AttachMode::Kprobe;
+    let expected = StartDumps {
+        namespaces_missed: 0,
+        own_namespace_only: kprobe,
+    };
+    assert_eq!(probe.control().cookie_dumps(), expected, "in {:?} mode", probe.mode());
+    let mut rx = probe.take_receiver().unwrap();
+    let (mut c2, mut s2) = (
+        elsewhere.client.try_clone().unwrap(),
+        elsewhere.server.try_clone().unwrap(),
+    );
+    let mut buf = [0u8; 3];
+    for (c, s) in [(&mut c, &mut s), (&mut c2, &mut s2)] {
+        c.write_all(b"old").unwrap();
+        s.read_exact(&mut buf).unwrap();
+    }
+    let ports: Vec<u16> = [&c, &s, &c2, &s2]
+        .iter()
+        .map(|x| x.local_addr().unwrap().port())
+        .collect();
+    let pid = std::process::id();
+    let events = collect(
+        &mut rx,
+        |e| e.pid == pid && e.local.ip().is_loopback() && ports.contains(&e.local.port()),
+        |ev| ev.len() >= 4,
+        WAIT,
+        SETTLE,
+    );
+    let seen: Vec<(u16, EventKind, u64)> = events.iter().map(|e| (e.local.port(), e.kind, e.cookie)).collect();
+    let elsewhere_cookie = |x: &TcpStream| if kprobe { 0 } else { so_cookie(x) };
+    assert_eq!(
+        seen,
+        [
+            (ports[0], EventKind::Send, so_cookie(&c)),
+            (ports[1], EventKind::Recv, so_cookie(&s)),
+            (ports[2], EventKind::Send, elsewhere_cookie(&c2)),
+            (ports[3], EventKind::Recv, elsewhere_cookie(&s2)),
+        ],
+        "(local port, kind, cookie) of each call, in {:?} mode",
+        probe.mode()
+    );
+}
+
+const CAP_SYS_ADMIN: u32 = 21;
+
+fn perf_event_paranoid() -> i32 {
+    std::fs::read_to_string(PERF_EVENT_PARANOID)
+        .ok()
+        .and_then(|s| s.trim().parse().ok())
+        .unwrap_or(2)
+}
+
+const PERF_EVENT_PARANOID: &str = "/proc/sys/kernel/perf_event_paranoid";
+
+/// kernel.perf_event_paranoid set for a while, and put back on drop.
+struct PerfEventParanoid(i32);
+
+impl PerfEventParanoid {
+    fn set(value: i32) -> PerfEventParanoid {
+        let was = perf_event_paranoid();
+        std::fs::write(PERF_EVENT_PARANOID, value.to_string()).expect("setting kernel.perf_event_paranoid");
+        PerfEventParanoid(was)
+    }
+}
+
+impl Drop for PerfEventParanoid {
+    fn drop(&mut self) {
+        let _ = std::fs::write(PERF_EVENT_PARANOID, self.0.to_string());
+    }
+}
+
+/// Takes `cap` out of the calling thread's effective capabilities.
+fn drop_effective_capability(cap: u32) {
+    #[repr(C)]
+    struct Header {
+        version: u32,
+        pid: i32,
+    }
+    #[repr(C)]
+    #[derive(Clone, Copy, Default)]
+    struct Data {
+        effective: u32,
+        permitted: u32,
+        inheritable: u32,
+    }
+    const LINUX_CAPABILITY_VERSION_3: u32 = 0x2008_0522;
+    let mut header = Header {
+        version: LINUX_CAPABILITY_VERSION_3,
+        pid: 0,
+    };
+    let mut data = [Data::default(); 2];
+    // SAFETY: FFI; version 3 of capget writes two `Data` (the kernel's
+    // __user_cap_data_struct), and both pointers are to live locals.
+    let rc = unsafe { libc::syscall(libc::SYS_capget, &mut header as *mut Header, data.as_mut_ptr()) };
+    assert_eq!(rc, 0, "capget: {}", std::io::Error::last_os_error());
+    data[(cap / 32) as usize].effective &= !(1 << (cap % 32));
+    // SAFETY: FFI; capset reads the header and the two `Data` above.
+    let rc = unsafe { libc::syscall(libc::SYS_capset, &mut header as *mut Header, data.as_ptr()) };
+    assert_eq!(rc, 0, "capset: {}", std::io::Error::last_os_error());
 }
 
 /// The network namespace a `/proc/.../ns/net` names (its inode number, as

@@ -59,8 +59,11 @@ pub(crate) fn preflight() -> Result<(), ProbeError> {
     Ok(())
 }
 
+/// The calling thread's effective capabilities. They are per thread, and
+/// the kernel checks the calling thread's: a thread's own, not the main
+/// thread's (`/proc/self`).
 pub(crate) fn effective_capabilities() -> u64 {
-    std::fs::read_to_string("/proc/self/status")
+    std::fs::read_to_string("/proc/thread-self/status")
         .ok()
         .and_then(|s| {
             s.lines()
