@@ -215,14 +215,7 @@ fn cookies_need_no_asking_first() {
         s.write_all(b"reply").unwrap();
         c.read_exact(&mut buf[..5]).unwrap();
 
-        let pid = std::process::id();
-        let events = collect(
-            &mut rx,
-            |e| e.pid == pid && e.local.ip().is_loopback() && ports.contains(&e.local.port()),
-            |ev| ev.len() >= 4,
-            WAIT,
-            SETTLE,
-        );
+        let events = four_calls_on(&mut rx, &ports);
         // Asked only now.
         let cookies = [so_cookie(&c), so_cookie(&s)];
         let seen: Vec<(u16, EventKind, u32, u64, u32)> = events
@@ -305,14 +298,7 @@ fn without_cap_sys_admin_only_the_own_namespace_is_dumped() {
         .iter()
         .map(|x| x.local_addr().unwrap().port())
         .collect();
-    let pid = std::process::id();
-    let events = collect(
-        &mut rx,
-        |e| e.pid == pid && e.local.ip().is_loopback() && ports.contains(&e.local.port()),
-        |ev| ev.len() >= 4,
-        WAIT,
-        SETTLE,
-    );
+    let events = four_calls_on(&mut rx, &ports);
     let seen: Vec<(u16, EventKind, u64)> = events.iter().map(|e| (e.local.port(), e.kind, e.cookie)).collect();
     let elsewhere_cookie = |x: &TcpStream| if kprobe { 0 } else { so_cookie(x) };
     assert_eq!(
@@ -384,6 +370,19 @@ fn drop_effective_capability(cap: u32) {
     // SAFETY: FFI; capset reads the header and the two `Data` above.
     let rc = unsafe { libc::syscall(libc::SYS_capset, &mut header as *mut Header, data.as_ptr()) };
     assert_eq!(rc, 0, "capset: {}", std::io::Error::last_os_error());
+}
+
+/// The events of this process's calls on loopback sockets with these local
+/// ports, once there are at least four.
+fn four_calls_on(rx: &mut tokio::sync::mpsc::Receiver<Batch>, ports: &[u16]) -> Vec<Event> {
+    let pid = std::process::id();
+    collect(
+        rx,
+        |e| e.pid == pid && e.local.ip().is_loopback() && ports.contains(&e.local.port()),
+        |ev| ev.len() >= 4,
+        WAIT,
+        SETTLE,
+    )
 }
 
 /// The network namespace a `/proc/.../ns/net` names (its inode number, as
