@@ -6,6 +6,8 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
+use nix::time::{clock_getcpuclockid, clock_gettime, ClockId};
+use nix::unistd::Pid;
 use socktap_client::DaemonAddr;
 use socktap_proto::v1::{GetStatusRequest, GetStatusResponse};
 
@@ -25,7 +27,10 @@ pub struct Daemon {
     pub addr: DaemonAddr,
     /// The unix socket to remove when it stops, if it listens on one.
     socket: Option<PathBuf>,
-    start_cpu_ticks: u64,
+    /// socktapd's CPU-time clock (every thread's, those that have ended
+    /// included), read to the nanosecond.
+    cpu_clock: ClockId,
+    start_cpu: Duration,
     started: Instant,
 }
 
@@ -36,13 +41,6 @@ pub struct Usage {
     pub cores: f64,
     /// Peak resident set (VmHWM) in MiB.
     pub peak_rss_mib: f64,
-}
-
-/// The length of one tick of the CPU times in `/proc/<pid>/stat`.
-pub fn cpu_tick_seconds() -> f64 {
-    // SAFETY: sysconf has no preconditions.
-    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as f64;
-    1.0 / hz
 }
 
 fn free_port() -> std::io::Result<u16> {
@@ -80,18 +78,26 @@ impl Daemon {
                 Ok(())
             });
         }
-        let child = cmd.spawn().map_err(|e| format!("starting {}: {e}", binary.display()))?;
+        let mut child = cmd.spawn().map_err(|e| format!("starting {}: {e}", binary.display()))?;
+        let cpu_clock = match clock_getcpuclockid(Pid::from_raw(child.id() as i32)) {
+            Ok(clock) => clock,
+            Err(e) => {
+                let _ = child.kill();
+                let _ = child.wait();
+                return Err(format!("socktapd's CPU clock: {e}"));
+            }
+        };
         let mut d = Daemon {
             child,
             addr,
             socket,
-            start_cpu_ticks: 0,
+            cpu_clock,
+            start_cpu: Duration::ZERO,
             started: Instant::now(),
         };
         for _ in 0..200 {
             if d.status().await.is_ok() {
-                d.start_cpu_ticks = d.cpu_ticks();
-                d.started = Instant::now();
+                d.reset_usage();
                 return Ok(d);
             }
             if let Ok(Some(st)) = d.child.try_wait() {
@@ -122,18 +128,15 @@ impl Daemon {
         Err(format!("{n} subscribers did not register"))
     }
 
-    fn cpu_ticks(&self) -> u64 {
-        let stat = std::fs::read_to_string(format!("/proc/{}/stat", self.child.id())).unwrap_or_default();
-        // Fields after the parenthesised comm: state is field 3; utime 14, stime 15.
-        let rest = stat.rsplit_once(')').map(|(_, r)| r).unwrap_or("");
-        let f: Vec<&str> = rest.split_whitespace().collect();
-        let get = |i: usize| f.get(i - 3).and_then(|v| v.parse::<u64>().ok()).unwrap_or(0);
-        get(14) + get(15)
+    /// socktapd's CPU time so far, user and system, to the nanosecond
+    /// (`/proc/<pid>/stat` counts it in 10 ms ticks). Zero once it is gone.
+    fn cpu_time(&self) -> Duration {
+        clock_gettime(self.cpu_clock).map(Duration::from).unwrap_or_default()
     }
 
     /// CPU and memory since start (or the last reset).
     pub fn usage(&self) -> Usage {
-        let cpu = (self.cpu_ticks() - self.start_cpu_ticks) as f64 * cpu_tick_seconds();
+        let cpu = self.cpu_time().saturating_sub(self.start_cpu).as_secs_f64();
         let status = std::fs::read_to_string(format!("/proc/{}/status", self.child.id())).unwrap_or_default();
         let hwm_kib = status
             .lines()
@@ -148,7 +151,7 @@ impl Daemon {
 
     /// Starts the CPU measurement window now.
     pub fn reset_usage(&mut self) {
-        self.start_cpu_ticks = self.cpu_ticks();
+        self.start_cpu = self.cpu_time();
         self.started = Instant::now();
     }
 

@@ -682,7 +682,6 @@ fn report(args: &Args, table_seconds: f64, runs: &[Run], zero_loss: Option<&Run>
     let span = targets::Span {
         seconds: table_seconds,
         rounds: args.rounds,
-        cpu_tick_seconds: daemon::cpu_tick_seconds(),
     };
     let verdicts = targets::evaluate(&rows, paced.as_ref(), span);
     if args.quick {
