@@ -16,12 +16,12 @@
 //! }
 //! ```
 
-pub mod cgroup_mount;
 pub mod convert;
 pub mod daemon;
 pub mod event;
 pub mod hub;
 pub mod metrics;
+pub mod mounts;
 pub mod priority;
 pub mod privileges;
 pub mod probe;

@@ -174,14 +174,15 @@ fn ipv6_cookies_bytes_and_identity_are_exact() {
 /// kprobe mode gave the socket its cookie: its sock_ops program as the
 /// connection was made, or its sock_diag dumps at start, of socktapd's
 /// network namespace and of every other one a process is in (a
-/// container's).
+/// container's) or that is mounted (`ip netns add`).
 #[test]
 fn cookies_need_no_asking_first() {
     let Some(_bpf) = bpf_available("cookies_unasked") else {
         return;
     };
     let older = tcp_pair(false);
-    let elsewhere = PairInOtherNetns::new();
+    let elsewhere = PairInOtherNetns::new(NetnsHeldBy::Process);
+    let mounted = PairInOtherNetns::new(NetnsHeldBy::Mount);
     let mut probe = start_probe(ProbeOptions::default());
     let expected = match probe.mode() {
         AttachMode::Kprobe => CookieSource::AtConnect,
@@ -204,6 +205,11 @@ fn cookies_need_no_asking_first() {
                 elsewhere.server.try_clone().unwrap(),
             ),
             elsewhere.netns,
+        ),
+        (
+            "open before the probe, in a mounted network namespace with no process in it",
+            (mounted.client.try_clone().unwrap(), mounted.server.try_clone().unwrap()),
+            mounted.netns,
         ),
         ("made since", tcp_pair(false), our_netns),
     ];
@@ -270,7 +276,7 @@ fn without_cap_sys_admin_only_the_own_namespace_is_dumped() {
     } else {
         None
     };
-    let elsewhere = PairInOtherNetns::new();
+    let elsewhere = PairInOtherNetns::new(NetnsHeldBy::Process);
     let (mut c, mut s) = tcp_pair(false);
     let mut probe = std::thread::spawn(|| {
         drop_effective_capability(CAP_SYS_ADMIN);
@@ -393,33 +399,71 @@ fn netns_inode(path: &str) -> u32 {
     u32::try_from(ino).expect("a namespace inode fits 32 bits")
 }
 
-/// A loopback TCP connection in a network namespace of its own, with a
-/// process in it (`sleep`, as a container has its processes), which this
-/// process reads and writes through the sockets' descriptors.
+/// What keeps a network namespace of a test's own alive, besides its
+/// sockets.
+#[derive(Clone, Copy, Debug)]
+enum NetnsHeldBy {
+    /// A process in it (`sleep`), as a container has its processes.
+    Process,
+    /// A bind mount of it, and no process in it, as `ip netns add` leaves
+    /// one.
+    Mount,
+}
+
+/// A loopback TCP connection in a network namespace of its own, which
+/// this process reads and writes through the sockets' descriptors.
 struct PairInOtherNetns {
     client: TcpStream,
     server: TcpStream,
     netns: u32,
-    sleeper: std::process::Child,
+    /// The namespace's path: its process's `/proc/PID/ns/net`, or its
+    /// mount point.
+    path: std::path::PathBuf,
+    sleeper: Option<std::process::Child>,
 }
 
 impl PairInOtherNetns {
-    fn new() -> PairInOtherNetns {
+    fn new(held_by: NetnsHeldBy) -> PairInOtherNetns {
         // unshare() moves only the calling thread, and a process it starts.
-        std::thread::spawn(|| {
+        std::thread::spawn(move || {
             nix::sched::unshare(nix::sched::CloneFlags::CLONE_NEWNET).expect("unshare(CLONE_NEWNET)");
             let up = std::process::Command::new("ip")
                 .args(["link", "set", "lo", "up"])
                 .status();
             assert!(up.as_ref().is_ok_and(|s| s.success()), "ip link set lo up: {up:?}");
             let (client, server) = tcp_pair(false);
-            let sleeper = std::process::Command::new("sleep").arg("600").spawn().expect("sleep");
             let netns = netns_inode("/proc/thread-self/ns/net");
-            assert_eq!(netns, netns_inode(&format!("/proc/{}/ns/net", sleeper.id())));
+            let (path, sleeper) = match held_by {
+                NetnsHeldBy::Process => {
+                    let sleeper = std::process::Command::new("sleep").arg("600").spawn().expect("sleep");
+                    (format!("/proc/{}/ns/net", sleeper.id()).into(), Some(sleeper))
+                }
+                NetnsHeldBy::Mount => {
+                    static MOUNTS: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+                    let n = MOUNTS.fetch_add(1, Ordering::Relaxed);
+                    let path = std::env::temp_dir().join(format!("socktap-netns-{}-{n}", std::process::id()));
+                    std::fs::File::create(&path).expect("a file to mount the namespace on");
+                    // `mount` starts in this thread's namespace, so its
+                    // /proc/self/ns/net is this one. When the thread ends,
+                    // no process is left in it.
+                    let mounted = std::process::Command::new("mount")
+                        .args(["-o", "bind", "/proc/self/ns/net"])
+                        .arg(&path)
+                        .status();
+                    assert!(
+                        mounted.as_ref().is_ok_and(|s| s.success()),
+                        "mount -o bind /proc/self/ns/net {}: {mounted:?}",
+                        path.display()
+                    );
+                    (path, None)
+                }
+            };
+            assert_eq!(netns, netns_inode(path.to_str().unwrap()), "{}", path.display());
             PairInOtherNetns {
                 client,
                 server,
                 netns,
+                path,
                 sleeper,
             }
         })
@@ -430,8 +474,16 @@ impl PairInOtherNetns {
 
 impl Drop for PairInOtherNetns {
     fn drop(&mut self) {
-        let _ = self.sleeper.kill();
-        let _ = self.sleeper.wait();
+        match &mut self.sleeper {
+            Some(sleeper) => {
+                let _ = sleeper.kill();
+                let _ = sleeper.wait();
+            }
+            None => {
+                let _ = std::process::Command::new("umount").arg(&self.path).status();
+                let _ = std::fs::remove_file(&self.path);
+            }
+        }
     }
 }
 
@@ -460,33 +512,34 @@ fn the_cookie_dump_reports_every_tcp_socket() {
 
 /// The dumps of the other network namespaces (kprobe mode's, for sockets
 /// open in a container before socktapd started) find a namespace with a
-/// process in it and report its sockets; entering it takes root
+/// process in it, and one with no process but a mount (`ip netns add`),
+/// and report each one's sockets under its path; entering them takes root
 /// (CAP_SYS_ADMIN).
 #[test]
 fn the_cookie_dump_reaches_other_network_namespaces() {
     let Some(_bpf) = bpf_available("cookie_dump_netns") else {
         return;
     };
-    let elsewhere = PairInOtherNetns::new();
-    let ours = format!("/proc/{}/ns/net", elsewhere.sleeper.id());
-    let mut reported = HashSet::new();
+    let elsewhere = [NetnsHeldBy::Process, NetnsHeldBy::Mount].map(PairInOtherNetns::new);
+    let mut reported: HashMap<std::path::PathBuf, HashSet<SocketAddr>> = HashMap::new();
     let dumps = socktap::probe::dump_other_namespaces(|namespace, local| {
-        if namespace == std::path::Path::new(&ours) {
-            reported.insert(local);
-        }
+        reported.entry(namespace.to_owned()).or_default().insert(local);
     });
-    assert!(
-        !dumps
-            .failed
-            .iter()
-            .any(|(namespace, _)| namespace == std::path::Path::new(&ours)),
-        "{dumps:?}"
-    );
-    let locals: HashSet<SocketAddr> = [&elsewhere.client, &elsewhere.server]
-        .map(|s| s.local_addr().unwrap())
-        .into();
-    assert_eq!(reported, locals, "the sockets of {ours}; {dumps:?}");
-    assert!(dumps.dumped >= 1 && dumps.sockets >= 2, "{dumps:?}");
+    for pair in &elsewhere {
+        let path = &pair.path;
+        assert!(
+            !dumps.failed.iter().any(|(namespace, _)| namespace == path),
+            "{dumps:?}"
+        );
+        let locals: HashSet<SocketAddr> = [&pair.client, &pair.server].map(|s| s.local_addr().unwrap()).into();
+        assert_eq!(
+            reported.get(path),
+            Some(&locals),
+            "the sockets of {}; {dumps:?}",
+            path.display()
+        );
+    }
+    assert!(dumps.dumped >= 2 && dumps.sockets >= 4, "{dumps:?}");
 }
 
 #[test]

@@ -8,8 +8,9 @@
 //! - then one sock_diag dump of every TCP socket in socktapd's network
 //!   namespace gives those already open theirs (the kernel assigns a
 //!   socket's cookie as a dump reports it, as for `ss`), and one in each
-//!   other network namespace a process is in (a container's), which
-//!   socktapd enters to dump it when it may (CAP_SYS_ADMIN).
+//!   other network namespace a process is in (a container's) or that is
+//!   mounted (`ip netns add`), which socktapd enters to dump it when it may
+//!   (CAP_SYS_ADMIN).
 //!
 //! fentry and tracepoint programs ask for each cookie as they read it.
 
@@ -42,7 +43,8 @@ pub enum CookieSource {
     /// root cgroup gives every connection made or accepted since the probe
     /// started its cookie, and sock_diag dumps then gave those open at the
     /// time theirs: socktapd's network namespace's, and every other one's
-    /// that a process is in and socktapd may enter (CAP_SYS_ADMIN). A
+    /// that a process is in or that is mounted, and socktapd may enter
+    /// (CAP_SYS_ADMIN). A
     /// namespace not dumped is logged, and its sockets open before report
     /// 0 until something asks for their cookie (SO_COOKIE, `ss`).
     AtConnect,
@@ -80,7 +82,8 @@ pub struct StartDumps {
 /// Attaches the cookie program (when the loader loaded it: see
 /// `may_load_program`) to the root of the cgroup2 hierarchy, then gives
 /// the sockets already open their cookies: those of socktapd's network
-/// namespace and of every other one a process is in. None (and a warning)
+/// namespace and of every other one a process is in or that is mounted.
+/// None (and a warning)
 /// when the program cannot be attached; socktapd goes on, with cookie 0 for
 /// sockets that nothing asked.
 pub(crate) fn attach_program(program: &libbpf_rs::ProgramMut<'_>) -> Option<Attached> {
@@ -90,7 +93,7 @@ pub(crate) fn attach_program(program: &libbpf_rs::ProgramMut<'_>) -> Option<Atta
         tracing::warn!("kprobe mode: {unassigned} (assigning cookies takes CAP_NET_ADMIN)");
         return None;
     }
-    let Some(root) = crate::cgroup_mount::cgroup2_root() else {
+    let Some(root) = crate::mounts::cgroup2_root() else {
         tracing::warn!("kprobe mode: {unassigned} (no cgroup2 hierarchy to attach the cookie program to)");
         return None;
     };
@@ -182,8 +185,8 @@ pub struct NamespaceDumps {
     pub dumped: usize,
     /// TCP sockets those dumps reported.
     pub sockets: usize,
-    /// Network namespaces not dumped (by a process's `/proc/PID/ns/net`),
-    /// and why.
+    /// Network namespaces not dumped (by their mount point or a process's
+    /// `/proc/PID/ns/net`), and why.
     pub failed: Vec<(PathBuf, String)>,
     /// Processes whose `/proc/PID/ns/net` this process was denied (another
     /// user's takes CAP_SYS_PTRACE, and a security module may deny it even
@@ -191,13 +194,15 @@ pub struct NamespaceDumps {
     pub unreadable: usize,
 }
 
-/// Dumps the TCP sockets of every network namespace a process is in
-/// (`/proc/PID/ns/net`, a container's, say) other than socktapd's own, so
-/// that those sockets get their cookies too, and calls `each` with the
-/// namespace's `/proc/PID/ns/net` and each socket's local address.
-/// Entering a namespace takes CAP_SYS_ADMIN, and reading another user's
-/// `/proc/PID/ns/net` CAP_SYS_PTRACE. A namespace with no process in it
-/// (only sockets left) is not found.
+/// Dumps the TCP sockets of every network namespace that is mounted
+/// (`/run/netns/NAME`) or that a process is in (`/proc/PID/ns/net`, a
+/// container's, say), other than socktapd's own, so that those sockets
+/// get their cookies too, and calls `each` with the namespace's path (its
+/// mount point if it has one) and each socket's local address. Entering a
+/// namespace takes CAP_SYS_ADMIN, and reading another user's
+/// `/proc/PID/ns/net` CAP_SYS_PTRACE. A namespace with neither a mount nor
+/// a process in it (only sockets left, held by processes elsewhere) is not
+/// found.
 pub fn dump_other_namespaces(mut each: impl FnMut(&Path, SocketAddr) + Send) -> NamespaceDumps {
     let (namespaces, unreadable) = other_network_namespaces();
     let mut out = NamespaceDumps {
@@ -244,9 +249,10 @@ pub fn dump_other_namespaces(mut each: impl FnMut(&Path, SocketAddr) + Send) -> 
     out
 }
 
-/// One `/proc/PID/ns/net` for each network namespace that some process is
-/// in, socktapd's own left out, and how many processes' namespaces this
-/// process may not read. A process that is gone is passed over.
+/// One path for each network namespace that is mounted (its mount point)
+/// or that some process is in (a `/proc/PID/ns/net`), socktapd's own left
+/// out, and how many processes' namespaces this process may not read. A
+/// process that is gone is passed over.
 fn other_network_namespaces() -> (Vec<PathBuf>, usize) {
     use std::os::unix::fs::MetadataExt;
     let ours = match std::fs::metadata("/proc/self/ns/net") {
@@ -256,24 +262,33 @@ fn other_network_namespaces() -> (Vec<PathBuf>, usize) {
     let Ok(proc_dir) = std::fs::read_dir("/proc") else {
         return (Vec::new(), 0);
     };
-    let mut unreadable = 0;
     let mut seen = std::collections::HashSet::from([ours]);
     let mut found = Vec::new();
+    // stat() follows a process's link to the namespace itself, and a mount
+    // point is the namespace's own inode.
+    let mut add = |path: PathBuf| -> std::io::Result<()> {
+        let m = std::fs::metadata(&path)?;
+        if seen.insert((m.dev(), m.ino())) {
+            found.push(path);
+        }
+        Ok(())
+    };
+    // Mount points first: a namespace both mounted and with processes in
+    // it is named by its mount point, which says more in a log.
+    for path in crate::mounts::network_namespace_mounts() {
+        if let Err(e) = add(path.clone()) {
+            tracing::debug!("kprobe mode: the network namespace mounted at {}: {e}", path.display());
+        }
+    }
+    let mut unreadable = 0;
     for entry in proc_dir.flatten() {
         let name = entry.file_name();
         if !name.to_str().is_some_and(|n| n.bytes().all(|b| b.is_ascii_digit())) {
             continue;
         }
-        let path = entry.path().join("ns/net");
-        // stat() follows the link to the namespace itself.
-        match std::fs::metadata(&path) {
-            Ok(m) => {
-                if seen.insert((m.dev(), m.ino())) {
-                    found.push(path);
-                }
-            }
+        match add(entry.path().join("ns/net")) {
             Err(e) if e.kind() == std::io::ErrorKind::PermissionDenied => unreadable += 1,
-            Err(_) => {}
+            _ => {}
         }
     }
     (found, unreadable)

@@ -143,7 +143,7 @@ impl CgroupTree {
     /// root in `/proc/self/mountinfo`.
     pub fn discover() -> CgroupTree {
         CgroupTree {
-            mount: crate::cgroup_mount::cgroup2_root(),
+            mount: crate::mounts::cgroup2_root(),
         }
     }
 
