@@ -70,6 +70,26 @@ struct {
 	__type(value, __u8);
 } wanted SEC(".maps");
 
+/* No program uses these two. Updating an element of a map of maps returns
+ * only once every program that was running has returned (the kernel waits
+ * for an RCU grace period, so that userspace knows no program still uses
+ * the old value). socktapd updates `program_barrier` with the inner map to
+ * wait so before it removes prefilter keys that programs which read an
+ * older control word may still look up. */
+struct program_barrier_inner_map {
+	__uint(type, BPF_MAP_TYPE_ARRAY);
+	__uint(max_entries, 1);
+	__type(key, __u32);
+	__type(value, __u32);
+} program_barrier_inner SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_ARRAY_OF_MAPS);
+	__uint(max_entries, 1);
+	__type(key, __u32);
+	__array(values, struct program_barrier_inner_map);
+} program_barrier SEC(".maps");
+
 /* The cgroups that subscribers' filters name by path (the cgroup itself, not
  * those below it), written by userspace; see socktap_event.cgroup_tree. A
  * call made in a cgroup below one of them is matched from its first call,

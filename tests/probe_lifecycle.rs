@@ -8,9 +8,10 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use common::*;
-use libbpf_rs::query::{LinkInfoIter, ProgInfoIter};
+use libbpf_rs::query::{LinkInfoIter, ProgInfoIter, ProgInfoQueryOptions};
+use libbpf_rs::{MapCore, MapHandle};
 use socktap::event::AttachMode;
-use socktap::probe::{ModeRequest, Probe, ProbeError, ProbeOptions, WAKEUPS_OFF};
+use socktap::probe::{ModeRequest, Prefilter, Probe, ProbeError, ProbeOptions, WantDim, WantKey, WAKEUPS_OFF};
 
 fn our_programs() -> HashSet<u32> {
     ProgInfoIter::default()
@@ -473,4 +474,61 @@ fn return_probes_a_killed_socktapd_left_in_tracefs_are_removed() {
         panic!("kprobe mode, on a kernel that makes kprobes: {e}");
     }
     assert!(!listed(), "the stale event was removed");
+}
+
+/// How many keys the probe's `wanted` map (the kernel prefilter's) holds,
+/// found through the maps its programs use.
+fn wanted_map_entries(probe: &Probe) -> usize {
+    let ours: HashSet<u32> = probe.control().program_ids().iter().copied().collect();
+    let map_ids: HashSet<u32> = ProgInfoIter::with_query_opts(ProgInfoQueryOptions::default().include_map_ids(true))
+        .filter(|p| ours.contains(&p.id))
+        .flat_map(|p| p.map_ids)
+        .collect();
+    let wanted = map_ids
+        .into_iter()
+        .filter_map(|id| MapHandle::from_map_id(id).ok())
+        .find(|m| m.name() == "wanted")
+        .expect("the probe's programs use a map named wanted");
+    wanted.keys().count()
+}
+
+/// Keys the prefilter no longer wants stay in the kernel's map while a
+/// program that read the control word before may still look them up; a
+/// thread of the probe's takes them out once the programs that were
+/// running have returned (an RCU grace period, through
+/// `program_barrier`).
+#[test]
+fn keys_the_prefilter_no_longer_wants_leave_the_kernel_map() {
+    let Some(_bpf) = bpf_available("stale_prefilter_keys") else {
+        return;
+    };
+    let probe = start_probe(ProbeOptions::default());
+    let control = probe.control();
+    let cookies = |values: &[u64]| {
+        Prefilter::Keys(
+            values
+                .iter()
+                .map(|&value| WantKey {
+                    dim: WantDim::Cookie,
+                    value,
+                })
+                .collect(),
+        )
+    };
+    control.set_prefilter(&cookies(&[u64::MAX - 1, u64::MAX - 2])).unwrap();
+    control.set_prefilter(&cookies(&[u64::MAX - 1])).unwrap();
+    let st = control.prefilter();
+    assert_eq!((st.on, st.keys), (true, 1), "{st:?}");
+    control.set_prefilter(&Prefilter::Everything).unwrap();
+    let st = control.prefilter();
+    assert_eq!((st.on, st.keys), (false, 0), "{st:?}");
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while control.prefilter().stale_keys > 0 && std::time::Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    assert_eq!(control.prefilter().stale_keys, 0, "still stale after 10 s");
+    assert_eq!(wanted_map_entries(&probe), 0);
+    // And a key wanted again goes back in.
+    control.set_prefilter(&cookies(&[u64::MAX - 3])).unwrap();
+    assert_eq!(wanted_map_entries(&probe), 1);
 }

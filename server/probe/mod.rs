@@ -8,6 +8,7 @@
 //! a runtime consumer takes the reading over; dropping the [`Probe`] stops
 //! the reading and detaches and unloads every program and map.
 
+mod barrier;
 mod cgroup_trees;
 mod cookies;
 mod drops;
@@ -42,6 +43,7 @@ pub use prefilter::{comm_key, Prefilter, PrefilterStatus, WantDim, WantKey, PREF
 pub use reader::MAX_BATCH_EVENTS;
 
 use crate::event::{AttachMode, Event};
+use barrier::ProgramBarrier;
 use cgroup_trees::KernelCgroupTrees;
 use prefilter::KernelPrefilter;
 use skel::types;
@@ -372,6 +374,9 @@ pub struct ProbeControl {
     /// Also serializes writes of the control entry.
     attachments: Arc<Mutex<Attachments>>,
     prefilter: Arc<Mutex<KernelPrefilter>>,
+    /// Whether a thread is taking the prefilter's stale keys out.
+    reaping: Arc<AtomicBool>,
+    barrier: Arc<ProgramBarrier>,
     cgroup_trees: Arc<Mutex<KernelCgroupTrees>>,
 }
 
@@ -453,8 +458,47 @@ impl ProbeControl {
     /// events. On an error the kernel is left writing every call (or as it
     /// was, if even that could not be written).
     pub fn set_prefilter(&self, want: &Prefilter) -> Result<(), ProbeError> {
-        let mut prefilter = self.prefilter.lock().unwrap_or_else(|e| e.into_inner());
-        prefilter.apply(want, |dims| self.write_control_word(&self.shared.prefilter_dims, dims))
+        let applied = self.prefilter.lock().unwrap_or_else(|e| e.into_inner()).apply(
+            want,
+            |dims| self.write_control_word(&self.shared.prefilter_dims, dims),
+            || self.barrier.wait(),
+        );
+        self.take_out_stale_prefilter_keys();
+        applied
+    }
+
+    /// Takes the keys the prefilter no longer wants out of its map once no
+    /// program can still look them up: on a thread of its own, because the
+    /// wait for the programs (an RCU grace period) takes milliseconds.
+    /// Until then they only let more calls through.
+    fn take_out_stale_prefilter_keys(&self) {
+        let stale = |p: &Mutex<KernelPrefilter>| p.lock().unwrap_or_else(|e| e.into_inner()).stale_up_to();
+        if stale(&self.prefilter).is_none() || self.reaping.swap(true, Ordering::AcqRel) {
+            return;
+        }
+        let (prefilter, barrier, reaping) = (self.prefilter.clone(), self.barrier.clone(), self.reaping.clone());
+        let spawned = std::thread::Builder::new()
+            .name("socktap-prefilter".into())
+            .spawn(move || loop {
+                let Some(word) = stale(&prefilter) else {
+                    reaping.store(false, Ordering::Release);
+                    // Keys that went stale just now found this thread
+                    // still running: take them too, unless another has.
+                    if stale(&prefilter).is_some() && !reaping.swap(true, Ordering::AcqRel) {
+                        continue;
+                    }
+                    return;
+                };
+                if let Err(e) = barrier.wait() {
+                    tracing::warn!("{e}; stale prefilter keys leave the map after 1 s instead");
+                    std::thread::sleep(Duration::from_secs(1));
+                }
+                prefilter.lock().unwrap_or_else(|e| e.into_inner()).remove_stale(word);
+            });
+        if let Err(e) = spawned {
+            self.reaping.store(false, Ordering::Release);
+            tracing::warn!("stale prefilter keys stay in the map for now (starting a thread: {e})");
+        }
     }
 
     /// Gives the kernel the cgroups that filters name by path (`roots`:
@@ -488,9 +532,11 @@ impl ProbeControl {
 
     /// The kernel prefilter in force.
     pub fn prefilter(&self) -> PrefilterStatus {
+        let prefilter = self.prefilter.lock().unwrap_or_else(|e| e.into_inner());
         PrefilterStatus {
             on: self.shared.prefilter_dims.load(Ordering::Relaxed) != 0,
-            keys: self.prefilter.lock().unwrap_or_else(|e| e.into_inner()).len(),
+            keys: prefilter.len(),
+            stale_keys: prefilter.stale_len(),
             cgroup_roots: self.cgroup_roots(),
         }
     }
@@ -878,6 +924,11 @@ fn control_of(
             links: Vec::new(),
         })),
         prefilter: Arc::new(Mutex::new(KernelPrefilter::new(handle(&skel.maps.wanted, "wanted")?)?)),
+        reaping: Arc::new(AtomicBool::new(false)),
+        barrier: Arc::new(ProgramBarrier::new(
+            handle(&skel.maps.program_barrier, "program_barrier")?,
+            handle(&skel.maps.program_barrier_inner, "program_barrier_inner")?,
+        )),
         cgroup_trees: Arc::new(Mutex::new(KernelCgroupTrees::new(handle(
             &skel.maps.cgroup_roots,
             "cgroup_roots",
