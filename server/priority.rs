@@ -284,19 +284,21 @@ mod tests {
             let tid = gettid();
             assert_eq!(policy_of(tid), (libc::SCHED_OTHER, 0));
             assert_eq!(current_tid(), tid as u32);
+            // The nice value the tests run at (0, or more under `nice`).
+            let nice = thread_nice(tid).expect("its nice value");
             let raised = RaisedPriority::raise(-5, Some(3)).expect("raised");
             assert_eq!(policy_of(tid), (libc::SCHED_FIFO, 3), "the reader at SCHED_FIFO 3");
             assert_eq!(
                 scheduling(tid as u32),
                 Some(Scheduling {
                     realtime: Some(3),
-                    nice: 0
+                    nice
                 }),
                 "as status shows it"
             );
             assert_eq!(
                 thread_nice(tid),
-                Some(0),
+                Some(nice),
                 "real-time instead of the nice value, not with it"
             );
             let child = std::thread::spawn(|| policy_of(gettid())).join().unwrap();
@@ -307,7 +309,7 @@ mod tests {
             );
             drop(raised);
             assert_eq!(policy_of(tid), (libc::SCHED_OTHER, 0), "its own policy back");
-            assert_eq!(thread_nice(tid), Some(0));
+            assert_eq!(thread_nice(tid), Some(nice));
             let _nice = RaisedPriority::raise(-5, None).expect("raised");
             assert_eq!(
                 scheduling(tid as u32),
