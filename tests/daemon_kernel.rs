@@ -221,6 +221,18 @@ fn produced_during(probe: &socktap::probe::Probe, f: impl FnOnce()) -> (u64, u64
     )
 }
 
+/// Waits until the values the prefilter no longer wants have left the
+/// kernel's map: they stay until no program can still be looking them up.
+async fn stale_prefilter_keys_gone(probe: &socktap::probe::Probe) {
+    for _ in 0..2000 {
+        if probe.control().prefilter().stale_keys == 0 {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    panic!("stale prefilter keys after 10 s: {:?}", probe.control().prefilter());
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_kernel_writes_only_calls_some_subscriber_may_want() {
     let Some(_bpf) = bpf_available("daemon_kernel") else {
@@ -299,8 +311,9 @@ async fn the_kernel_writes_only_calls_some_subscriber_may_want() {
     assert_eq!(sums(&mut watch_ws, cookie_ws, (5000, 5000), 500).await, (5000, 5000));
 
     // Another port is wanted, then the first port's subscriber leaves: its
-    // value leaves the kernel too (the field stays in use), so of the wanted
-    // connection only the client socket's 200 calls are written.
+    // value leaves the kernel too (the field stays in use), once no program
+    // can still look it up, so of the wanted connection only the client
+    // socket's 200 calls are written.
     let by_other_port = pb::WatchEventsRequest {
         allow: vec![pb::EventFilter {
             local_ports: vec![uc.local_addr().unwrap().port().into()],
@@ -314,6 +327,7 @@ async fn the_kernel_writes_only_calls_some_subscriber_may_want() {
     wait_subscribers(&hub, 2).await;
     let st = client.get_status(pb::GetStatusRequest {}).await.unwrap().into_inner();
     assert!(st.kernel_prefilter && st.kernel_prefilter_keys == 2, "{st:?}");
+    stale_prefilter_keys_gone(&probe).await;
     let (written, skipped) = produced_during(&probe, || ping(&mut wc, &mut ws, 100, 10));
     assert!(
         written + skipped >= 200 && written < 300,
