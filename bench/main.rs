@@ -25,7 +25,7 @@ use serde_json::json;
 use daemon::{Daemon, Usage};
 use hdrhistogram::Histogram;
 use steal::CpuTimes;
-use subscribers::{Seen, Subscribers};
+use subscribers::{Placement, Seen, Subscribers};
 use workload::{prepare, Workload};
 
 /// What runs beside the workload.
@@ -89,6 +89,14 @@ struct Args {
     /// runtime.
     #[arg(long, allow_negative_numbers = true, value_parser = clap::value_parser!(i32).range(-20..=19))]
     subscriber_nice: Option<i32>,
+    /// Each subscriber on a thread of its own, with a tokio runtime of its
+    /// own, as separate client processes (16 `socktap watch`, say) would
+    /// be. By default they are tasks that share 2 threads, which among
+    /// W2's 16 busy threads get a fair share for 2 threads only, however
+    /// many subscribers they serve. With --subscriber-nice, each thread at
+    /// that nice value.
+    #[arg(long)]
+    thread_per_subscriber: bool,
     /// The socktapd binary (default: next to this one).
     #[arg(long)]
     socktapd: Option<PathBuf>,
@@ -214,7 +222,14 @@ async fn measure(
             let p = prepare(w).expect("loopback connections");
             let sets = cookie_sets(c, &p.cookies);
             let n = sets.len();
-            let subs = Subscribers::start(&d.addr, sets, args.subscriber_decode, subscriber_rt);
+            let place = if args.thread_per_subscriber {
+                Placement::ThreadEach {
+                    nice: args.subscriber_nice,
+                }
+            } else {
+                Placement::Tasks
+            };
+            let subs = Subscribers::start(&d.addr, sets, args.subscriber_decode, subscriber_rt, place);
             if let Err(e) = d.wait_subscribers(n).await {
                 run.note = Some(e);
             }
@@ -437,24 +452,19 @@ fn main() -> ExitCode {
         .expect("runtime");
     // With --subscriber-nice, the subscribers' own runtime, each of its
     // threads at that nice value.
-    let subscriber_rt = args.subscriber_nice.map(|nice| {
-        tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(2)
-            .thread_name("bench-subscriber")
-            .on_thread_start(move || {
-                // SAFETY: plain system call on the calling thread (who 0);
-                // no memory passed.
-                if unsafe { libc::setpriority(libc::PRIO_PROCESS, 0, nice) } != 0 {
-                    eprintln!(
-                        "socktap-bench: a subscriber thread stays at its nice value: setting {nice} failed ({})",
-                        std::io::Error::last_os_error()
-                    );
-                }
-            })
-            .enable_all()
-            .build()
-            .expect("subscriber runtime")
-    });
+    // (With --thread-per-subscriber each subscriber's thread sets it.)
+    let subscriber_rt = args
+        .subscriber_nice
+        .filter(|_| !args.thread_per_subscriber)
+        .map(|nice| {
+            tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(2)
+                .thread_name("bench-subscriber")
+                .on_thread_start(move || subscribers::set_nice(nice))
+                .enable_all()
+                .build()
+                .expect("subscriber runtime")
+        });
     let handle = subscriber_rt
         .as_ref()
         .map_or_else(|| rt.handle().clone(), |r| r.handle().clone());
@@ -700,10 +710,18 @@ fn report(args: &Args, table_seconds: f64, runs: &[Run], zero_loss: Option<&Run>
         .find(|r| !r.attach_mode.is_empty() && !r.attach_mode.starts_with("bpftrace"))
         .map(|r| r.attach_mode.clone());
     let nproc = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0);
+    let place = if args.thread_per_subscriber {
+        ", each on a thread of its own"
+    } else if args.subscriber_nice.is_some() {
+        ", on a runtime of their own"
+    } else {
+        ""
+    };
     let priority = args
         .subscriber_nice
-        .map(|n| format!(" at nice {n}, on a runtime of their own"))
-        .unwrap_or_default();
+        .map(|n| format!(" at nice {n}"))
+        .unwrap_or_default()
+        + place;
     println!(
         "socktapd attach mode {}, subscribers over {:?}{priority}, kernel {kernel}, {cpu}, {nproc} CPUs",
         mode.as_deref().unwrap_or("- (socktapd did not run)"),
@@ -712,7 +730,7 @@ fn report(args: &Args, table_seconds: f64, runs: &[Run], zero_loss: Option<&Run>
     let doc = json!({
         "kernel": kernel, "cpu_model": cpu, "attach_mode": mode,
         "nproc": nproc, "transport": format!("{:?}", args.transport).to_lowercase(),
-        "subscriber_nice": args.subscriber_nice,
+        "subscriber_nice": args.subscriber_nice, "thread_per_subscriber": args.thread_per_subscriber,
         "seconds_per_run": table_seconds, "paced_seconds": zero_loss.map(|_| args.seconds), "rounds": args.rounds, "quick": args.quick,
         "summary": summary,
         "targets": verdicts.iter().map(targets::Verdict::json).collect::<Vec<_>>(),
@@ -755,6 +773,10 @@ mod tests {
         assert!(parse("20").is_err());
         assert!(parse("-21").is_err());
         let default = Args::try_parse_from(["socktap-bench"]).unwrap();
+        assert!(
+            !default.thread_per_subscriber,
+            "subscribers share the runtime unless asked"
+        );
         assert_eq!(default.subscriber_nice, None, "the workload's priority unless asked");
     }
 

@@ -110,31 +110,33 @@ pub struct Subscribers {
 }
 
 impl Subscribers {
-    /// Subscribes once per cookie list, each subscriber a task on `rt`.
+    /// Subscribes once per cookie list, each subscriber placed as `place`
+    /// says.
     pub fn start(
         addr: &DaemonAddr,
         filters: Vec<Vec<u64>>,
         decode: Decode,
         rt: &tokio::runtime::Handle,
+        place: Placement,
     ) -> Subscribers {
         let stop = Arc::new(AtomicBool::new(false));
         let tasks = filters
             .into_iter()
             .map(|cookies| {
-                let addr = addr.clone();
-                let stop = stop.clone();
-                rt.spawn(async move {
-                    match decode {
-                        Decode::Scan => run::<ScanCodec>(addr, cookies, stop).await,
-                        Decode::Lean => run::<ProstCodec<WatchEventsRequest, LeanResponse>>(addr, cookies, stop).await,
-                        Decode::Full => {
-                            run::<ProstCodec<WatchEventsRequest, socktap_proto::v1::WatchEventsResponse>>(
-                                addr, cookies, stop,
-                            )
-                            .await
+                let subscriber = subscribe(addr.clone(), cookies, decode, stop.clone());
+                match place {
+                    Placement::Tasks => rt.spawn(subscriber),
+                    Placement::ThreadEach { nice } => rt.spawn_blocking(move || {
+                        if let Some(nice) = nice {
+                            set_nice(nice);
                         }
-                    }
-                })
+                        tokio::runtime::Builder::new_current_thread()
+                            .enable_all()
+                            .build()
+                            .map_err(|e| format!("a subscriber's runtime: {e}"))?
+                            .block_on(subscriber)
+                    }),
+                }
             })
             .collect();
         Subscribers { stop, tasks }
@@ -149,6 +151,43 @@ impl Subscribers {
             out.push(t.await.map_err(|e| e.to_string())??);
         }
         Ok(out)
+    }
+}
+
+/// Where the subscribers run.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Placement {
+    /// Tasks on the runtime [`Subscribers::start`] is given (its threads
+    /// serve them all).
+    Tasks,
+    /// Each on a thread of its own, with a runtime of its own, as
+    /// separate client processes would be; at this nice value, if any.
+    ThreadEach {
+        /// The threads' nice value (`None`: the workload's).
+        nice: Option<i32>,
+    },
+}
+
+/// Sets the calling thread's nice value; a refusal is printed, not fatal.
+pub fn set_nice(nice: i32) {
+    // SAFETY: plain system call on the calling thread (who 0); no memory
+    // passed.
+    if unsafe { libc::setpriority(libc::PRIO_PROCESS, 0, nice) } != 0 {
+        eprintln!(
+            "socktap-bench: a subscriber thread stays at its nice value: setting {nice} failed ({})",
+            std::io::Error::last_os_error()
+        );
+    }
+}
+
+/// One subscriber, decoding as `decode` says.
+async fn subscribe(addr: DaemonAddr, cookies: Vec<u64>, decode: Decode, stop: Arc<AtomicBool>) -> Result<Seen, String> {
+    match decode {
+        Decode::Scan => run::<ScanCodec>(addr, cookies, stop).await,
+        Decode::Lean => run::<ProstCodec<WatchEventsRequest, LeanResponse>>(addr, cookies, stop).await,
+        Decode::Full => {
+            run::<ProstCodec<WatchEventsRequest, socktap_proto::v1::WatchEventsResponse>>(addr, cookies, stop).await
+        }
     }
 }
 

@@ -55,6 +55,7 @@ fi
 sudo=()
 [ "$(id -u)" -eq 0 ] || sudo=(sudo)
 "${sudo[@]}" target/debug/socktap-bench --quick --seconds 0.5
-# The same smoke test with the subscribers on a unix socket (W1, 1 subscriber).
-"${sudo[@]}" target/debug/socktap-bench --quick --seconds 0.5 --transport unix \
-  --workloads w1 --configs untraced,sub1 --out target/bench/unix
+# The same smoke test with the subscribers on a unix socket, each on a
+# thread of its own (W1, 1 subscriber and 16 full-copy ones).
+"${sudo[@]}" target/debug/socktap-bench --quick --seconds 0.5 --transport unix --thread-per-subscriber \
+  --workloads w1 --configs untraced,sub1,sub16-full --out target/bench/unix
