@@ -16,8 +16,10 @@ cd "$(dirname "$0")/.."
 # iperf3: the byte-exactness test against a program we did not write;
 # bpftrace: the benchmark's peer configuration; systemd: systemd-analyze,
 # which checks contrib/socktapd.service; busybox-static: nc, run inside a
-# cgroup by the cgroup path test (and the kernel matrix's VMs).
-scripts/deps.sh iperf3 bpftrace systemd busybox-static
+# cgroup by the cgroup path test (and the kernel matrix's VMs);
+# python3-grpcio, python3-protobuf: the client on gRPC's C core
+# (tests/interop_kernel.rs).
+scripts/deps.sh iperf3 bpftrace systemd busybox-static python3-grpcio python3-protobuf
 
 if [ "$(id -u)" -ne 0 ] && command -v sudo >/dev/null; then
   export CARGO_TARGET_X86_64_UNKNOWN_LINUX_GNU_RUNNER="sudo -E"

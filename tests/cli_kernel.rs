@@ -5,7 +5,6 @@
 mod common;
 
 use std::io::{Read, Write};
-use std::process::Child;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -151,7 +150,6 @@ impl InProcessCli {
     }
 }
 
-/// Stops socktapd as systemd does (SIGTERM) and waits for it.
 /// A watch's stderr without the notices of calls the kernel skipped the
 /// programs on, which a kernel that preempts them (7.3 in the kernel
 /// matrix) announces to every subscriber whenever one happens, anywhere on
@@ -161,14 +159,6 @@ fn without_skipped_notices(err: &str) -> String {
         .filter(|l| !l.contains("LOSS_SOURCE_KERNEL_SKIPPED") && !l.contains("the kernel skipped socktap's program"))
         .map(|l| format!("{l}\n"))
         .collect()
-}
-
-fn stop_socktapd(mut child: Child) {
-    // SAFETY: kill(2) on our own child's pid; no memory is involved.
-    let rc = unsafe { libc::kill(child.id() as libc::pid_t, libc::SIGTERM) };
-    assert_eq!(rc, 0);
-    let status = child.wait().unwrap();
-    assert_eq!(status.code(), Some(0), "socktapd exits cleanly on SIGTERM");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -455,6 +455,13 @@ pub async fn kernel_daemon(opts: ProbeOptions, config: socktap::hub::HubConfig) 
 /// errors, on stderr). `SOCKTAP_TEST_SOCKTAPD` names the binary where it
 /// is not where cargo built it (the kernel matrix's VMs).
 pub fn spawn_socktapd(args: &[&str]) -> std::process::Child {
+    spawn_socktapd_serving(args).0
+}
+
+/// [`spawn_socktapd`], and its first line ("socktapd: serving socktap.v1
+/// on ADDRESS (attach mode MODE)"), which names the port a `:0` listener
+/// got.
+pub fn spawn_socktapd_serving(args: &[&str]) -> (std::process::Child, String) {
     use std::io::BufRead;
     let bin = std::env::var_os("SOCKTAP_TEST_SOCKTAPD").unwrap_or_else(|| env!("CARGO_BIN_EXE_socktapd").into());
     let mut child = std::process::Command::new(bin)
@@ -469,7 +476,17 @@ pub fn spawn_socktapd(args: &[&str]) -> std::process::Child {
         .read_line(&mut line)
         .unwrap();
     assert!(line.contains("serving"), "{line}");
-    child
+    (child, line)
+}
+
+/// Stops socktapd as systemd does (SIGTERM), waits for it, and checks that
+/// it exited cleanly.
+pub fn stop_socktapd(mut child: std::process::Child) {
+    // SAFETY: kill(2) on our own child's pid; no memory is involved.
+    let rc = unsafe { libc::kill(child.id() as libc::pid_t, libc::SIGTERM) };
+    assert_eq!(rc, 0);
+    let status = child.wait().unwrap();
+    assert_eq!(status.code(), Some(0), "socktapd exits cleanly on SIGTERM");
 }
 
 /// Waits until `done`, checking every 10 ms for up to 10 s.
