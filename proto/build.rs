@@ -22,9 +22,13 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let descriptor = fds.encode_to_vec();
     std::fs::write(out.join("socktap_descriptor.bin"), &descriptor)?;
 
+    // Well-known types from pbjson-types (proto3 JSON included), except
+    // Timestamp: pbjson-types writes it with `+00:00`, where the JSON
+    // mapping writes `Z` (crate::Timestamp, src/timestamp.rs).
     tonic_prost_build::configure()
         .compile_well_known_types(true)
         .extern_path(".google.protobuf", "::pbjson_types")
+        .extern_path(".google.protobuf.Timestamp", "crate::Timestamp")
         .compile_fds(fds.clone())?;
     // The server's view of the same service: identical on the wire, but an
     // EventBatch is runs of pre-encoded events (`wire::EncodedEventBatch`),
@@ -38,6 +42,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         .out_dir(&wire_out)
         .compile_well_known_types(true)
         .extern_path(".google.protobuf", "::pbjson_types")
+        .extern_path(".google.protobuf.Timestamp", "crate::Timestamp")
         .extern_path(format!(".socktap.v1.{}", WIRE_ENCODED.0), WIRE_ENCODED.1);
     for file in &fds.file {
         if file.package() != "socktap.v1" {

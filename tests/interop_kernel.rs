@@ -3,13 +3,18 @@
 //! client has no socktap .proto: it builds the messages from what the
 //! server's reflection (v1alpha and v1) returns, then checks health,
 //! GetStatus, a WatchEvents stream of its own connection (cookies from
-//! SO_COOKIE, the exact sizes it sent) and INVALID_ARGUMENT for a bad CIDR.
-//! Over TCP and over a unix socket. Needs root, and Debian's python3-grpcio
-//! and python3-protobuf (scripts/test.sh installs them).
+//! SO_COOKIE, the exact sizes it sent) and INVALID_ARGUMENT for a bad CIDR,
+//! over TCP and over a unix socket. And `socktap watch -o json`'s lines (and
+//! `status -o json`) are proto3 JSON as protobuf's own implementation reads
+//! and prints it.
+//! Needs root, and Debian's python3-grpcio and python3-protobuf
+//! (scripts/test.sh installs them).
 
 mod common;
 
+use std::io::{Read, Write};
 use std::process::{Command, Stdio};
+use std::time::Duration;
 
 use common::*;
 
@@ -36,11 +41,12 @@ fn grpcio_available() -> bool {
     }
 }
 
-/// Runs the client against `addr` and fails the test with its output
-/// unless it passes.
-fn client_passes_against(addr: &str) {
+/// Runs the client against `addr` (with `more` arguments) and fails the
+/// test with its output unless it passes.
+fn client_passes_against(addr: &str, more: &[&str]) {
     let out = Command::new(PYTHON)
         .args([CLIENT, addr])
+        .args(more)
         .output()
         .expect("run the grpcio client");
     let (stdout, stderr) = (
@@ -55,6 +61,15 @@ fn client_passes_against(addr: &str) {
     assert!(stdout.contains("grpc_core_client: ok"), "{stdout}");
 }
 
+/// The address in socktapd's first line ("... serving socktap.v1 on
+/// 127.0.0.1:PORT ...").
+fn tcp_address(line: &str) -> String {
+    line.split_whitespace()
+        .find(|w| w.starts_with("127.0.0.1:"))
+        .unwrap_or_else(|| panic!("no address in {line:?}"))
+        .to_owned()
+}
+
 #[test]
 fn a_grpc_core_client_works_from_reflection_alone() {
     let Some(_bpf) = bpf_available("interop grpc-core") else {
@@ -65,20 +80,101 @@ fn a_grpc_core_client_works_from_reflection_alone() {
     }
     // TCP, on a port the kernel picks; the first line names it.
     let (daemon, line) = spawn_socktapd_serving(&["--listen", "127.0.0.1:0"]);
-    let addr = line
-        .split_whitespace()
-        .find(|w| w.starts_with("127.0.0.1:"))
-        .unwrap_or_else(|| panic!("no address in {line:?}"))
-        .to_owned();
-    client_passes_against(&addr);
-    stop_socktapd(daemon);
+    let daemon = SocktapdChild::new(daemon);
+    client_passes_against(&tcp_address(&line), &[]);
+    daemon.stop();
 
     let dir = std::env::temp_dir().join(format!("socktap-interop-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
-    let socket = dir.join("socktap.sock");
-    let addr = format!("unix:{}", socket.display());
-    let daemon = spawn_socktapd(&["--listen", &addr]);
-    client_passes_against(&addr);
-    stop_socktapd(daemon);
+    let addr = format!("unix:{}", dir.join("socktap.sock").display());
+    let daemon = SocktapdChild::new(spawn_socktapd(&["--listen", &addr]));
+    client_passes_against(&addr, &[]);
+    daemon.stop();
     let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn json_lines_are_proto3_json_as_protobuf_itself_reads_and_prints_it() {
+    let Some(_bpf) = bpf_available("interop JSON lines") else {
+        return;
+    };
+    if !grpcio_available() {
+        return;
+    }
+    let (daemon, line) = spawn_socktapd_serving(&["--listen", "127.0.0.1:0"]);
+    let daemon = SocktapdChild::new(daemon);
+    let addr = tcp_address(&line);
+    let (mut c, mut s) = tcp_pair(false);
+    let cookies = [so_cookie(&c).to_string(), so_cookie(&s).to_string()];
+    // The CLI in this process: --include-self keeps this test's own calls.
+    let args = [
+        "socktap",
+        "--addr",
+        &addr,
+        "watch",
+        "-o",
+        "json",
+        "--include-self",
+        "--cookie",
+        &cookies[0],
+        "--cookie",
+        &cookies[1],
+        "--limit",
+        "10",
+    ];
+    let cli = socktap_client::cli::parse(args.map(Into::into), &mut std::io::stderr()).expect("valid arguments");
+    let watch = tokio::spawn(async move {
+        let (mut out, mut err) = (Vec::new(), Vec::new());
+        let rc = socktap_client::cli::run(cli, &mut out, &mut err).await;
+        (rc, out, err)
+    });
+    let mut client = socktap_client::connect(&addr.parse().unwrap()).await.unwrap();
+    for _ in 0..1000 {
+        let status = client
+            .get_status(socktap_client::api::GetStatusRequest {})
+            .await
+            .unwrap();
+        if !status.into_inner().subscribers.is_empty() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    // 5 sends and 5 receives.
+    for n in [100usize, 2000, 37, 65536, 1] {
+        c.write_all(&vec![7u8; n]).unwrap();
+        s.read_exact(&mut vec![0u8; n]).unwrap();
+    }
+    let (rc, out, err) = tokio::time::timeout(Duration::from_secs(10), watch)
+        .await
+        .expect("the watch ends after --limit 10")
+        .unwrap();
+    let (out, err) = (String::from_utf8(out).unwrap(), String::from_utf8_lossy(&err));
+    assert_eq!(rc, 0, "{err}");
+    assert_eq!(out.lines().count(), 10, "{out}");
+    let file = std::env::temp_dir().join(format!("socktap-interop-{}.jsonl", std::process::id()));
+    std::fs::write(&file, &out).unwrap();
+    client_passes_against(&addr, &["--json-lines", file.to_str().unwrap()]);
+
+    // `socktap status -o json`: a duration (uptime), enums, maps.
+    let cli = socktap_client::cli::parse(
+        ["socktap", "--addr", &addr, "status", "-o", "json"].map(Into::into),
+        &mut std::io::stderr(),
+    )
+    .expect("valid arguments");
+    let (mut out, mut err) = (Vec::new(), Vec::new());
+    assert_eq!(
+        socktap_client::cli::run(cli, &mut out, &mut err).await,
+        0,
+        "{}",
+        String::from_utf8_lossy(&err)
+    );
+    let out = String::from_utf8(out).unwrap();
+    assert!(out.contains("\"uptime\""), "{out}");
+    std::fs::write(&file, &out).unwrap();
+    client_passes_against(
+        &addr,
+        &["--json-lines", file.to_str().unwrap(), "socktap.v1.GetStatusResponse"],
+    );
+    let _ = std::fs::remove_file(&file);
+    daemon.stop();
 }

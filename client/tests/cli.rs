@@ -477,7 +477,7 @@ fn json_lines_are_proto3_json_and_losses_go_to_stderr() {
     assert_eq!(first["cookie"], "4097", "uint64 as a string, as grpcurl prints it");
     assert_eq!(first["kind"], "EVENT_KIND_SEND");
     assert_eq!(first["localAddr"], "10.0.0.2");
-    assert_eq!(first["time"], "2025-11-24T16:00:00.250+00:00");
+    assert_eq!(first["time"], "2025-11-24T16:00:00.250Z");
     assert_eq!(first["errno"], 0, "zeros are written, not left out");
     // Every line has the same keys, whatever its values (the second event
     // has no bytes and uid 0).

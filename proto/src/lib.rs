@@ -16,7 +16,10 @@ pub mod v1 {
 /// imports), for gRPC server reflection.
 pub const FILE_DESCRIPTOR_SET: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/socktap_descriptor.bin"));
 
-pub use pbjson_types::{Duration, Timestamp};
+mod timestamp;
+
+pub use pbjson_types::Duration;
+pub use timestamp::Timestamp;
 
 /// The most ids one `GetCgroupPaths` request may name (socktapd refuses
 /// more with INVALID_ARGUMENT).

@@ -479,6 +479,32 @@ pub fn spawn_socktapd_serving(args: &[&str]) -> (std::process::Child, String) {
     (child, line)
 }
 
+/// A socktapd child that is killed when dropped unstopped (a test that
+/// failed before its end), so that no daemon outlives its test, attached
+/// and holding the test's output pipes.
+pub struct SocktapdChild(Option<std::process::Child>);
+
+impl SocktapdChild {
+    /// Takes charge of `child`.
+    pub fn new(child: std::process::Child) -> SocktapdChild {
+        SocktapdChild(Some(child))
+    }
+
+    /// [`stop_socktapd`].
+    pub fn stop(mut self) {
+        stop_socktapd(self.0.take().expect("not stopped yet"));
+    }
+}
+
+impl Drop for SocktapdChild {
+    fn drop(&mut self) {
+        if let Some(child) = &mut self.0 {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
 /// Stops socktapd as systemd does (SIGTERM), waits for it, and checks that
 /// it exited cleanly.
 pub fn stop_socktapd(mut child: std::process::Child) {

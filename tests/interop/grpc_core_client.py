@@ -15,16 +15,25 @@ descriptors, and then:
 Both reflection versions are asked (v1alpha, which grpcurl 1.8 speaks, and
 v1). Any failure exits non-zero with a one-line reason on stderr.
 
+With --json-lines FILE [MESSAGE] it checks instead that each line of FILE
+(what `socktap watch -o json` printed; MESSAGE, by default
+socktap.v1.Event, names the message the lines are) is proto3 JSON as
+protobuf's own implementation reads and writes it: parsed strictly (no
+unknown field, every value of its field's JSON type), then printed again
+with every field, zeros included, it is the same object.
+
 Usage: grpc_core_client.py ADDRESS   (host:port, or unix:/path)
+       grpc_core_client.py ADDRESS --json-lines FILE [MESSAGE]
 """
 
+import json
 import socket
 import sys
 import threading
 import time
 
 import grpc
-from google.protobuf import descriptor_pb2, descriptor_pool, message_factory
+from google.protobuf import descriptor_pb2, descriptor_pool, json_format, message_factory
 
 SO_COOKIE = 57  # <asm-generic/socket.h>
 REFLECTION = (
@@ -174,11 +183,44 @@ def message_class(pool, name):
 # --- the checks -------------------------------------------------------------
 
 
+def with_every_field(message):
+    """The message as a JSON object, every field printed, zeros included
+    (grpcurl's -emit-defaults)."""
+    try:
+        return json_format.MessageToDict(message, always_print_fields_with_no_presence=True)
+    except TypeError:  # protobuf before 5.26
+        return json_format.MessageToDict(message, including_default_value_fields=True)
+
+
+def check_json_lines(pool, path, message):
+    event_class = message_class(pool, message)
+    with open(path, encoding="utf-8") as f:
+        lines = [line for line in f.read().splitlines() if line]
+    if not lines:
+        fail(f"{path}: no JSON lines")
+    for n, line in enumerate(lines, 1):
+        try:
+            event = json_format.Parse(line, event_class())
+        except json_format.ParseError as e:
+            fail(f"{path}:{n}: not proto3 JSON of {message}: {e}: {line}")
+        printed, read = with_every_field(event), json.loads(line)
+        if printed != read:
+            diff = {k: (read.get(k), printed.get(k)) for k in read.keys() | printed.keys() if read.get(k) != printed.get(k)}
+            fail(f"{path}:{n}: differs from protobuf's own printing (line, protobuf): {diff}")
+    print(f"JSON lines: {len(lines)} lines of {path} are proto3 JSON of {message}, every field printed")
+
+
 def main():
-    if len(sys.argv) != 2:
-        fail("usage: grpc_core_client.py ADDRESS")
+    if len(sys.argv) not in (2, 4, 5) or (len(sys.argv) > 2 and sys.argv[2] != "--json-lines"):
+        fail("usage: grpc_core_client.py ADDRESS [--json-lines FILE [MESSAGE]]")
     channel = grpc.insecure_channel(sys.argv[1])
     grpc.channel_ready_future(channel).result(timeout=10)
+    if len(sys.argv) > 2:
+        files = descriptors_for(channel, REFLECTION[0], "socktap.v1.Socktap")
+        message = sys.argv[4] if len(sys.argv) == 5 else "socktap.v1.Event"
+        check_json_lines(pool_of(files), sys.argv[3], message)
+        print("grpc_core_client: ok")
+        return
 
     pools = []
     for method in REFLECTION:
