@@ -228,9 +228,13 @@ def main():
         for want in ("socktap.v1.Socktap", "grpc.health.v1.Health"):
             if want not in services:
                 fail(f"{method}: {want} not listed: {services}")
+        # Every service listed can be described (grpcurl describe), its
+        # imports included.
+        for service in services:
+            pool_of(descriptors_for(channel, method, service)).FindServiceByName(service)
         files = descriptors_for(channel, method, "socktap.v1.Socktap")
         pools.append(pool_of(files))
-        print(f"{method.split('/')[1]}: {len(services)} services, {len(files)} files: {', '.join(sorted(files))}")
+        print(f"{method.split('/')[1]}: services {', '.join(services)}; socktap.v1.Socktap from {', '.join(sorted(files))}")
     pool = pools[0]
 
     # grpc.health.v1.Health/Check with an empty HealthCheckRequest; the
