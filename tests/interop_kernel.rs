@@ -61,27 +61,32 @@ fn client_passes_against(addr: &str, more: &[&str]) {
     assert!(stdout.contains("grpc_core_client: ok"), "{stdout}");
 }
 
-/// The address in socktapd's first line ("... serving socktap.v1 on
-/// 127.0.0.1:PORT ...").
-fn tcp_address(line: &str) -> String {
-    line.split_whitespace()
+/// The BPF slot when the test can run: BPF, and grpcio in the system
+/// Python; otherwise `None`, having said why ([`bpf_available`]).
+fn interop_available(test: &str) -> Option<BpfSlot> {
+    bpf_available(test).filter(|_| grpcio_available())
+}
+
+/// socktapd on a TCP port the kernel picks, and its address, which its
+/// first line ("... serving socktap.v1 on 127.0.0.1:PORT ...") names.
+fn socktapd_on_tcp() -> (SocktapdChild, String) {
+    let (daemon, line) = spawn_socktapd_serving(&["--listen", "127.0.0.1:0"]);
+    let daemon = SocktapdChild::new(daemon);
+    let addr = line
+        .split_whitespace()
         .find(|w| w.starts_with("127.0.0.1:"))
         .unwrap_or_else(|| panic!("no address in {line:?}"))
-        .to_owned()
+        .to_owned();
+    (daemon, addr)
 }
 
 #[test]
 fn a_grpc_core_client_works_from_reflection_alone() {
-    let Some(_bpf) = bpf_available("interop grpc-core") else {
+    let Some(_bpf) = interop_available("interop grpc-core") else {
         return;
     };
-    if !grpcio_available() {
-        return;
-    }
-    // TCP, on a port the kernel picks; the first line names it.
-    let (daemon, line) = spawn_socktapd_serving(&["--listen", "127.0.0.1:0"]);
-    let daemon = SocktapdChild::new(daemon);
-    client_passes_against(&tcp_address(&line), &[]);
+    let (daemon, addr) = socktapd_on_tcp();
+    client_passes_against(&addr, &[]);
     daemon.stop();
 
     let dir = std::env::temp_dir().join(format!("socktap-interop-{}", std::process::id()));
@@ -95,15 +100,10 @@ fn a_grpc_core_client_works_from_reflection_alone() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn json_lines_are_proto3_json_as_protobuf_itself_reads_and_prints_it() {
-    let Some(_bpf) = bpf_available("interop JSON lines") else {
+    let Some(_bpf) = interop_available("interop JSON lines") else {
         return;
     };
-    if !grpcio_available() {
-        return;
-    }
-    let (daemon, line) = spawn_socktapd_serving(&["--listen", "127.0.0.1:0"]);
-    let daemon = SocktapdChild::new(daemon);
-    let addr = tcp_address(&line);
+    let (daemon, addr) = socktapd_on_tcp();
     let (mut c, mut s) = tcp_pair(false);
     let cookies = [so_cookie(&c).to_string(), so_cookie(&s).to_string()];
     // The CLI in this process: --include-self keeps this test's own calls.
