@@ -4,9 +4,9 @@
 //! server's reflection (v1alpha and v1) returns, then checks health,
 //! GetStatus, a WatchEvents stream of its own connection (cookies from
 //! SO_COOKIE, the exact sizes it sent) and INVALID_ARGUMENT for a bad CIDR,
-//! over TCP and over a unix socket. And `socktap watch -o json`'s lines (and
-//! `status -o json`) are proto3 JSON as protobuf's own implementation reads
-//! and prints it.
+//! over TCP and over a unix socket. And `socktap watch -o json`'s lines,
+//! its loss notices and `status -o json` are proto3 JSON as protobuf's own
+//! implementation reads and prints it.
 //! Needs root, and Debian's python3-grpcio and python3-protobuf
 //! (scripts/test.sh installs them).
 
@@ -154,6 +154,45 @@ async fn json_lines_are_proto3_json_as_protobuf_itself_reads_and_prints_it() {
     let file = std::env::temp_dir().join(format!("socktap-interop-{}.jsonl", std::process::id()));
     std::fs::write(&file, &out).unwrap();
     client_passes_against(&addr, &["--json-lines", file.to_str().unwrap()]);
+
+    // A loss notice, on stderr in JSON mode: a resume from another
+    // instance starts with one (source RESTART), then the history.
+    let cli = socktap_client::cli::parse(
+        [
+            "socktap",
+            "--addr",
+            &addr,
+            "watch",
+            "-o",
+            "json",
+            "--include-self",
+            "--resume-after",
+            "1",
+            "--resume-instance",
+            "1",
+            "--cookie",
+            &cookies[0],
+            "--limit",
+            "1",
+        ]
+        .map(Into::into),
+        &mut std::io::stderr(),
+    )
+    .expect("valid arguments");
+    let (mut out, mut err) = (Vec::new(), Vec::new());
+    assert_eq!(
+        socktap_client::cli::run(cli, &mut out, &mut err).await,
+        0,
+        "{}",
+        String::from_utf8_lossy(&err)
+    );
+    let err = String::from_utf8(err).unwrap();
+    assert!(err.contains("LOSS_SOURCE_RESTART"), "{err}");
+    std::fs::write(&file, &err).unwrap();
+    client_passes_against(
+        &addr,
+        &["--json-lines", file.to_str().unwrap(), "socktap.v1.LostEvents"],
+    );
 
     // `socktap status -o json`: a duration (uptime), enums, maps.
     let cli = socktap_client::cli::parse(
