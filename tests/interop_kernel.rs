@@ -4,7 +4,7 @@
 //! server's reflection (v1alpha and v1) returns, then checks health,
 //! GetStatus, a WatchEvents stream of its own connection (cookies from
 //! SO_COOKIE, the exact sizes it sent) and INVALID_ARGUMENT for a bad CIDR,
-//! over TCP and over a unix socket. And `socktap watch -o json`'s lines,
+//! over TCP, over a unix socket, and over mTLS with a bearer token. And `socktap watch -o json`'s lines,
 //! its loss notices and `status -o json` are proto3 JSON as protobuf's own
 //! implementation reads and prints it.
 //! Needs root, and Debian's python3-grpcio and python3-protobuf
@@ -67,17 +67,19 @@ fn interop_available(test: &str) -> Option<BpfSlot> {
     bpf_available(test).filter(|_| grpcio_available())
 }
 
-/// socktapd on a TCP port the kernel picks, and its address, which its
-/// first line ("... serving socktap.v1 on 127.0.0.1:PORT ...") names.
-fn socktapd_on_tcp() -> (SocktapdChild, String) {
-    let (daemon, line) = spawn_socktapd_serving(&["--listen", "127.0.0.1:0"]);
-    let daemon = SocktapdChild::new(daemon);
-    let addr = line
-        .split_whitespace()
+/// The address socktapd's first line names ("... serving socktap.v1 on
+/// 127.0.0.1:PORT ...").
+fn address_in(line: &str) -> String {
+    line.split_whitespace()
         .find(|w| w.starts_with("127.0.0.1:"))
         .unwrap_or_else(|| panic!("no address in {line:?}"))
-        .to_owned();
-    (daemon, addr)
+        .to_owned()
+}
+
+/// socktapd on a TCP port the kernel picks, and its address.
+fn socktapd_on_tcp() -> (SocktapdChild, String) {
+    let (daemon, line) = spawn_socktapd_serving(&["--listen", "127.0.0.1:0"]);
+    (SocktapdChild::new(daemon), address_in(&line))
 }
 
 #[test]
@@ -98,6 +100,82 @@ fn a_grpc_core_client_works_from_reflection_alone() {
     let _ = std::fs::remove_dir_all(&dir);
 }
 
+#[test]
+fn a_grpc_core_client_over_mtls_with_a_token() {
+    use rcgen::{BasicConstraints, CertificateParams, CertifiedIssuer, DnType, IsCa, KeyPair};
+    let Some(_bpf) = interop_available("interop grpc-core mTLS") else {
+        return;
+    };
+    // A CA, socktapd's certificate (localhost, 127.0.0.1) and the client's.
+    // Each with a name of its own: OpenSSL, under grpcio, takes a
+    // certificate whose subject is its issuer's for self-issued.
+    let named = |names: Vec<String>, common_name: &str| {
+        let mut params = CertificateParams::new(names).unwrap();
+        params.distinguished_name.push(DnType::CommonName, common_name);
+        params
+    };
+    let mut ca_params = named(vec![], "socktap interop CA");
+    ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    let ca = CertifiedIssuer::self_signed(ca_params, KeyPair::generate().unwrap()).unwrap();
+    let leaf = |names: Vec<String>| {
+        let key = KeyPair::generate().unwrap();
+        let cert = named(names.clone(), &names[0]).signed_by(&key, &ca).unwrap();
+        (cert.pem(), key.serialize_pem())
+    };
+    let dir = std::env::temp_dir().join(format!("socktap-interop-tls-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let file = |name: &str, text: &str| {
+        let path = dir.join(name);
+        std::fs::write(&path, text).unwrap();
+        path.to_str().unwrap().to_owned()
+    };
+    let (server_cert, server_key) = leaf(vec!["localhost".into(), "127.0.0.1".into()]);
+    let (client_cert, client_key) = leaf(vec!["socktap-interop".into()]);
+    let ca_file = file("ca.pem", &ca.pem());
+    let token = file("token", "s3cret-interop-token\n");
+    let (server_cert, server_key) = (file("server.pem", &server_cert), file("server.key", &server_key));
+    let (client_cert, client_key) = (file("client.pem", &client_cert), file("client.key", &client_key));
+
+    let (daemon, line) = spawn_socktapd_serving(&[
+        "--listen",
+        "127.0.0.1:0",
+        "--tls-cert",
+        &server_cert,
+        "--tls-key",
+        &server_key,
+        "--tls-client-ca",
+        &ca_file,
+        "--auth-token-file",
+        &token,
+    ]);
+    let daemon = SocktapdChild::new(daemon);
+    client_passes_against(
+        &address_in(&line),
+        &["--tls", &ca_file, &client_cert, &client_key, "--token-file", &token],
+    );
+    daemon.stop();
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// Runs the socktap CLI in this process with `args` (after the program
+/// name) to its end: its exit code, stdout and stderr.
+async fn socktap(args: &[&str]) -> (i32, String, String) {
+    let args = std::iter::once("socktap").chain(args.iter().copied()).map(Into::into);
+    let cli = socktap_client::cli::parse(args, &mut std::io::stderr()).expect("valid arguments");
+    let (mut out, mut err) = (Vec::new(), Vec::new());
+    let rc = socktap_client::cli::run(cli, &mut out, &mut err).await;
+    (rc, String::from_utf8(out).unwrap(), String::from_utf8(err).unwrap())
+}
+
+/// Checks with the grpcio client that each line of `text` is proto3 JSON of
+/// `message`, as protobuf reads and prints it.
+fn proto3_json_of(addr: &str, message: &str, text: &str) {
+    let file = std::env::temp_dir().join(format!("socktap-interop-{}.jsonl", std::process::id()));
+    std::fs::write(&file, text).unwrap();
+    client_passes_against(addr, &["--json-lines", file.to_str().unwrap(), "--message", message]);
+    let _ = std::fs::remove_file(&file);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn json_lines_are_proto3_json_as_protobuf_itself_reads_and_prints_it() {
     let Some(_bpf) = interop_available("interop JSON lines") else {
@@ -107,27 +185,14 @@ async fn json_lines_are_proto3_json_as_protobuf_itself_reads_and_prints_it() {
     let (mut c, mut s) = tcp_pair(false);
     let cookies = [so_cookie(&c).to_string(), so_cookie(&s).to_string()];
     // The CLI in this process: --include-self keeps this test's own calls.
-    let args = [
-        "socktap",
-        "--addr",
-        &addr,
-        "watch",
-        "-o",
-        "json",
-        "--include-self",
-        "--cookie",
-        &cookies[0],
-        "--cookie",
-        &cookies[1],
-        "--limit",
-        "10",
-    ];
-    let cli = socktap_client::cli::parse(args.map(Into::into), &mut std::io::stderr()).expect("valid arguments");
-    let watch = tokio::spawn(async move {
-        let (mut out, mut err) = (Vec::new(), Vec::new());
-        let rc = socktap_client::cli::run(cli, &mut out, &mut err).await;
-        (rc, out, err)
-    });
+    let watch_json = ["--addr", &addr, "watch", "-o", "json", "--include-self"];
+    let filters = ["--cookie", &cookies[0], "--cookie", &cookies[1], "--limit", "10"];
+    let args: Vec<String> = [&watch_json[..], &filters]
+        .concat()
+        .into_iter()
+        .map(String::from)
+        .collect();
+    let watch = tokio::spawn(async move { socktap(&args.iter().map(String::as_str).collect::<Vec<_>>()).await });
     let mut client = socktap_client::connect(&addr.parse().unwrap()).await.unwrap();
     for _ in 0..1000 {
         let status = client
@@ -148,72 +213,31 @@ async fn json_lines_are_proto3_json_as_protobuf_itself_reads_and_prints_it() {
         .await
         .expect("the watch ends after --limit 10")
         .unwrap();
-    let (out, err) = (String::from_utf8(out).unwrap(), String::from_utf8_lossy(&err));
     assert_eq!(rc, 0, "{err}");
     assert_eq!(out.lines().count(), 10, "{out}");
-    let file = std::env::temp_dir().join(format!("socktap-interop-{}.jsonl", std::process::id()));
-    std::fs::write(&file, &out).unwrap();
-    client_passes_against(&addr, &["--json-lines", file.to_str().unwrap()]);
+    proto3_json_of(&addr, "socktap.v1.Event", &out);
 
     // A loss notice, on stderr in JSON mode: a resume from another
     // instance starts with one (source RESTART), then the history.
-    let cli = socktap_client::cli::parse(
-        [
-            "socktap",
-            "--addr",
-            &addr,
-            "watch",
-            "-o",
-            "json",
-            "--include-self",
-            "--resume-after",
-            "1",
-            "--resume-instance",
-            "1",
-            "--cookie",
-            &cookies[0],
-            "--limit",
-            "1",
-        ]
-        .map(Into::into),
-        &mut std::io::stderr(),
-    )
-    .expect("valid arguments");
-    let (mut out, mut err) = (Vec::new(), Vec::new());
-    assert_eq!(
-        socktap_client::cli::run(cli, &mut out, &mut err).await,
-        0,
-        "{}",
-        String::from_utf8_lossy(&err)
-    );
-    let err = String::from_utf8(err).unwrap();
+    let resume = [
+        "--resume-after",
+        "1",
+        "--resume-instance",
+        "1",
+        "--cookie",
+        &cookies[0],
+        "--limit",
+        "1",
+    ];
+    let (rc, _, err) = socktap(&[&watch_json[..], &resume].concat()).await;
+    assert_eq!(rc, 0, "{err}");
     assert!(err.contains("LOSS_SOURCE_RESTART"), "{err}");
-    std::fs::write(&file, &err).unwrap();
-    client_passes_against(
-        &addr,
-        &["--json-lines", file.to_str().unwrap(), "socktap.v1.LostEvents"],
-    );
+    proto3_json_of(&addr, "socktap.v1.LostEvents", &err);
 
     // `socktap status -o json`: a duration (uptime), enums, maps.
-    let cli = socktap_client::cli::parse(
-        ["socktap", "--addr", &addr, "status", "-o", "json"].map(Into::into),
-        &mut std::io::stderr(),
-    )
-    .expect("valid arguments");
-    let (mut out, mut err) = (Vec::new(), Vec::new());
-    assert_eq!(
-        socktap_client::cli::run(cli, &mut out, &mut err).await,
-        0,
-        "{}",
-        String::from_utf8_lossy(&err)
-    );
-    let out = String::from_utf8(out).unwrap();
+    let (rc, out, err) = socktap(&["--addr", &addr, "status", "-o", "json"]).await;
+    assert_eq!(rc, 0, "{err}");
     assert!(out.contains("\"uptime\""), "{out}");
-    std::fs::write(&file, &out).unwrap();
-    client_passes_against(
-        &addr,
-        &["--json-lines", file.to_str().unwrap(), "socktap.v1.GetStatusResponse"],
-    );
-    let _ = std::fs::remove_file(&file);
+    proto3_json_of(&addr, "socktap.v1.GetStatusResponse", &out);
     daemon.stop();
 }

@@ -15,16 +15,26 @@ descriptors, and then:
 Both reflection versions are asked (v1alpha, which grpcurl 1.8 speaks, and
 v1). Any failure exits non-zero with a one-line reason on stderr.
 
-With --json-lines FILE [MESSAGE] it checks instead that each line of FILE
-(what `socktap watch -o json` printed; MESSAGE, by default
+With --tls CA CERT KEY it connects over TLS, trusting CA and presenting
+CERT and KEY, and first checks that a client without a certificate is
+refused (socktapd with --tls-client-ca). With --token-file FILE it sends
+that bearer token with the Socktap calls, and first checks that a call
+without it is refused UNAUTHENTICATED, while health and reflection stay
+open without it.
+
+With --json-lines FILE [--message NAME] it checks instead that each line
+of FILE (what `socktap watch -o json` printed; NAME, by default
 socktap.v1.Event, names the message the lines are) is proto3 JSON as
 protobuf's own implementation reads and writes it: parsed strictly (no
 unknown field, every value of its field's JSON type), then printed again
 with every field, zeros included, it is the same object.
 
-Usage: grpc_core_client.py ADDRESS   (host:port, or unix:/path)
-       grpc_core_client.py ADDRESS --json-lines FILE [MESSAGE]
+Usage: grpc_core_client.py ADDRESS [--tls CA CERT KEY] [--token-file FILE]
+       grpc_core_client.py ADDRESS --json-lines FILE [--message NAME]
+ADDRESS: host:port, or unix:/path.
 """
+
+import argparse
 
 import json
 import socket
@@ -210,17 +220,54 @@ def check_json_lines(pool, path, message):
     print(f"JSON lines: {len(lines)} lines of {path} are proto3 JSON of {message}, every field printed")
 
 
-def main():
-    if len(sys.argv) not in (2, 4, 5) or (len(sys.argv) > 2 and sys.argv[2] != "--json-lines"):
-        fail("usage: grpc_core_client.py ADDRESS [--json-lines FILE [MESSAGE]]")
-    channel = grpc.insecure_channel(sys.argv[1])
+def read(path):
+    with open(path, "rb") as f:
+        return f.read()
+
+
+def connect(args):
+    """The channel to socktapd; with --tls, checks then that a client that
+    trusts the same CA but has no certificate gets no answer."""
+    if not args.tls:
+        channel = grpc.insecure_channel(args.address)
+        grpc.channel_ready_future(channel).result(timeout=10)
+        return channel
+    ca, cert, key = (read(p) for p in args.tls)
+    # The server's certificate names localhost and 127.0.0.1.
+    options = [("grpc.ssl_target_name_override", "localhost")]
+    creds = grpc.ssl_channel_credentials(root_certificates=ca, private_key=key, certificate_chain=cert)
+    channel = grpc.secure_channel(args.address, creds, options)
     grpc.channel_ready_future(channel).result(timeout=10)
-    if len(sys.argv) > 2:
+    anonymous = grpc.secure_channel(args.address, grpc.ssl_channel_credentials(ca), options)
+    health = anonymous.unary_unary("/grpc.health.v1.Health/Check", request_serializer=None, response_deserializer=None)
+    try:
+        health(b"", timeout=10)
+        fail("a client without a certificate was answered")
+    except grpc.RpcError as e:
+        if e.code() != grpc.StatusCode.UNAVAILABLE:
+            fail(f"a client without a certificate: {e.code()} {e.details()!r}, not UNAVAILABLE")
+        print(f"TLS: a client without a certificate is refused ({e.code().name})")
+    anonymous.close()
+    return channel
+
+
+def main():
+    parser = argparse.ArgumentParser(description="socktap through grpcio, from reflection alone")
+    parser.add_argument("address")
+    parser.add_argument("--tls", nargs=3, metavar=("CA", "CERT", "KEY"))
+    parser.add_argument("--token-file")
+    parser.add_argument("--json-lines", metavar="FILE")
+    parser.add_argument("--message", default="socktap.v1.Event")
+    args = parser.parse_args()
+    channel = connect(args)
+    if args.json_lines:
         files = descriptors_for(channel, REFLECTION[0], "socktap.v1.Socktap")
-        message = sys.argv[4] if len(sys.argv) == 5 else "socktap.v1.Event"
-        check_json_lines(pool_of(files), sys.argv[3], message)
+        check_json_lines(pool_of(files), args.json_lines, args.message)
         print("grpc_core_client: ok")
         return
+    metadata = None
+    if args.token_file:
+        metadata = [("authorization", "Bearer " + read(args.token_file).decode().strip())]
 
     pools = []
     for method in REFLECTION:
@@ -254,7 +301,15 @@ def main():
         return req, make(path, request_serializer=req.SerializeToString, response_deserializer=resp.FromString)
 
     status_req, get_status = method("GetStatus", False)
-    st = get_status(status_req(), timeout=10)
+    if metadata:
+        try:
+            get_status(status_req(), timeout=10)
+            fail("GetStatus without the token was answered")
+        except grpc.RpcError as e:
+            if e.code() != grpc.StatusCode.UNAUTHENTICATED:
+                fail(f"GetStatus without the token: {e.code()} {e.details()!r}, not UNAUTHENTICATED")
+            print(f"token: refused without it ({e.code().name}: {e.details()}); health and reflection open")
+    st = get_status(status_req(), timeout=10, metadata=metadata)
     mode = st.DESCRIPTOR.fields_by_name["attach_mode"].enum_type.values_by_number[st.attach_mode].name
     print(f"GetStatus: attach mode {mode}, {len(st.subscribers)} subscribers")
 
@@ -270,7 +325,7 @@ def main():
     }
     req = watch_req()
     req.allow.add().cookies.extend(cookies)
-    stream = watch(req, timeout=30)
+    stream = watch(req, timeout=30, metadata=metadata)
     events, lost = [], []
 
     def take():
@@ -289,7 +344,7 @@ def main():
     reader.start()
     # The subscription is in place once socktapd lists it.
     deadline = time.monotonic() + 10
-    while not get_status(status_req(), timeout=10).subscribers:
+    while not get_status(status_req(), timeout=10, metadata=metadata).subscribers:
         if time.monotonic() > deadline:
             fail("the WatchEvents stream never showed up in GetStatus")
         time.sleep(0.01)
@@ -326,7 +381,7 @@ def main():
     bad = watch_req()
     bad.allow.add().remote_cidrs.append("10.0.0.0/99")
     try:
-        for _ in watch(bad, timeout=10):
+        for _ in watch(bad, timeout=10, metadata=metadata):
             pass
         fail("a malformed CIDR was accepted")
     except grpc.RpcError as e:
