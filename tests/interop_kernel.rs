@@ -194,12 +194,14 @@ async fn json_lines_are_proto3_json_as_protobuf_itself_reads_and_prints_it() {
         .collect();
     let watch = tokio::spawn(async move { socktap(&args.iter().map(String::as_str).collect::<Vec<_>>()).await });
     let mut client = socktap_client::connect(&addr.parse().unwrap()).await.unwrap();
+    // Subscribed, and the programs record (the gate opens for the first).
     for _ in 0..1000 {
         let status = client
             .get_status(socktap_client::api::GetStatusRequest {})
             .await
             .unwrap();
-        if !status.into_inner().subscribers.is_empty() {
+        let status = status.into_inner();
+        if !status.subscribers.is_empty() && status.kernel_gate_open {
             break;
         }
         tokio::time::sleep(Duration::from_millis(10)).await;

@@ -342,11 +342,15 @@ def main():
 
     reader = threading.Thread(target=take, daemon=True)
     reader.start()
-    # The subscription is in place once socktapd lists it.
+    # The subscription is in place once socktapd lists it and its programs
+    # record (the gate opens for the first subscriber).
     deadline = time.monotonic() + 10
-    while not get_status(status_req(), timeout=10, metadata=metadata).subscribers:
+    while True:
+        st = get_status(status_req(), timeout=10, metadata=metadata)
+        if st.subscribers and st.kernel_gate_open:
+            break
         if time.monotonic() > deadline:
-            fail("the WatchEvents stream never showed up in GetStatus")
+            fail(f"the WatchEvents stream never showed up in GetStatus with the gate open: {st}")
         time.sleep(0.01)
 
     for n in SIZES:
