@@ -150,15 +150,8 @@ impl Reader {
         // millisecond while a subscriber waits on a quiet host). Only a
         // nonzero low-rate interval leaves records unannounced, for the
         // timed poll to pick up.
-        if let Some(period) = self.pacing.drain_period() {
-            return Some(period);
-        }
         let open = self.control.shared.enabled.load(Ordering::Relaxed);
-        Some(if open && !self.pacing.kernel_wakes_on_catch_up(Instant::now()) {
-            self.poll
-        } else {
-            QUIET_POLL.max(self.poll)
-        })
+        Some(self.pacing.wait_timeout(open, self.poll, Instant::now()))
     }
 
     /// One pass: takes at most [`MAX_BATCH_EVENTS`] records, adapts the
@@ -509,6 +502,29 @@ impl Pacing {
                 .is_none_or(|at| now.saturating_duration_since(at) >= SWITCH_GRACE)
     }
 
+    /// How long the reader may wait for a wakeup before its next pass, with
+    /// the gate `open` and timed polls every `poll`: the drain period while
+    /// batching; `poll` while records may come unannounced (a nonzero
+    /// interval), and, in the grace after a switch to 0, no later than its
+    /// end, so that one pass takes what came with the old flag whatever
+    /// `poll` is (after it, a record with the old flag left in the ring
+    /// would keep every later one from waking the reader: the kernel wakes
+    /// it only for a record where it stands); otherwise the quiet poll.
+    fn wait_timeout(&self, open: bool, poll: Duration, now: Instant) -> Duration {
+        if let Some(period) = self.drain_period() {
+            return period;
+        }
+        if !open || self.kernel_wakes_on_catch_up(now) {
+            return QUIET_POLL.max(poll);
+        }
+        match self.switched_at {
+            Some(at) if !self.batching && self.low_ns == 0 => {
+                poll.min((at + SWITCH_GRACE).saturating_duration_since(now))
+            }
+            _ => poll,
+        }
+    }
+
     /// While batching: how often the reader drains the ring.
     fn drain_period(&self) -> Option<Duration> {
         self.batching.then_some(self.batch)
@@ -644,6 +660,53 @@ mod tests {
         assert!(
             !Pacing::new(&opts).kernel_wakes_on_catch_up(t),
             "a nonzero interval at low rates too"
+        );
+    }
+
+    #[test]
+    fn after_a_switch_to_kernel_wakeups_the_reader_looks_again_when_the_grace_ends() {
+        let (poll, long) = (Duration::from_millis(1), Duration::from_secs(2));
+        let mut p = Pacing::new(&ProbeOptions::default());
+        let mut t = p.window_start;
+        assert_eq!(
+            p.wait_timeout(true, long, t),
+            long,
+            "woken by the kernel: the quiet poll"
+        );
+        assert_eq!(
+            p.wait_timeout(true, poll, t),
+            QUIET_POLL,
+            "never shorter than the quiet poll"
+        );
+        assert_eq!(p.wait_timeout(false, poll, t), QUIET_POLL, "gate closed");
+        feed(&mut p, &mut t, 300_000, 50);
+        assert_eq!(p.wait_timeout(true, long, t), p.batch, "batching: the drain period");
+        feed(&mut p, &mut t, 2_000, 50);
+        let switched = p.switched_at.unwrap();
+        // In the grace a record may carry the old "no wakeup" flag: the
+        // timed polls, and however long they are, one at its end.
+        assert_eq!(p.wait_timeout(true, poll, switched), poll);
+        assert_eq!(
+            p.wait_timeout(true, long, switched),
+            SWITCH_GRACE,
+            "a long poll: the grace's end"
+        );
+        let later = switched + SWITCH_GRACE / 4;
+        assert_eq!(p.wait_timeout(true, long, later), SWITCH_GRACE * 3 / 4);
+        assert_eq!(
+            p.wait_timeout(true, long, switched + SWITCH_GRACE),
+            long,
+            "then the kernel wakes it"
+        );
+
+        let low = ProbeOptions {
+            wakeup_interval: Duration::from_micros(50),
+            ..Default::default()
+        };
+        assert_eq!(
+            Pacing::new(&low).wait_timeout(true, long, t),
+            long,
+            "a nonzero low-rate interval: the timed poll"
         );
     }
 
