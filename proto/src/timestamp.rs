@@ -6,7 +6,7 @@
 //! mapping asks.
 
 use chrono::{DateTime, SecondsFormat, Utc};
-use serde::de::{Error as _, Visitor};
+use serde::de::Visitor;
 use serde::ser::Error as _;
 
 /// A point in time: seconds and nanoseconds since the Unix epoch, as
@@ -61,7 +61,7 @@ impl Visitor<'_> for TimestampVisitor {
 
 impl<'de> serde::Deserialize<'de> for Timestamp {
     fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
-        deserializer.deserialize_str(TimestampVisitor).map_err(D::Error::custom)
+        deserializer.deserialize_str(TimestampVisitor)
     }
 }
 

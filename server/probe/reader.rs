@@ -495,11 +495,15 @@ impl Pacing {
     /// old "no wakeup" flag, so the first [`SWITCH_GRACE`] after a switch
     /// does not count.
     fn kernel_wakes_on_catch_up(&self, now: Instant) -> bool {
-        !self.batching
-            && self.low_ns == 0
-            && self
-                .switched_at
-                .is_none_or(|at| now.saturating_duration_since(at) >= SWITCH_GRACE)
+        !self.batching && self.low_ns == 0 && self.grace_left(now).is_none()
+    }
+
+    /// What is left of the [`SWITCH_GRACE`] after the last switch of the
+    /// interval; None once it is over (or before any switch).
+    fn grace_left(&self, now: Instant) -> Option<Duration> {
+        self.switched_at
+            .map(|at| (at + SWITCH_GRACE).saturating_duration_since(now))
+            .filter(|left| !left.is_zero())
     }
 
     /// How long the reader may wait for a wakeup before its next pass, with
@@ -517,10 +521,8 @@ impl Pacing {
         if !open || self.kernel_wakes_on_catch_up(now) {
             return QUIET_POLL.max(poll);
         }
-        match self.switched_at {
-            Some(at) if !self.batching && self.low_ns == 0 => {
-                poll.min((at + SWITCH_GRACE).saturating_duration_since(now))
-            }
+        match self.grace_left(now) {
+            Some(left) if self.low_ns == 0 => poll.min(left),
             _ => poll,
         }
     }
